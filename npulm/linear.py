@@ -9,8 +9,8 @@ Models never branch on where a matmul runs; backends register a factory under th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType

@@ -1,0 +1,26 @@
+"""One module per architecture, chosen by GGUF `general.architecture`; each has `from_gguf(loader, n_ctx)`."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from ..gguf import GGUFError, GGUFFile
+from ..linear import Weight
+from .base import Model, WeightLoader
+
+ARCHITECTURES = ("llama", "qwen2", "gemma3")
+
+
+def load_model(gguf: GGUFFile, n_ctx: int, spec_for: Callable[[Weight], str] = lambda w: "cpu",
+               progress: bool = False) -> Model:
+    """Build the model of a GGUF file; `spec_for(weight)` places each matmul weight (see npulm.placement)."""
+    arch = gguf.architecture
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{gguf.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    module = importlib.import_module(f"{__name__}.{arch}")
+    loader = WeightLoader(gguf, spec_for, progress)
+    model = module.from_gguf(loader, n_ctx)
+    loader.close()
+    model.arch = arch
+    return model

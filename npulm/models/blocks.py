@@ -1,0 +1,119 @@
+"""Pieces shared by the architectures: RMSNorm, RoPE, KV cache, grouped-query attention, gated MLP.
+
+Activations are float32 arrays of shape (M, dim) for M tokens. Every weight matmul is a `Linear` from placement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..linear import Linear
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / rms(x) * weight over the last axis (GGUF norm weights already hold Gemma's +1)."""
+    ms = np.einsum("...i,...i->...", x, x, dtype=np.float32)[..., None] / np.float32(x.shape[-1])
+    return x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+_GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """tanh approximation, as ggml_gelu."""
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + np.float32(0.044715) * x * x * x)))
+
+
+class Rope:
+    """Rotary position embedding with tables for every position, computed once.
+
+    neox=False: llama.cpp's ROPE_TYPE_NORM, adjacent pairs (x[2i], x[2i+1]) rotate (GGUF llama q/k are stored so).
+    neox=True:  pairs (x[i], x[i + n_rot/2]) (qwen2, gemma). Dimensions past n_rot pass through.
+    """
+
+    def __init__(self, n_rot: int, base: float, n_ctx: int, scale: float = 1.0, neox: bool = False):
+        self.n_rot, self.neox = n_rot, neox
+        inv_freq = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+        angles = np.outer(np.arange(n_ctx, dtype=np.float64) * scale, inv_freq)  # (n_ctx, n_rot/2)
+        self.cos = np.cos(angles).astype(np.float32)
+        self.sin = np.sin(angles).astype(np.float32)
+
+    def __call__(self, x: np.ndarray, pos: int) -> np.ndarray:
+        """x: (M, n_heads, head_dim) for positions pos..pos+M-1; rotated in place and returned."""
+        m = x.shape[0]
+        cos = self.cos[pos:pos + m, None, :]
+        sin = self.sin[pos:pos + m, None, :]
+        half = self.n_rot // 2
+        if self.neox:
+            a, b = x[..., :half], x[..., half:self.n_rot]
+        else:
+            a, b = x[..., 0:self.n_rot:2], x[..., 1:self.n_rot:2]
+        a2 = a * cos - b * sin
+        b[...] = a * sin + b * cos
+        a[...] = a2
+        return x
+
+
+class KVCache:
+    """Preallocated keys and values of one layer: (n_kv_heads, n_ctx, head_dim) each."""
+
+    def __init__(self, n_kv_heads: int, n_ctx: int, head_dim_k: int, head_dim_v: int):
+        self.k = np.zeros((n_kv_heads, n_ctx, head_dim_k), np.float32)
+        self.v = np.zeros((n_kv_heads, n_ctx, head_dim_v), np.float32)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.k.shape[1]
+
+
+@dataclass
+class AttentionShape:
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    scale: float  # multiplies q·k
+    window: int = 0  # sliding window (0 = global): a key is visible while q_pos - k_pos < window
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos: int, s: AttentionShape
+              ) -> np.ndarray:
+    """Causal grouped-query attention of M new tokens at positions pos.. against the cache.
+
+    q: (M, n_head, dk), k: (M, n_kv, dk), v: (M, n_kv, dv) -> (M, n_head * dv). Writes k, v into the cache.
+    """
+    m = q.shape[0]
+    end = pos + m
+    cache.k[:, pos:end] = k.transpose(1, 0, 2)
+    cache.v[:, pos:end] = v.transpose(1, 0, 2)
+    start = max(0, pos - s.window + 1) if s.window else 0  # keys no query of this batch can see
+    keys, values = cache.k[:, start:end], cache.v[:, start:end]  # (n_kv, T, d)
+    group = s.n_head // s.n_head_kv
+    # query head h uses kv head h // group (as llama.cpp): (n_kv, group*M, dk)
+    qg = q.transpose(1, 0, 2).reshape(s.n_head_kv, group * m, s.head_dim_k)
+    scores = np.matmul(qg, keys.transpose(0, 2, 1))  # (n_kv, group*M, T)
+    scores *= np.float32(s.scale)
+    if m > 1 or s.window:
+        q_pos = np.arange(pos, end)[:, None]
+        k_pos = np.arange(start, end)[None, :]
+        hidden = k_pos > q_pos
+        if s.window:
+            hidden |= (q_pos - k_pos) >= s.window
+        scores.reshape(s.n_head_kv, group, m, -1)[:, :, hidden] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores, values)  # (n_kv, group*M, dv)
+    return out.reshape(s.n_head, m, s.head_dim_v).transpose(1, 0, 2).reshape(m, s.n_head * s.head_dim_v)
+
+
+def gated_mlp(x: np.ndarray, gate: Linear, up: Linear, down: Linear, act=silu) -> np.ndarray:
+    """down(act(gate(x)) * up(x)): SwiGLU for llama/qwen2, GeGLU for gemma."""
+    return down(act(gate(x)) * up(x))
