@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from . import assets
-from .chat import ChatTemplate
 from .generate import ContextOverflow, Session, StopStrings, generate
 from .gguf import GGUFFile
 from .models import load_model
@@ -51,7 +50,7 @@ class Llama:
         self.logits_all = logits_all
         self.scores = np.zeros((self._n_ctx if logits_all else 1, self.model.n_vocab), np.float32)
         self._seed_rng = np.random.default_rng(None if seed == LLAMA_DEFAULT_SEED or seed < 0 else seed)
-        self._chat_template: ChatTemplate | None = None
+        self._chat_template = None
         self.load_time = time.perf_counter() - t0
         if verbose:
             print(f"npulm: loaded {self.model_path} ({arch}, {len(self.gguf.tensors)} tensors, n_ctx {self._n_ctx}) "
@@ -175,8 +174,10 @@ class Llama:
 
     # --- chat ------------------------------------------------------------------------------------------------
     @property
-    def chat_template(self) -> ChatTemplate:
+    def chat_template(self):
         if self._chat_template is None:
+            from .chat import ChatTemplate
+
             self._chat_template = ChatTemplate.from_gguf(self.gguf.kv)
         return self._chat_template
 
