@@ -1,0 +1,427 @@
+"""Tokenizers built from GGUF metadata alone, matching llama.cpp's `llama_tokenize` / `llama_token_to_piece`.
+
+The heavy lifting is done by the Rust `tokenizers` library; this module translates llama.cpp's vocabulary semantics:
+
+* `llama` (SentencePiece-BPE): llama.cpp merges adjacent symbols by the *score* of the merged token. That is BPE with
+  one merge rule per way of splitting a token into two vocabulary pieces, ranked by the merged token's score
+  (or the file's own merges when present), with `<0xXX>` byte fallback. Spaces become `▁`; `▁` is prepended to
+  every text fragment when `tokenizer.ggml.add_space_prefix` (default true).
+* `gemma4`: SentencePiece-style BPE with file merges, no space prefix, text split at newline runs.
+* `gpt2`: byte-level BPE; the text is first split by llama.cpp's list of regexes for `tokenizer.ggml.pre` (each
+  regex splits every piece of the previous one, matches and gaps alike), and llama3-family vocabularies emit a piece
+  whole when it is already a token (`ignore_merges`).
+
+Token attributes follow llama.cpp: CONTROL (3) and UNKNOWN (2) tokens are special (only parsed in text when
+`special=True`), USER_DEFINED (4) tokens are always matched in text, and tokens that llama.cpp recognises by name
+as end-of-generation or FIM markers are promoted to CONTROL as it does.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+from collections.abc import Iterable, Iterator
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as _HFTokenizer
+
+from .gguf import GGUFError, GGUFFile
+
+# GGUF token types (gguf.constants.TokenType)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+SPACE = "\u2581"  # SentencePiece's escaped space "▁"
+
+# --- pre-tokenizer regexes, as in llama.cpp src/llama-vocab.cpp (llm_tokenizer_bpe) ----------------------------
+# Case-insensitive groups are spelled out because llama.cpp does so (its std::regex fallback has no (?i:)).
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)"
+           r"|\s+")
+_QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN35 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
+           r"|\s+(?!\S)|\s+")
+# Letters of deepseek-llm's regex, kept as escapes: several code points here (e.g. U+212A KELVIN SIGN) are not
+# NFC-stable and would silently change if typed literally.
+_DEEPSEEK_LLM_LETTERS = (
+    "A-Za-z\xb5\xc0-\xd6\xd8-\xf6\xf8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373\u0376\u0377"
+    "\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556"
+    "\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a"
+    "\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4"
+    "\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc"
+    "\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f"
+    "\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b"
+    "\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a"
+    "\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2"
+    "\U000118a0-\U000118df\U0001e900-\U0001e943"
+)
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+
+SPLITS: dict[str, tuple[str, ...]] = {  # llama.cpp pre-tokenizer type -> regexes applied in turn
+    "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"),
+    "gpt2": (_GPT2,),
+    "llama3": (_LLAMA3,),
+    "qwen2": (_QWEN2,),
+    "qwen35": (_QWEN35,),
+    "deepseek-llm": ("[\r\n]", rf"\s?[{_DEEPSEEK_LLM_LETTERS}]+",
+                     "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", r"\s+\z", _CJK, r"\p{N}+"),
+    "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"),
+    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"),
+    "starcoder": (r"\p{N}", _GPT2),  # also refact, command-r, smollm, codeshell, exaone, minerva
+    "bloom": (r" ?[^(\s|.,!?…。，、।۔،)]+",),  # also poro-chat, gpt3-finnish
+    "chatglm4": (_LLAMA3,),
+    "seed-coder": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)"
+                   r"|\s+",),
+    "newlines": (r"[^\n]+|[\n]+",),  # gemma4
+}
+PRE_TYPES: dict[str, str] = {  # tokenizer.ggml.pre -> key of SPLITS (names from llama.cpp's llama_vocab::load)
+    "default": "default",
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                     "jina-v5-nano", "dbrx", "smaug-bpe"], "llama3"),
+    **dict.fromkeys(["chatglm-bpe", "glm4", "glm5"], "chatglm4"),
+    "deepseek-llm": "deepseek-llm",
+    "deepseek-coder": "deepseek-coder",
+    "falcon": "falcon",
+    **dict.fromkeys(["gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
+                     "mellum", "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais",
+                     "trillion", "granite-docling", "exaone4"], "gpt2"),
+    **dict.fromkeys(["starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"],
+                    "starcoder"),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2", "hunyuan",
+                     "solar-open", "grok-2"], "qwen2"),
+    "qwen35": "qwen35",
+    **dict.fromkeys(["bloom", "poro-chat", "gpt3-finnish"], "bloom"),
+    "seed-coder": "seed-coder",
+    "gemma4": "newlines",
+}
+IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                 "jina-v5-nano", "glm4", "glm5", "tekken", "youtu", "minicpm5", "granite-embed-multi-97m"}
+
+# Token texts llama.cpp treats as end of generation (and promotes to CONTROL), llama_vocab::load.
+EOG_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+             "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+             "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+             "<｜end▁of▁sentence｜>", "[e~[")
+EOT_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>",
+             "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
+FIM_NAMES = {  # name -> candidates; llama.cpp promotes the one it finds to CONTROL (pad/rep/sep also end generation)
+    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
+                "<|code_prefix|>", "<|prefix|>"),
+    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
+                "<|code_suffix|>", "<|suffix|>"),
+    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
+                "<|code_middle|>", "<|middle|>"),
+    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "fim_sep": ("<|file_sep|>",),
+}
+SUPPORTED_MODELS = ("llama", "gemma4", "gpt2")
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable-character table, reversed: printable bytes map to themselves, the rest to 256+."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+
+
+def spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int] | None = None) -> list[tuple[str, str]]:
+    """BPE merges equivalent to llama.cpp's SPM tokenizer: every split of a token into two vocabulary pieces,
+    ranked by the merged token's score (higher first; ties in file order)."""
+    if vocab is None:
+        vocab = dict.fromkeys(tokens)
+    order = sorted(range(len(tokens)), key=scores.__getitem__, reverse=True)  # stable: ties keep file order
+    merges: list[tuple[str, str]] = []
+    add = merges.append
+    for tok in map(tokens.__getitem__, order):  # hot loop for 262k-token vocabularies: keep it plain
+        for i in range(1, len(tok)):
+            right = tok[i:]
+            if right in vocab:
+                left = tok[:i]
+                if left in vocab:
+                    add((left, right))
+    return merges
+
+
+def _split_merge(m: str) -> tuple[str, str]:
+    # llama.cpp splits at the first space after position 0, so a merge may start with a space
+    pos = m.find(" ", 1)
+    return (m[:pos], m[pos + 1:]) if pos > 0 else (m, "")
+
+
+def _id(kv: dict, key: str, default: int | None, n: int) -> int | None:
+    """A special-token id from the GGUF, else the model's default; out-of-range ids are dropped as llama.cpp does."""
+    v = kv.get(f"tokenizer.ggml.{key}")
+    if isinstance(v, int) and 0 <= v < n:
+        return v
+    return default if default is not None and 0 <= default < n else None
+
+
+class Tokenizer:
+    """Text <-> token ids for a GGUF vocabulary, behaving like llama.cpp (see the module docstring)."""
+
+    def __init__(self, kv: dict):
+        model = kv.get("tokenizer.ggml.model")
+        if model not in SUPPORTED_MODELS:
+            raise GGUFError(f"unsupported tokenizer model {model!r} (tokenizer.ggml.model); supported: "
+                            f"{', '.join(SUPPORTED_MODELS)}")
+        tokens = kv.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens:
+            raise GGUFError("GGUF has no tokenizer.ggml.tokens")
+        self.model = model
+        self.pre = kv.get("tokenizer.ggml.pre") or "default"
+        if "" in tokens:  # llama.cpp renames empty entries so that every text is unique
+            tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        self.tokens: list[str] = tokens
+        n = len(tokens)
+        types = list(kv.get("tokenizer.ggml.token_type") or [NORMAL] * n)
+        if len(types) < n:
+            raise GGUFError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
+
+        spm = model == "llama"
+        self.escaped_spaces = model in ("llama", "gemma4")  # tokens spell spaces as "▁"
+        self.add_space_prefix = bool(kv.get("tokenizer.ggml.add_space_prefix", spm))
+        defaults = {"llama": (1, 2, 0), "gpt2": (11, 11, None), "gemma4": (None, None, None)}[model]
+        self.bos_id = _id(kv, "bos_token_id", defaults[0], n)
+        self.eos_id = _id(kv, "eos_token_id", defaults[1], n)
+        self.unk_id = _id(kv, "unknown_token_id", defaults[2], n)
+        self.pad_id = _id(kv, "padding_token_id", None, n)
+        self.add_bos = bool(kv.get("tokenizer.ggml.add_bos_token", spm)) or model == "gemma4"
+        self.add_eos = bool(kv.get("tokenizer.ggml.add_eos_token", False))
+        self.eot_id = _id(kv, "eot_token_id", None, n)
+        self.eom_id = _id(kv, "eom_token_id", None, n)
+        self.eog_ids: set[int] = set()
+        self._index = {t: i for i, t in enumerate(tokens)}
+        if len(self._index) != n:
+            raise GGUFError("tokenizer.ggml.tokens has duplicate entries")
+        self._detect_special(kv, types)
+        self.types = types
+
+        self._tk = self._build(kv, types)
+        self._lock = threading.Lock()
+        self._pieces: dict[int, bytes] = {}
+
+    @classmethod
+    def from_gguf(cls, kv: dict) -> Tokenizer:
+        """Build from a GGUF metadata dict (`GGUFFile(path).kv`)."""
+        return cls(kv)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        g = GGUFFile(path)
+        try:
+            return cls(g.kv)
+        finally:
+            g.close()
+
+    # --- construction ------------------------------------------------------------------------------------------
+    def _detect_special(self, kv: dict, types: list[int]) -> None:
+        """llama.cpp's name-based detection of EOT/EOM/FIM/EOG tokens, which also promotes them to CONTROL."""
+        index = self._index
+
+        def find(names: Iterable[str]) -> int | None:
+            return next((index[s] for s in names if s in index), None)
+
+        if self.eot_id is None:
+            self.eot_id = find(EOT_NAMES)
+        if self.eom_id is None:
+            self.eom_id = find(("<|eom_id|>",))
+        self.fim_ids: dict[str, int] = {}
+        for key, names in FIM_NAMES.items():
+            i = _id(kv, f"{key}_token_id", None, len(self.tokens))
+            if i is None and (i := find(names)) is not None:
+                types[i] = CONTROL
+            if i is not None:
+                self.fim_ids[key] = i
+        eog = {self.fim_ids[k] for k in ("fim_pad", "fim_rep", "fim_sep") if k in self.fim_ids}
+        for name in EOG_NAMES:
+            if name in index:
+                eog.add(index[name])
+                types[index[name]] = CONTROL
+        # gpt-oss: these are always rendered, i.e. user-defined
+        for name in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
+            if name in index:
+                types[index[name]] = USER_DEFINED
+        eog |= {i for i in (self.eos_id, self.eot_id, self.eom_id) if i is not None}
+        texts = {self.tokens[i] for i in eog}
+        # harmony / solar-open: "<|end|>" ends a message, not the generation
+        if "<|end|>" in texts and (({"<|return|>"} <= texts and texts & {"<|call|>", "<|calls|>"})
+                                   or {"<|calls|>", "<|flush|>"} <= texts):
+            eog.discard(index["<|end|>"])
+            types[index["<|end|>"]] = USER_DEFINED
+        # gemma4 / plamo have an ordinary "</s>"
+        if "</s>" in texts and texts & {"<|tool_response>", "<|plamo:eos|>"}:
+            eog.discard(index["</s>"])
+            types[index["</s>"]] = NORMAL
+        self.eog_ids = eog
+
+    def _build(self, kv: dict, types: list[int]) -> _HFTokenizer:
+        tokens, vocab = self.tokens, self._index
+        merges = [_split_merge(m) for m in kv.get("tokenizer.ggml.merges") or []]
+        if self.model in ("llama", "gemma4"):
+            if not merges:
+                scores = kv.get("tokenizer.ggml.scores")
+                if scores is None:
+                    raise GGUFError(f"{self.model} tokenizer has neither merges nor scores")
+                merges = spm_merges(tokens, scores, vocab)
+            unk = tokens[self.unk_id] if self.unk_id is not None else None
+            tk = _HFTokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+            space = normalizers.Replace(" ", SPACE)
+            tk.normalizer = (normalizers.Sequence([normalizers.Prepend(SPACE), space]) if self.add_space_prefix
+                             else space)
+            if self.model == "gemma4":
+                tk.pre_tokenizer = pre_tokenizers.Split(Regex(SPLITS["newlines"][0]), "isolated")
+            tk.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+        else:
+            if self.pre not in PRE_TYPES:
+                raise GGUFError(f"unsupported pre-tokenizer {self.pre!r} (tokenizer.ggml.pre) for the gpt2 "
+                                f"tokenizer; supported: {', '.join(sorted(PRE_TYPES))}")
+            if not merges:
+                raise GGUFError("gpt2 tokenizer without tokenizer.ggml.merges")
+            tk = _HFTokenizer(models.BPE(vocab, merges, ignore_merges=self.pre in IGNORE_MERGES))
+            splits = [pre_tokenizers.Split(Regex(r), "isolated") for r in SPLITS[PRE_TYPES[self.pre]]]
+            tk.pre_tokenizer = pre_tokenizers.Sequence(
+                [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tk.decoder = decoders.ByteLevel()
+        # phi-3 strips whitespace after its special tokens (llama.cpp sets RSTRIP by model name)
+        phi3 = any(s in str(kv.get("general.name", "")).lower() for s in ("phi-3", "phi3"))
+        rstrip_off = {"<unk>", "<s>", "<|endoftext|>"}
+        special, added = [], []
+        for t, ty in zip(tokens, types):
+            if ty in (CONTROL, UNKNOWN):
+                rstrip = phi3 and t not in rstrip_off
+                special.append(AddedToken(t, special=True, normalized=False, rstrip=rstrip))
+            elif ty == USER_DEFINED:
+                added.append(AddedToken(t, special=False, normalized=False, rstrip=phi3 and t == "</s>"))
+        tk.add_special_tokens(special)
+        tk.add_tokens(added)
+        return tk
+
+    # --- encoding ----------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str, add_bos: bool | None = None, special: bool = False,
+               add_eos: bool | None = None) -> list[int]:
+        """Token ids of `text`. special=False: special-token text (e.g. "<|im_start|>") is tokenized as plain text,
+        as llama.cpp does with parse_special=false. add_bos/add_eos None: the GGUF's defaults."""
+        with self._lock:
+            self._tk.encode_special_tokens = not special
+            ids = self._tk.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if (self.add_eos if add_eos is None else add_eos) and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts: list[str], special: bool = False) -> list[list[int]]:
+        """Token ids of several texts without BOS/EOS (parallel in the Rust library)."""
+        with self._lock:
+            self._tk.encode_special_tokens = not special
+            return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
+
+    # --- decoding ----------------------------------------------------------------------------------------------
+    def token_str(self, token_id: int) -> str:
+        """The vocabulary entry as stored in the GGUF (e.g. "▁Hello", "ĠHello", "<0x0A>")."""
+        return self.tokens[token_id]
+
+    def is_special(self, token_id: int) -> bool:
+        return self.types[token_id] in (CONTROL, UNKNOWN)
+
+    def is_eog(self, token_id: int) -> bool:
+        return token_id in self.eog_ids
+
+    def token_to_bytes(self, token_id: int, special: bool = False) -> bytes:
+        """The bytes a token contributes to the text (llama_token_to_piece). Byte tokens give single, possibly
+        partial UTF-8 bytes; control tokens give b"" unless special."""
+        ty = self.types[token_id]
+        if ty in (CONTROL, UNKNOWN):
+            return self.tokens[token_id].encode() if special else b""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._piece(token_id, ty)
+            self._pieces[token_id] = piece
+        return piece
+
+    def _piece(self, token_id: int, ty: int) -> bytes:
+        text = self.tokens[token_id]
+        if ty == USER_DEFINED:
+            return text.encode()
+        if ty == NORMAL:
+            if self.escaped_spaces:
+                return text.replace(SPACE, " ").encode()
+            dec = _BYTE_DECODER
+            return b"".join(bytes((dec[c],)) if c in dec else c.encode() for c in text)
+        if ty == BYTE:
+            try:
+                return bytes((int(text[3:-1], 16),))
+            except ValueError:
+                return text.encode()
+        return b""  # unused / undefined: suppressed like control tokens
+
+    def decode_bytes(self, ids: Iterable[int], special: bool = False) -> bytes:
+        ids = list(ids)
+        out = b"".join(self.token_to_bytes(i, special) for i in ids)
+        if self._strips_first_space(ids) and out.startswith(b" "):
+            out = out[1:]
+        return out
+
+    def decode(self, ids: Iterable[int], special: bool = False) -> str:
+        """Text of `ids`: the concatenated pieces (invalid UTF-8 replaced). As llama-cpp-python, the space that
+        SentencePiece prefixes to a sequence is dropped when the sequence starts with BOS."""
+        return self.decode_bytes(ids, special).decode("utf-8", errors="replace")
+
+    def _strips_first_space(self, ids: list[int]) -> bool:
+        return self.add_space_prefix and self.escaped_spaces and bool(ids) and ids[0] == self.bos_id
+
+    def stream(self, special: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, special)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(model={self.model!r}, pre={self.pre!r}, vocab_size={self.vocab_size})"
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed ids one at a time, get text only once the bytes form complete UTF-8.
+
+    `"".join(d.add(i) for i in ids) + d.flush() == tokenizer.decode(ids)` for any ids."""
+
+    def __init__(self, tokenizer: Tokenizer, special: bool = False):
+        self.tokenizer = tokenizer
+        self.special = special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._first = True
+        self._strip = False
+
+    def add(self, token_id: int) -> str:
+        """Text completed by this token (possibly "" while a multi-byte character is incomplete)."""
+        tok = self.tokenizer
+        data = tok.token_to_bytes(token_id, self.special)
+        if self._first:
+            self._first = False
+            self._strip = tok._strips_first_space([token_id])
+        if self._strip and data:
+            self._strip = False
+            if data.startswith(b" "):
+                data = data[1:]
+        return self._utf8.decode(data)
+
+    def feed(self, ids: Iterable[int]) -> Iterator[str]:
+        for i in ids:
+            if text := self.add(i):
+                yield text
+
+    def flush(self) -> str:
+        """Whatever is held back at the end (incomplete UTF-8 becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)
