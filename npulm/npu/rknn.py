@@ -272,7 +272,7 @@ def find_library() -> str | None:
     return ctypes.util.find_library("rknnrt")
 
 
-_VERSION_RE = re.compile(rb"librknnrt version: ?(\d+)\.(\d+)\.(\d+)([0-9A-Za-z.]*)")
+_VERSION_RE = re.compile(rb"librknnrt version: ?(\d+\.\d+\.\d+[0-9A-Za-z.]*)")
 
 
 def version_from_file(path: str) -> str | None:
@@ -280,9 +280,9 @@ def version_from_file(path: str) -> str | None:
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             hit = _VERSION_RE.search(m)
+            return None if hit is None else bytes(hit.group(1)).decode()
     except (OSError, ValueError):
         return None
-    return None if hit is None else b"%s.%s.%s%s" % hit.groups()
 
 
 def parse_version(text: str) -> tuple[int, int, int] | None:
@@ -357,7 +357,7 @@ class RknnLib:
         With neither, a library exporting rknn_matmul_set_quant_params (added in 2.0) is taken as 2.0."""
         v = version_from_file(self.path)
         if v:
-            return v.decode(), ""
+            return v, ""
         if self.rknn_query is not None:
             ctx, info, io = rknn_context(0), RknnMatmulInfo(), RknnMatmulIoAttr()
             info.M, info.K, info.N, info.type = 1, 32, 32, FLOAT16_MM_FLOAT16_TO_FLOAT32  # legal on every chip/SDK
