@@ -21,7 +21,7 @@ def _bytes_to_elems(rule: dict[str, int]) -> dict[str, int]:
     return {dt: nbytes * 8 // ELEMENT_BITS[dt] for dt, nbytes in rule.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: chips are table singletons (dict fields are unhashable)
 class Chip:
     """One SoC's matmul-API rules. Element types: fp16 int8 int4 (inputs), fp32 fp16 bf16 int32 int16 int8 (C)."""
 
