@@ -69,9 +69,15 @@ class DenseLinear(Linear):
         return x @ self.w.T
 
 
+def _cpu_linear(weight: Weight, spec: str) -> Linear:
+    from .cpu import make_cpu_linear  # C kernels over GGUF blocks; DenseLinear where a type has none
+
+    return make_cpu_linear(weight)
+
+
 _BACKENDS: dict[str, Callable[[Weight, str], Linear]] = {
     "cpu-ref": lambda w, spec: DenseLinear(w),
-    "cpu": lambda w, spec: DenseLinear(w),
+    "cpu": _cpu_linear,
 }
 
 

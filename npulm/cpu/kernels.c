@@ -1,0 +1,1409 @@
+/* npulm CPU matmul kernels: y = x @ W.T with W in GGUF blocks, read in place (no dequantized copy of the model).
+ *
+ * Every product quantizes x per block of 32 to int8 (scale dx = amax/127, round to nearest) and does integer dot
+ * products with the weight codes, as llama.cpp does with its Q8_0 activations; the result differs from the exact
+ * product by at most sum over blocks of (dx/2) * sum|w| (plus float rounding). Weights are written as
+ *     w = d16 * (code - off) + bias32
+ * with code an unsigned byte, d16 a float scale per 16 values, bias32 per 32 values and off a per-type constant
+ * (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q8_0: 128 with code = q + 128, others 0).
+ *
+ * Two algorithms:
+ *   rows  (decode, small M): stream each weight row once, unpack a block into SIMD registers, dot it with the M
+ *         quantized activation rows. Memory-bound at M = 1; threads split the output rows.
+ *   gemm  (prefill, M >= gemm_min_m): each thread unpacks a panel of 16 (x86) / 8 (NEON) weight rows into a small
+ *         scratch with rows interleaved per 4 codes, then a register-tiled kernel multiplies every activation row
+ *         with it: one int8 dot instruction covers 16 (or 4) output columns, so per-block scaling costs little.
+ *
+ * ISA paths are chosen at compile time: x86 AVX2+FMA+F16C (VNNI dot if AVX512-VNNI+VL or AVX-VNNI), x86
+ * AVX512BW+VNNI for the gemm, aarch64 NEON (dotprod if __ARM_FEATURE_DOTPROD) for both, and a scalar fallback.
+ */
+#define _GNU_SOURCE
+#include "kernels.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(_WIN32)
+#define NL_NO_THREADS 1
+#else
+#include <pthread.h>
+#include <sched.h>
+#include <unistd.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define NL_X86 1
+#include <immintrin.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define NL_X86_VNNI256 1
+#elif defined(__AVXVNNI__)
+#define NL_X86_AVXVNNI 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define NL_X86_GEMM 1
+#endif
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define NL_NEON 1
+#include <arm_neon.h>
+#if defined(__ARM_FEATURE_DOTPROD)
+#define NL_NEON_DOT 1
+#define NL_NEON_GEMM 1
+#endif
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+/* per-type constants usable in always-inlined kernels (folded at compile time) */
+#define T_OFF(T) ((T) == NL_Q4_0 ? 8 : (T) == NL_Q5_0 ? 16 : (T) == NL_Q6_K ? 32 : (T) == NL_Q8_0 ? 128 : 0)
+#define T_BIAS(T) ((T) == NL_Q4_1 || (T) == NL_Q5_1 || (T) == NL_Q4_K || (T) == NL_Q5_K)
+#define T_BYTES(T) ((T) == NL_Q4_0 ? 18 : (T) == NL_Q4_1 ? 20 : (T) == NL_Q5_0 ? 22 : (T) == NL_Q5_1 ? 24 : 34)
+#define ALIGN 64
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* Types                                                                                                        */
+
+typedef struct {
+    int block;      /* values per block */
+    int bytes;      /* bytes per block */
+    int off;        /* code offset (see top) */
+    int bias;       /* has a per-32 bias (min) term */
+    int halves;     /* separate scales per 16 values within a 32-block */
+} type_info;
+
+static const type_info *tinfo(int type) {
+    static const type_info q4_0 = {32, 18, 8, 0, 1}, q4_1 = {32, 20, 0, 1, 1}, q5_0 = {32, 22, 16, 0, 1},
+                           q5_1 = {32, 24, 0, 1, 1}, q8_0 = {32, 34, 128, 0, 1}, q4_k = {256, 144, 0, 1, 1},
+                           q5_k = {256, 176, 0, 1, 1}, q6_k = {256, 210, 32, 0, 2}, f16 = {1, 2, 0, 0, 1};
+    switch (type) {
+    case NL_Q4_0: return &q4_0;
+    case NL_Q4_1: return &q4_1;
+    case NL_Q5_0: return &q5_0;
+    case NL_Q5_1: return &q5_1;
+    case NL_Q8_0: return &q8_0;
+    case NL_Q4_K: return &q4_k;
+    case NL_Q5_K: return &q5_k;
+    case NL_Q6_K: return &q6_k;
+    case NL_F16: return &f16;
+    default: return NULL;
+    }
+}
+
+int nl_type_supported(int type) { return tinfo(type) != NULL; }
+
+int64_t nl_row_bytes(int type, int64_t k) {
+    const type_info *t = tinfo(type);
+    if (!t || k <= 0 || k % t->block || (type != NL_F16 && k % 32)) return -1;
+    return k / t->block * t->bytes;
+}
+
+__attribute__((unused)) static float h2f_soft(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else {  /* subnormal: normalize */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 1024));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 1023) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+INLINE float h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+    __fp16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+#else
+    return h2f_soft(h);
+#endif
+}
+
+INLINE uint32_t le32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Q4_K / Q5_K: 8 six-bit scales and mins packed in 12 bytes (byte-parallel on 32-bit words) */
+INLINE void kscales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+    uint32_t u[3], o[4];
+    memcpy(u, s, 12);
+    const uint32_t m6 = 0x3f3f3f3fu, m4 = 0x0f0f0f0fu, m2 = 0x03030303u;
+    o[0] = u[0] & m6;                                    /* sc[0..3] */
+    o[1] = (u[2] & m4) | (((u[0] >> 6) & m2) << 4);      /* sc[4..7] */
+    o[2] = u[1] & m6;                                    /* mn[0..3] */
+    o[3] = ((u[2] >> 4) & m4) | (((u[1] >> 6) & m2) << 4); /* mn[4..7] */
+    memcpy(sc, o, 8);
+    memcpy(mn, o + 2, 8);
+}
+
+/* Portable unpack of one row: codes[k], d16[k/16], bias[k/32] (see the formula at the top). Used by the gemm
+ * packer, the dequantizer and the scalar kernels. */
+static void unpack_row(int type, const uint8_t *row, int64_t k, uint8_t *codes, float *d16, float *bias) {
+    const int64_t nb = k / 32;
+    switch (type) {
+    case NL_Q4_0:
+    case NL_Q4_1:
+        for (int64_t b = 0; b < nb; b++) {
+            const int bs = type == NL_Q4_0 ? 18 : 20;
+            const uint8_t *p = row + b * bs, *qs = p + bs - 16;
+            uint8_t *c = codes + 32 * b;
+            for (int i = 0; i < 16; i++) {
+                c[i] = qs[i] & 15;
+                c[i + 16] = qs[i] >> 4;
+            }
+            d16[2 * b] = d16[2 * b + 1] = h2f(p);
+            bias[b] = type == NL_Q4_1 ? h2f(p + 2) : 0.0f;
+        }
+        break;
+    case NL_Q5_0:
+    case NL_Q5_1:
+        for (int64_t b = 0; b < nb; b++) {
+            const int bs = type == NL_Q5_0 ? 22 : 24;
+            const uint8_t *p = row + b * bs, *qs = p + bs - 16;
+            const uint32_t qh = le32(p + bs - 20);
+            uint8_t *c = codes + 32 * b;
+            for (int i = 0; i < 16; i++) {
+                c[i] = (qs[i] & 15) | (((qh >> i) & 1) << 4);
+                c[i + 16] = (qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
+            }
+            d16[2 * b] = d16[2 * b + 1] = h2f(p);
+            bias[b] = type == NL_Q5_1 ? h2f(p + 2) : 0.0f;
+        }
+        break;
+    case NL_Q8_0:
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *p = row + b * 34;
+            for (int i = 0; i < 32; i++) codes[32 * b + i] = p[2 + i] ^ 0x80;
+            d16[2 * b] = d16[2 * b + 1] = h2f(p);
+            bias[b] = 0.0f;
+        }
+        break;
+    case NL_Q4_K:
+    case NL_Q5_K:
+        for (int64_t sb = 0; sb < k / 256; sb++) {
+            const int five = type == NL_Q5_K;
+            const uint8_t *p = row + sb * (five ? 176 : 144), *qh = p + 16, *qs = p + (five ? 48 : 16);
+            const float d = h2f(p), dmin = h2f(p + 2);
+            uint8_t sc[8], mn[8];
+            kscales(p + 4, sc, mn);
+            uint8_t *c = codes + 256 * sb;
+            for (int j = 0; j < 4; j++) {
+                for (int i = 0; i < 32; i++) {
+                    uint8_t lo = qs[32 * j + i] & 15, hi = qs[32 * j + i] >> 4;
+                    if (five) {
+                        lo |= ((qh[i] >> (2 * j)) & 1) << 4;
+                        hi |= ((qh[i] >> (2 * j + 1)) & 1) << 4;
+                    }
+                    c[64 * j + i] = lo;
+                    c[64 * j + 32 + i] = hi;
+                }
+            }
+            for (int j = 0; j < 8; j++) {
+                d16[16 * sb + 2 * j] = d16[16 * sb + 2 * j + 1] = d * sc[j];
+                bias[8 * sb + j] = -(dmin * mn[j]);
+            }
+        }
+        break;
+    case NL_Q6_K:
+        for (int64_t sb = 0; sb < k / 256; sb++) {
+            const uint8_t *p = row + sb * 210;
+            const int8_t *sc = (const int8_t *)(p + 192);
+            const float d = h2f(p + 208);
+            uint8_t *c = codes + 256 * sb;
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = p + 64 * h, *qh = p + 128 + 32 * h;
+                uint8_t *o = c + 128 * h;
+                for (int l = 0; l < 32; l++) {
+                    o[l] = (ql[l] & 15) | ((qh[l] & 3) << 4);
+                    o[l + 32] = (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4);
+                    o[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    o[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+            for (int g = 0; g < 16; g++) d16[16 * sb + g] = d * sc[g];
+            for (int j = 0; j < 8; j++) bias[8 * sb + j] = 0.0f;
+        }
+        break;
+    default:
+        break;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* Scratch memory: one growable buffer per (thread, purpose); calls are serialized, so reuse is safe.            */
+
+#define MAX_THREADS 256
+enum { SCR_ACT, SCR_PANEL, SCR_ROW, SCR_N };
+static void *g_scr[MAX_THREADS][SCR_N];
+static size_t g_scr_size[MAX_THREADS][SCR_N];
+
+static void *scratch(int tid, int which, size_t bytes) {
+    if (g_scr_size[tid][which] >= bytes) return g_scr[tid][which];
+    free(g_scr[tid][which]);
+    bytes = (bytes + 4095) & ~(size_t)4095;
+    void *p = NULL;
+    if (posix_memalign(&p, ALIGN, bytes)) p = NULL;
+    g_scr[tid][which] = p;
+    g_scr_size[tid][which] = p ? bytes : 0;
+    return p;
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* Thread pool. A job is published by bumping the generation in `work` = (generation << 32) | next task index;
+ * threads claim tasks with a compare-and-swap that also checks the generation, and the caller waits for the count
+ * of finished tasks, never for every worker to show up: on a busy machine a descheduled worker delays nothing
+ * unless it holds a task. Idle workers poll for g_spin_us after a job, then sleep on a condition variable. */
+
+typedef void (*task_fn)(void *ctx, int64_t task, int tid);
+
+static int g_threads = 0; /* 0 = not yet set: defaults to the CPU count */
+static int g_spin_us = 500;
+static int g_gemm_min_m = 8;
+
+#ifndef NL_NO_THREADS
+static struct {
+    pthread_mutex_t call;       /* one matmul at a time: scratch and pool are shared */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_t th[MAX_THREADS];
+    int nworkers;               /* started worker threads */
+    unsigned start_gen;         /* generation when the workers were created */
+    atomic_ullong work;
+    atomic_llong finished;
+    atomic_int sleepers;
+    atomic_int quit;
+    _Atomic(task_fn) fn;
+    _Atomic(void *) ctx;
+    atomic_llong ntasks;
+} P = {.call = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+#define GEN(v) ((unsigned)((v) >> 32))
+
+INLINE void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static double now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec * 1e-3;
+}
+
+static void run_tasks(unsigned gen, int tid) {
+    for (;;) {
+        unsigned long long v = atomic_load_explicit(&P.work, memory_order_acquire);
+        if (GEN(v) != gen) return;
+        const int64_t t = (int64_t)(v & 0xffffffffu);
+        /* read after `work` (acquire): at least this job's values; a newer job's make the CAS below fail */
+        const task_fn fn = atomic_load_explicit(&P.fn, memory_order_relaxed);
+        void *ctx = atomic_load_explicit(&P.ctx, memory_order_relaxed);
+        if (t >= atomic_load_explicit(&P.ntasks, memory_order_relaxed)) return;
+        if (!atomic_compare_exchange_weak_explicit(&P.work, &v, v + 1, memory_order_acq_rel, memory_order_relaxed))
+            continue;
+        fn(ctx, t, tid);
+        atomic_fetch_add_explicit(&P.finished, 1, memory_order_release);
+    }
+}
+
+static void *worker(void *arg) {
+    const int tid = (int)(intptr_t)arg;
+    unsigned seen = P.start_gen; /* not a fresh load: a job may already have been posted */
+    for (;;) {
+        unsigned g = GEN(atomic_load_explicit(&P.work, memory_order_acquire));
+        if (g == seen) {
+            const double t0 = now_us();
+            for (int i = 1;; i++) {
+                cpu_relax();
+                g = GEN(atomic_load_explicit(&P.work, memory_order_acquire));
+                if (g != seen) break;
+                if ((i & 255) == 0 && now_us() - t0 > g_spin_us) break;
+            }
+            if (g == seen) {
+                pthread_mutex_lock(&P.mu);
+                atomic_fetch_add(&P.sleepers, 1); /* seq_cst: pairs with the check in parallel() */
+                while ((g = GEN(atomic_load(&P.work))) == seen && !atomic_load(&P.quit))
+                    pthread_cond_wait(&P.cv, &P.mu);
+                atomic_fetch_sub(&P.sleepers, 1);
+                pthread_mutex_unlock(&P.mu);
+            }
+        }
+        if (atomic_load(&P.quit)) break;
+        seen = g;
+        run_tasks(seen, tid);
+    }
+    return NULL;
+}
+
+static void pool_stop(void) {
+    if (!P.nworkers) return;
+    atomic_store(&P.quit, 1);
+    pthread_mutex_lock(&P.mu);
+    atomic_store(&P.ntasks, 0);
+    atomic_store(&P.work, (unsigned long long)(GEN(atomic_load(&P.work)) + 1) << 32);
+    pthread_cond_broadcast(&P.cv);
+    pthread_mutex_unlock(&P.mu);
+    for (int i = 0; i < P.nworkers; i++) pthread_join(P.th[i + 1], NULL);
+    P.nworkers = 0;
+    atomic_store(&P.quit, 0);
+}
+
+static void pool_start(int nthreads) {
+    pool_stop();
+    P.start_gen = GEN(atomic_load(&P.work));
+    for (int i = 1; i < nthreads; i++) {
+        if (pthread_create(&P.th[i], NULL, worker, (void *)(intptr_t)i)) break;
+        P.nworkers++;
+    }
+}
+
+/* Run fn(ctx, t, tid) for t in [0, ntasks) on all threads; returns when every task is done. */
+static void parallel(task_fn fn, void *ctx, int64_t ntasks) {
+    if (P.nworkers == 0 || ntasks <= 1) {
+        for (int64_t t = 0; t < ntasks; t++) fn(ctx, t, 0);
+        return;
+    }
+    const unsigned gen = GEN(atomic_load(&P.work)) + 1;
+    atomic_store_explicit(&P.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&P.ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&P.ntasks, ntasks, memory_order_relaxed);
+    atomic_store_explicit(&P.finished, 0, memory_order_relaxed);
+    atomic_store(&P.work, (unsigned long long)gen << 32); /* seq_cst: publishes the job, then read sleepers */
+    if (atomic_load(&P.sleepers) > 0) {
+        pthread_mutex_lock(&P.mu);
+        pthread_cond_broadcast(&P.cv);
+        pthread_mutex_unlock(&P.mu);
+    }
+    run_tasks(gen, 0);
+    for (int i = 1; atomic_load_explicit(&P.finished, memory_order_acquire) < ntasks; i++) {
+        if (i < 4096) cpu_relax();
+        else sched_yield(); /* a worker holding a task may be waiting for this core */
+    }
+}
+
+static int cpu_count(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : (int)n;
+}
+
+/* A forked child has no worker threads: start over there. */
+static void after_fork_child(void) {
+    P.nworkers = 0;
+    g_threads = 0;
+    pthread_mutex_init(&P.call, NULL);
+    pthread_mutex_init(&P.mu, NULL);
+    pthread_cond_init(&P.cv, NULL);
+    atomic_store(&P.sleepers, 0);
+}
+
+static void ensure_pool(void) {
+    static int atfork = 0;
+    if (!atfork) {
+        pthread_atfork(NULL, NULL, after_fork_child);
+        atfork = 1;
+    }
+    if (g_threads == 0) {
+        g_threads = cpu_count();
+        pool_start(g_threads);
+    }
+}
+
+void nl_set_threads(int n) {
+    pthread_mutex_lock(&P.call);
+    if (n < 1) n = cpu_count();
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    if (n != g_threads) {
+        g_threads = n;
+        pool_start(n);
+    }
+    pthread_mutex_unlock(&P.call);
+}
+
+#define CALL_LOCK() pthread_mutex_lock(&P.call)
+#define CALL_UNLOCK() pthread_mutex_unlock(&P.call)
+#else
+static void parallel(task_fn fn, void *ctx, int64_t ntasks) {
+    for (int64_t t = 0; t < ntasks; t++) fn(ctx, t, 0);
+}
+static void ensure_pool(void) { g_threads = 1; }
+void nl_set_threads(int n) { (void)n; g_threads = 1; }
+#define CALL_LOCK() ((void)0)
+#define CALL_UNLOCK() ((void)0)
+#endif
+
+int nl_get_threads(void) {
+    CALL_LOCK();
+    ensure_pool();
+    int n = g_threads;
+    CALL_UNLOCK();
+    return n;
+}
+void nl_set_spin_us(int us) { g_spin_us = us < 0 ? 0 : us; }
+int nl_get_spin_us(void) { return g_spin_us; }
+void nl_set_gemm_min_m(int m) { g_gemm_min_m = m < 1 ? 1 : m; }
+int nl_get_gemm_min_m(void) { return g_gemm_min_m; }
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* Activations: int8 per block of 32 with scale d, d*sum (bias terms) and -off*sum per 16 / 32 (offset terms).   */
+
+typedef struct {
+    int8_t *q;    /* m * k */
+    float *d;     /* m * kb */
+    float *s;     /* m * kb: d * sum(q) over the block */
+    int32_t *c16; /* m * 2kb: -off * sum(q) over each half block */
+    int32_t *c32; /* m * kb: -off * sum(q) over the block */
+    int64_t k, kb;
+} acts;
+
+static void quant_row(const float *x, int64_t k, int off, int8_t *q, float *d, float *s, int32_t *c16,
+                      int32_t *c32) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float *xb = x + 32 * b;
+        int8_t *qb = q + 32 * b;
+        int sum0 = 0, sum1 = 0;
+#if defined(NL_X86)
+        __m256 v[4], mx = _mm256_setzero_ps();
+        const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absm));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4), db = amax / 127.0f, id = amax > 0 ? 1.0f / db : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i iv[4];
+        for (int i = 0; i < 4; i++) iv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));
+        __m256i s01 = _mm256_add_epi32(iv[0], iv[1]), s23 = _mm256_add_epi32(iv[2], iv[3]);
+        __m128i h0 = _mm_add_epi32(_mm256_castsi256_si128(s01), _mm256_extracti128_si256(s01, 1));
+        __m128i h1 = _mm_add_epi32(_mm256_castsi256_si128(s23), _mm256_extracti128_si256(s23, 1));
+        h0 = _mm_hadd_epi32(h0, h1);
+        h0 = _mm_hadd_epi32(h0, h0);
+        sum0 = _mm_cvtsi128_si32(h0);
+        sum1 = _mm_extract_epi32(h0, 1);
+        __m256i p16 = _mm256_packs_epi32(iv[0], iv[1]), p16b = _mm256_packs_epi32(iv[2], iv[3]);
+        __m256i p8 = _mm256_packs_epi16(p16, p16b);
+        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)qb, p8);
+#elif defined(NL_NEON)
+        float32x4_t v[8];
+        float32x4_t mx = vdupq_n_f32(0);
+        for (int i = 0; i < 8; i++) {
+            v[i] = vld1q_f32(xb + 4 * i);
+            mx = vmaxq_f32(mx, vabsq_f32(v[i]));
+        }
+        const float amax = vmaxvq_f32(mx), db = amax / 127.0f, id = amax > 0 ? 1.0f / db : 0.0f;
+        int32x4_t iv[8];
+        for (int i = 0; i < 8; i++) iv[i] = vcvtnq_s32_f32(vmulq_n_f32(v[i], id));
+        sum0 = vaddvq_s32(vaddq_s32(vaddq_s32(iv[0], iv[1]), vaddq_s32(iv[2], iv[3])));
+        sum1 = vaddvq_s32(vaddq_s32(vaddq_s32(iv[4], iv[5]), vaddq_s32(iv[6], iv[7])));
+        for (int i = 0; i < 4; i++) {
+            int16x8_t h = vcombine_s16(vmovn_s32(iv[2 * i]), vmovn_s32(iv[2 * i + 1]));
+            vst1_s8(qb + 8 * i, vmovn_s16(h));
+        }
+#else
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        const float db = amax / 127.0f, id = amax > 0 ? 1.0f / db : 0.0f;
+        for (int i = 0; i < 32; i++) {
+            const int v = (int)lrintf(xb[i] * id);
+            qb[i] = (int8_t)v;
+            if (i < 16) sum0 += v;
+            else sum1 += v;
+        }
+#endif
+        d[b] = db;
+        s[b] = db * (float)(sum0 + sum1);
+        c16[2 * b] = -off * sum0;
+        c16[2 * b + 1] = -off * sum1;
+        c32[b] = -off * (sum0 + sum1);
+    }
+}
+
+typedef struct {
+    const float *x;
+    acts *a;
+    int64_t rows_per_task, m;
+    int off;
+} quant_ctx;
+
+static void quant_task(void *ctx, int64_t t, int tid) {
+    (void)tid;
+    quant_ctx *c = ctx;
+    acts *a = c->a;
+    const int64_t r0 = t * c->rows_per_task, r1 = r0 + c->rows_per_task < c->m ? r0 + c->rows_per_task : c->m;
+    for (int64_t r = r0; r < r1; r++)
+        quant_row(c->x + r * a->k, a->k, c->off, a->q + r * a->k, a->d + r * a->kb, a->s + r * a->kb,
+                  a->c16 + 2 * r * a->kb, a->c32 + r * a->kb);
+}
+
+static int quantize_acts(const float *x, int64_t m, int64_t k, int off, acts *a) {
+    const int64_t kb = k / 32;
+    const size_t qbytes = ((size_t)(m * k) + ALIGN - 1) & ~(size_t)(ALIGN - 1);
+    char *p = scratch(0, SCR_ACT, qbytes + (size_t)(m * kb) * 4 * 5 + ALIGN);
+    if (!p) return -1;
+    a->k = k;
+    a->kb = kb;
+    a->q = (int8_t *)p;
+    a->d = (float *)(p + qbytes);
+    a->s = a->d + m * kb;
+    a->c16 = (int32_t *)(a->s + m * kb);
+    a->c32 = a->c16 + 2 * m * kb;
+    quant_ctx c = {x, a, m >= 64 ? 16 : m, m, off};
+    parallel(quant_task, &c, (m + c.rows_per_task - 1) / c.rows_per_task);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* rows: streaming kernel for small M. MR activation rows at a time, one weight row per step.                  */
+
+typedef struct {
+    const nl_mat *w;
+    const acts *a;
+    const float *x; /* float activations (F16 weights) */
+    float *y;
+    int64_t m, rows_per_task;
+} rows_ctx;
+
+#if defined(NL_X86)
+INLINE __m256i dot_us(__m256i u, __m256i s) { /* 8 x int32 = sums of 4 adjacent u8*s8 products */
+#if defined(NL_X86_VNNI256)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(NL_X86_AVXVNNI)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)); /* |u| <= 128: no saturation */
+#endif
+}
+
+INLINE float hsum8(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+INLINE __m256i nib32(const uint8_t *qs) { /* 16 bytes -> 32 codes: low nibbles then high nibbles */
+    const __m128i v = _mm_loadu_si128((const __m128i *)qs), m = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+INLINE __m256i bits32(uint32_t qh) { /* byte i = 16 if bit i of qh is set */
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+                                    _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                                      0x0101010101010101, 0x0000000000000000));
+    const __m256i bm = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bm), bm);
+    return _mm256_and_si256(v, _mm256_set1_epi8(16));
+}
+
+/* Accumulate one 32-block of codes into MR activation rows. d0/d1: scales of the two 16-halves. */
+INLINE void rows_step(const int T, const int MR, __m256i codes, float d0, float d1, float bias, const acts *A,
+                      int64_t m0, int64_t b, __m256 *acc, float *bacc) {
+    __m256i ucodes = codes;
+    if (T == NL_Q8_0) ucodes = _mm256_abs_epi8(codes);
+    for (int m = 0; m < MR; m++) {
+        const __m256i a = _mm256_loadu_si256((const __m256i *)(A->q + (m0 + m) * A->k + 32 * b));
+        __m256i ip;
+        if (T == NL_Q8_0) ip = dot_us(ucodes, _mm256_sign_epi8(a, codes));
+        else {
+            ip = dot_us(codes, a);
+            if (T_OFF(T)) ip = _mm256_sub_epi32(ip, dot_us(_mm256_set1_epi8((char)T_OFF(T)), a));
+        }
+        const float dx = A->d[(m0 + m) * A->kb + b];
+        __m256 sc;
+        if (T == NL_Q6_K) sc = _mm256_set_m128(_mm_set1_ps(d1 * dx), _mm_set1_ps(d0 * dx));
+        else sc = _mm256_set1_ps(d0 * dx);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ip), sc, acc[m]);
+        if (T_BIAS(T)) bacc[m] += bias * A->s[(m0 + m) * A->kb + b];
+    }
+}
+
+INLINE void simple_block(const int T, const uint8_t *p, __m256i *codes, float *d, float *bias) {
+    switch (T) {
+    case NL_Q4_0: *codes = nib32(p + 2); *d = h2f(p); break;
+    case NL_Q4_1: *codes = nib32(p + 4); *d = h2f(p); *bias = h2f(p + 2); break;
+    case NL_Q5_0: *codes = _mm256_or_si256(nib32(p + 6), bits32(le32(p + 2))); *d = h2f(p); break;
+    case NL_Q5_1:
+        *codes = _mm256_or_si256(nib32(p + 8), bits32(le32(p + 4)));
+        *d = h2f(p);
+        *bias = h2f(p + 2);
+        break;
+    case NL_Q8_0: *codes = _mm256_loadu_si256((const __m256i *)(p + 2)); *d = h2f(p); break;
+    }
+}
+
+/* Q4_K / Q5_K: codes of sub-blocks 2j (lo) and 2j+1 (hi) of the superblock at p */
+INLINE void kq_pair(const int five, const uint8_t *p, int j, __m256i *lo, __m256i *hi) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(p + (five ? 48 : 16) + 32 * j));
+    *lo = _mm256_and_si256(v, m4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    if (five) {
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 16)), b16 = _mm256_set1_epi8(16), z = _mm256_setzero_si256();
+        const __m256i hl = _mm256_and_si256(qh, _mm256_set1_epi8((char)(1 << (2 * j))));
+        const __m256i hh = _mm256_and_si256(qh, _mm256_set1_epi8((char)(2 << (2 * j))));
+        *lo = _mm256_or_si256(*lo, _mm256_andnot_si256(_mm256_cmpeq_epi8(hl, z), b16));
+        *hi = _mm256_or_si256(*hi, _mm256_andnot_si256(_mm256_cmpeq_epi8(hh, z), b16));
+    }
+}
+
+/* Q4_K / Q5_K: the 8 scales (d * sc) and bias terms (-dmin * m) of the superblock at p */
+INLINE void kq_scales(const uint8_t *p, float dsc[8], float bias[8]) {
+    uint8_t sc[8], mn[8];
+    kscales(p + 4, sc, mn);
+    const __m256 d = _mm256_set1_ps(h2f(p)), dmin = _mm256_set1_ps(-h2f(p + 2));
+    _mm256_storeu_ps(dsc, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sc)))));
+    _mm256_storeu_ps(bias, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)mn)))));
+}
+
+/* Q6_K: codes of sub-blocks 4h .. 4h+3 of the superblock at p */
+INLINE void q6_quad(const uint8_t *p, int h, __m256i q[4]) {
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(0x30);
+    const __m256i l0 = _mm256_loadu_si256((const __m256i *)(p + 64 * h));
+    const __m256i l1 = _mm256_loadu_si256((const __m256i *)(p + 64 * h + 32));
+    const __m256i qh = _mm256_loadu_si256((const __m256i *)(p + 128 + 32 * h));
+    q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m3));
+    q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m3));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(qh, m3));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                           _mm256_and_si256(_mm256_srli_epi16(qh, 2), m3));
+}
+
+INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *A, int64_t m0, int64_t n0,
+                        int64_t n1, float *y, int64_t ldy) {
+    const int64_t kb = w->k / 32;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w->data + n * w->row_bytes;
+        __m256 acc0[4], acc1[4]; /* fixed sizes (MR <= 4): a VLA would keep them in memory */
+        float bacc[4];
+        for (int m = 0; m < MR; m++) {
+            acc0[m] = acc1[m] = _mm256_setzero_ps();
+            bacc[m] = 0.0f;
+        }
+        if (T == NL_Q4_K || T == NL_Q5_K) {
+            const int five = T == NL_Q5_K;
+            for (int64_t sb = 0; sb < kb / 8; sb++) {
+                const uint8_t *p = row + sb * (five ? 176 : 144);
+                float dsc[8], bias[8];
+                kq_scales(p, dsc, bias);
+                for (int j = 0; j < 4; j++) {
+                    __m256i lo, hi;
+                    kq_pair(five, p, j, &lo, &hi);
+                    const int64_t b = sb * 8 + 2 * j;
+                    rows_step(T, MR, lo, dsc[2 * j], 0, bias[2 * j], A, m0, b, acc0, bacc);
+                    rows_step(T, MR, hi, dsc[2 * j + 1], 0, bias[2 * j + 1], A, m0, b + 1, acc1, bacc);
+                }
+            }
+        } else if (T == NL_Q6_K) {
+            for (int64_t sb = 0; sb < kb / 8; sb++) {
+                const uint8_t *p = row + sb * 210;
+                const int8_t *sc = (const int8_t *)(p + 192);
+                const float d = h2f(p + 208);
+                for (int h = 0; h < 2; h++) {
+                    __m256i q[4];
+                    q6_quad(p, h, q);
+                    const int64_t b = sb * 8 + 4 * h;
+                    const int8_t *s = sc + 8 * h;
+                    rows_step(T, MR, q[0], d * s[0], d * s[1], 0, A, m0, b, acc0, bacc);
+                    rows_step(T, MR, q[1], d * s[2], d * s[3], 0, A, m0, b + 1, acc1, bacc);
+                    rows_step(T, MR, q[2], d * s[4], d * s[5], 0, A, m0, b + 2, acc0, bacc);
+                    rows_step(T, MR, q[3], d * s[6], d * s[7], 0, A, m0, b + 3, acc1, bacc);
+                }
+            }
+        } else {
+            const int bs = T_BYTES(T);
+            int64_t b = 0;
+            for (; b + 1 < kb; b += 2) {
+                __m256i c0, c1;
+                float d0 = 0, d1 = 0, bi0 = 0, bi1 = 0;
+                simple_block(T, row + b * bs, &c0, &d0, &bi0);
+                simple_block(T, row + (b + 1) * bs, &c1, &d1, &bi1);
+                rows_step(T, MR, c0, d0, d0, bi0, A, m0, b, acc0, bacc);
+                rows_step(T, MR, c1, d1, d1, bi1, A, m0, b + 1, acc1, bacc);
+            }
+            if (b < kb) {
+                __m256i c0;
+                float d0 = 0, bi0 = 0;
+                simple_block(T, row + b * bs, &c0, &d0, &bi0);
+                rows_step(T, MR, c0, d0, d0, bi0, A, m0, b, acc0, bacc);
+            }
+        }
+        for (int m = 0; m < MR; m++) y[(m0 + m) * ldy + n] = hsum8(_mm256_add_ps(acc0[m], acc1[m])) + bacc[m];
+    }
+}
+
+/* SIMD version of unpack_row (codes as unsigned bytes, see the top) for the gemm packer. */
+INLINE void unpack_row_t(const int T, const uint8_t *row, int64_t k, uint8_t *codes, float *d16, float *bias) {
+    const int64_t kb = k / 32;
+    if (T == NL_Q4_K || T == NL_Q5_K) {
+        const int five = T == NL_Q5_K;
+        for (int64_t sb = 0; sb < kb / 8; sb++) {
+            const uint8_t *p = row + sb * (five ? 176 : 144);
+            float dsc[8];
+            kq_scales(p, dsc, bias + 8 * sb);
+            for (int j = 0; j < 4; j++) {
+                __m256i lo, hi;
+                kq_pair(five, p, j, &lo, &hi);
+                _mm256_storeu_si256((__m256i *)(codes + 256 * sb + 64 * j), lo);
+                _mm256_storeu_si256((__m256i *)(codes + 256 * sb + 64 * j + 32), hi);
+            }
+            for (int j = 0; j < 8; j++) d16[16 * sb + 2 * j] = d16[16 * sb + 2 * j + 1] = dsc[j];
+        }
+    } else if (T == NL_Q6_K) {
+        for (int64_t sb = 0; sb < kb / 8; sb++) {
+            const uint8_t *p = row + sb * 210;
+            const float d = h2f(p + 208);
+            for (int h = 0; h < 2; h++) {
+                __m256i q[4];
+                q6_quad(p, h, q);
+                for (int i = 0; i < 4; i++) _mm256_storeu_si256((__m256i *)(codes + 256 * sb + 128 * h + 32 * i), q[i]);
+            }
+            const __m128i sc = _mm_loadu_si128((const __m128i *)(p + 192));
+            const __m256 vd = _mm256_set1_ps(d);
+            _mm256_storeu_ps(d16 + 16 * sb, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+            _mm256_storeu_ps(d16 + 16 * sb + 8,
+                             _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+            for (int j = 0; j < 8; j++) bias[8 * sb + j] = 0.0f;
+        }
+    } else {
+        const int bs = T_BYTES(T);
+        for (int64_t b = 0; b < kb; b++) {
+            __m256i c;
+            float d = 0, bi = 0;
+            simple_block(T, row + b * bs, &c, &d, &bi);
+            if (T == NL_Q8_0) c = _mm256_xor_si256(c, _mm256_set1_epi8((char)0x80));
+            _mm256_storeu_si256((__m256i *)(codes + 32 * b), c);
+            d16[2 * b] = d16[2 * b + 1] = d;
+            bias[b] = bi;
+        }
+    }
+}
+#define HAVE_FAST_UNPACK 1
+
+/* F16 weights: float FMA on converted rows (no activation quantization). */
+static void rows_f16(const nl_mat *w, const float *x, int64_t m, int64_t n0, int64_t n1, float *y) {
+    const int64_t k = w->k;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint16_t *r = (const uint16_t *)(w->data + n * w->row_bytes);
+        for (int64_t mi = 0; mi < m; mi++) {
+            const float *xr = x + mi * k;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 16 <= k; i += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))),
+                                     _mm256_loadu_ps(xr + i), a0);
+                a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i + 8))),
+                                     _mm256_loadu_ps(xr + i + 8), a1);
+            }
+            float s = hsum8(_mm256_add_ps(a0, a1));
+            for (; i < k; i++) s += _cvtsh_ss(r[i]) * xr[i];
+            y[mi * w->n + n] = s;
+        }
+    }
+}
+#define HAVE_ROWS_F16 1
+
+#elif defined(NL_NEON)
+
+INLINE int32x4_t dot16(int8x16_t a, int8x16_t b) {
+#if defined(NL_NEON_DOT)
+    return vdotq_s32(vdupq_n_s32(0), a, b);
+#else
+    const int16x8_t p0 = vmull_s8(vget_low_s8(a), vget_low_s8(b)), p1 = vmull_high_s8(a, b);
+    return vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+#endif
+}
+
+INLINE uint8x16_t bits16(uint32_t x) { /* byte i = 16 if bit i of the low 16 bits of x is set */
+    const uint8x16_t t = vcombine_u8(vdup_n_u8((uint8_t)x), vdup_n_u8((uint8_t)(x >> 8)));
+    const uint8x16_t bm = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    return vandq_u8(vtstq_u8(t, bm), vdupq_n_u8(16));
+}
+
+/* lo/hi: signed codes (code - off) for values 0..15 and 16..31 of the block */
+INLINE void rows_step(const int T, const int MR, int8x16_t lo, int8x16_t hi, float d0, float d1, float bias,
+                      const acts *A, int64_t m0, int64_t b, float32x4_t *acc, float *bacc) {
+    for (int m = 0; m < MR; m++) {
+        const int8_t *a = A->q + (m0 + m) * A->k + 32 * b;
+        const int8x16_t a0 = vld1q_s8(a), a1 = vld1q_s8(a + 16);
+        const float dx = A->d[(m0 + m) * A->kb + b];
+        if (T == NL_Q6_K) {
+            acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(dot16(lo, a0)), d0 * dx);
+            acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(dot16(hi, a1)), d1 * dx);
+        } else {
+#if defined(NL_NEON_DOT)
+            const int32x4_t ip = vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, a0), hi, a1);
+#else
+            const int32x4_t ip = vaddq_s32(dot16(lo, a0), dot16(hi, a1));
+#endif
+            acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(ip), d0 * dx);
+        }
+        if (T_BIAS(T)) bacc[m] += bias * A->s[(m0 + m) * A->kb + b];
+    }
+}
+
+INLINE int8x16_t sgn(uint8x16_t c, int off) { return vsubq_s8(vreinterpretq_s8_u8(c), vdupq_n_s8((int8_t)off)); }
+
+INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *A, int64_t m0, int64_t n0,
+                        int64_t n1, float *y, int64_t ldy) {
+    const int64_t kb = w->k / 32;
+    const uint8x16_t m4 = vdupq_n_u8(15);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w->data + n * w->row_bytes;
+        float32x4_t acc0[4], acc1[4]; /* fixed sizes (MR <= 4): a VLA would keep them in memory */
+        float bacc[4];
+        for (int m = 0; m < MR; m++) {
+            acc0[m] = acc1[m] = vdupq_n_f32(0);
+            bacc[m] = 0.0f;
+        }
+        if (T == NL_Q4_K || T == NL_Q5_K) {
+            const int five = T == NL_Q5_K;
+            for (int64_t sb = 0; sb < kb / 8; sb++) {
+                const uint8_t *p = row + sb * (five ? 176 : 144), *qs = p + (five ? 48 : 16);
+                const float d = h2f(p), dmin = h2f(p + 2);
+                uint8_t sc[8], mn[8];
+                kscales(p + 4, sc, mn);
+                const uint8x16_t qh0 = vld1q_u8(p + 16), qh1 = vld1q_u8(p + 32), b16 = vdupq_n_u8(16);
+                for (int j = 0; j < 4; j++) {
+                    const uint8x16_t v0 = vld1q_u8(qs + 32 * j), v1 = vld1q_u8(qs + 32 * j + 16);
+                    uint8x16_t l0 = vandq_u8(v0, m4), l1 = vandq_u8(v1, m4), h0 = vshrq_n_u8(v0, 4),
+                               h1 = vshrq_n_u8(v1, 4);
+                    if (five) {
+                        const int8x16_t sl = vdupq_n_s8((int8_t)(4 - 2 * j)), sh = vdupq_n_s8((int8_t)(3 - 2 * j));
+                        l0 = vorrq_u8(l0, vandq_u8(vshlq_u8(qh0, sl), b16));
+                        l1 = vorrq_u8(l1, vandq_u8(vshlq_u8(qh1, sl), b16));
+                        h0 = vorrq_u8(h0, vandq_u8(vshlq_u8(qh0, sh), b16));
+                        h1 = vorrq_u8(h1, vandq_u8(vshlq_u8(qh1, sh), b16));
+                    }
+                    const int64_t b = sb * 8 + 2 * j;
+                    rows_step(T, MR, sgn(l0, 0), sgn(l1, 0), d * sc[2 * j], 0, -(dmin * mn[2 * j]), A, m0, b, acc0,
+                              bacc);
+                    rows_step(T, MR, sgn(h0, 0), sgn(h1, 0), d * sc[2 * j + 1], 0, -(dmin * mn[2 * j + 1]), A, m0,
+                              b + 1, acc1, bacc);
+                }
+            }
+        } else if (T == NL_Q6_K) {
+            const uint8x16_t m3 = vdupq_n_u8(0x30);
+            for (int64_t sb = 0; sb < kb / 8; sb++) {
+                const uint8_t *p = row + sb * 210;
+                const int8_t *sc = (const int8_t *)(p + 192);
+                const float d = h2f(p + 208);
+                for (int h = 0; h < 2; h++) {
+                    const uint8_t *ql = p + 64 * h, *qhp = p + 128 + 32 * h;
+                    const int8_t *s = sc + 8 * h;
+                    const int64_t b = sb * 8 + 4 * h;
+                    const uint8x16_t l00 = vld1q_u8(ql), l01 = vld1q_u8(ql + 16), l10 = vld1q_u8(ql + 32),
+                                     l11 = vld1q_u8(ql + 48), qh0 = vld1q_u8(qhp), qh1 = vld1q_u8(qhp + 16);
+                    const int8x16_t q1a = sgn(vorrq_u8(vandq_u8(l00, m4), vandq_u8(vshlq_n_u8(qh0, 4), m3)), 32);
+                    const int8x16_t q1b = sgn(vorrq_u8(vandq_u8(l01, m4), vandq_u8(vshlq_n_u8(qh1, 4), m3)), 32);
+                    const int8x16_t q2a = sgn(vorrq_u8(vandq_u8(l10, m4), vandq_u8(vshlq_n_u8(qh0, 2), m3)), 32);
+                    const int8x16_t q2b = sgn(vorrq_u8(vandq_u8(l11, m4), vandq_u8(vshlq_n_u8(qh1, 2), m3)), 32);
+                    const int8x16_t q3a = sgn(vorrq_u8(vshrq_n_u8(l00, 4), vandq_u8(qh0, m3)), 32);
+                    const int8x16_t q3b = sgn(vorrq_u8(vshrq_n_u8(l01, 4), vandq_u8(qh1, m3)), 32);
+                    const int8x16_t q4a = sgn(vorrq_u8(vshrq_n_u8(l10, 4), vandq_u8(vshrq_n_u8(qh0, 2), m3)), 32);
+                    const int8x16_t q4b = sgn(vorrq_u8(vshrq_n_u8(l11, 4), vandq_u8(vshrq_n_u8(qh1, 2), m3)), 32);
+                    rows_step(T, MR, q1a, q1b, d * s[0], d * s[1], 0, A, m0, b, acc0, bacc);
+                    rows_step(T, MR, q2a, q2b, d * s[2], d * s[3], 0, A, m0, b + 1, acc1, bacc);
+                    rows_step(T, MR, q3a, q3b, d * s[4], d * s[5], 0, A, m0, b + 2, acc0, bacc);
+                    rows_step(T, MR, q4a, q4b, d * s[6], d * s[7], 0, A, m0, b + 3, acc1, bacc);
+                }
+            }
+        } else {
+            const int bs = T_BYTES(T);
+            for (int64_t b = 0; b < kb; b++) {
+                const uint8_t *p = row + b * bs;
+                int8x16_t lo, hi;
+                float d = h2f(p), bias = 0;
+                if (T == NL_Q8_0) {
+                    lo = vld1q_s8((const int8_t *)p + 2);
+                    hi = vld1q_s8((const int8_t *)p + 18);
+                } else {
+                    const uint8x16_t v = vld1q_u8(p + bs - 16);
+                    uint8x16_t l = vandq_u8(v, m4), h = vshrq_n_u8(v, 4);
+                    if (T == NL_Q5_0 || T == NL_Q5_1) {
+                        const uint32_t qh = le32(p + bs - 20);
+                        l = vorrq_u8(l, bits16(qh));
+                        h = vorrq_u8(h, bits16(qh >> 16));
+                    }
+                    if (T == NL_Q4_1 || T == NL_Q5_1) bias = h2f(p + 2);
+                    lo = sgn(l, T_OFF(T));
+                    hi = sgn(h, T_OFF(T));
+                }
+                if (b & 1) rows_step(T, MR, lo, hi, d, d, bias, A, m0, b, acc1, bacc);
+                else rows_step(T, MR, lo, hi, d, d, bias, A, m0, b, acc0, bacc);
+            }
+        }
+        for (int m = 0; m < MR; m++) y[(m0 + m) * ldy + n] = vaddvq_f32(vaddq_f32(acc0[m], acc1[m])) + bacc[m];
+    }
+}
+
+static void rows_f16(const nl_mat *w, const float *x, int64_t m, int64_t n0, int64_t n1, float *y) {
+    const int64_t k = w->k;
+    for (int64_t n = n0; n < n1; n++) {
+        const __fp16 *r = (const __fp16 *)(w->data + n * w->row_bytes);
+        for (int64_t mi = 0; mi < m; mi++) {
+            const float *xr = x + mi * k;
+            float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0);
+            int64_t i = 0;
+            for (; i + 8 <= k; i += 8) {
+                const float16x8_t h = vld1q_f16(r + i);
+                a0 = vfmaq_f32(a0, vcvt_f32_f16(vget_low_f16(h)), vld1q_f32(xr + i));
+                a1 = vfmaq_f32(a1, vcvt_high_f32_f16(h), vld1q_f32(xr + i + 4));
+            }
+            float s = vaddvq_f32(vaddq_f32(a0, a1));
+            for (; i < k; i++) s += (float)r[i] * xr[i];
+            y[mi * w->n + n] = s;
+        }
+    }
+}
+#define HAVE_ROWS_F16 1
+
+#else /* scalar */
+
+INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *A, int64_t m0, int64_t n0,
+                        int64_t n1, float *y, int64_t ldy) {
+    (void)T;
+    const int64_t k = w->k, kb = k / 32;
+    const int off = tinfo(w->type)->off;
+    char *buf = scratch(0, SCR_ROW, (size_t)k + (size_t)kb * 12);
+    if (!buf) return; /* checked by the caller's allocation of the same size */
+    uint8_t *codes = (uint8_t *)buf;
+    float *d16 = (float *)(buf + ((k + 15) & ~15)), *bias = d16 + 2 * kb;
+    for (int64_t n = n0; n < n1; n++) {
+        unpack_row(w->type, w->data + n * w->row_bytes, k, codes, d16, bias);
+        for (int m = 0; m < MR; m++) {
+            const int8_t *a = A->q + (m0 + m) * k;
+            float acc = 0.0f;
+            for (int64_t b = 0; b < kb; b++) {
+                int32_t s0 = 0, s1 = 0;
+                for (int i = 0; i < 16; i++) s0 += ((int)codes[32 * b + i] - off) * a[32 * b + i];
+                for (int i = 16; i < 32; i++) s1 += ((int)codes[32 * b + i] - off) * a[32 * b + i];
+                const float dx = A->d[(m0 + m) * kb + b];
+                acc += dx * (d16[2 * b] * (float)s0 + d16[2 * b + 1] * (float)s1) +
+                       bias[b] * A->s[(m0 + m) * kb + b];
+            }
+            y[(m0 + m) * ldy + n] = acc;
+        }
+    }
+}
+#define SCALAR_ROWS 1
+#endif
+
+#ifndef HAVE_ROWS_F16
+static void rows_f16(const nl_mat *w, const float *x, int64_t m, int64_t n0, int64_t n1, float *y) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *r = w->data + n * w->row_bytes;
+        for (int64_t mi = 0; mi < m; mi++) {
+            float s = 0.0f;
+            for (int64_t i = 0; i < w->k; i++) s += h2f(r + 2 * i) * x[mi * w->k + i];
+            y[mi * w->n + n] = s;
+        }
+    }
+}
+#endif
+
+/* M in chunks of up to 4 rows; T and MR are compile-time constants inside each instance. */
+#define ROWS_ALL_MR(T)                                                                                          \
+    static void rows_##T(const nl_mat *w, const acts *A, int64_t m, int64_t n0, int64_t n1, float *y) {        \
+        int64_t m0 = 0;                                                                                         \
+        for (; m0 + 4 <= m; m0 += 4) rows_kernel(T, 4, w, A, m0, n0, n1, y, w->n);                             \
+        switch (m - m0) {                                                                                       \
+        case 3: rows_kernel(T, 3, w, A, m0, n0, n1, y, w->n); break;                                          \
+        case 2: rows_kernel(T, 2, w, A, m0, n0, n1, y, w->n); break;                                          \
+        case 1: rows_kernel(T, 1, w, A, m0, n0, n1, y, w->n); break;                                          \
+        }                                                                                                       \
+    }
+ROWS_ALL_MR(NL_Q4_0)
+ROWS_ALL_MR(NL_Q4_1)
+ROWS_ALL_MR(NL_Q5_0)
+ROWS_ALL_MR(NL_Q5_1)
+ROWS_ALL_MR(NL_Q8_0)
+ROWS_ALL_MR(NL_Q4_K)
+ROWS_ALL_MR(NL_Q5_K)
+ROWS_ALL_MR(NL_Q6_K)
+
+static void rows_task(void *ctx, int64_t t, int tid) {
+    (void)tid;
+    rows_ctx *c = ctx;
+    const nl_mat *w = c->w;
+    const int64_t n0 = t * c->rows_per_task, n1 = n0 + c->rows_per_task < w->n ? n0 + c->rows_per_task : w->n;
+    switch (w->type) {
+    case NL_Q4_0: rows_NL_Q4_0(w, c->a, c->m, n0, n1, c->y); break;
+    case NL_Q4_1: rows_NL_Q4_1(w, c->a, c->m, n0, n1, c->y); break;
+    case NL_Q5_0: rows_NL_Q5_0(w, c->a, c->m, n0, n1, c->y); break;
+    case NL_Q5_1: rows_NL_Q5_1(w, c->a, c->m, n0, n1, c->y); break;
+    case NL_Q8_0: rows_NL_Q8_0(w, c->a, c->m, n0, n1, c->y); break;
+    case NL_Q4_K: rows_NL_Q4_K(w, c->a, c->m, n0, n1, c->y); break;
+    case NL_Q5_K: rows_NL_Q5_K(w, c->a, c->m, n0, n1, c->y); break;
+    case NL_Q6_K: rows_NL_Q6_K(w, c->a, c->m, n0, n1, c->y); break;
+    case NL_F16: rows_f16(w, c->x, c->m, n0, n1, c->y); break;
+    }
+}
+
+#ifdef HAVE_FAST_UNPACK
+static void unpack_row_fast(int type, const uint8_t *row, int64_t k, uint8_t *codes, float *d16, float *bias) {
+    switch (type) {
+    case NL_Q4_0: unpack_row_t(NL_Q4_0, row, k, codes, d16, bias); break;
+    case NL_Q4_1: unpack_row_t(NL_Q4_1, row, k, codes, d16, bias); break;
+    case NL_Q5_0: unpack_row_t(NL_Q5_0, row, k, codes, d16, bias); break;
+    case NL_Q5_1: unpack_row_t(NL_Q5_1, row, k, codes, d16, bias); break;
+    case NL_Q8_0: unpack_row_t(NL_Q8_0, row, k, codes, d16, bias); break;
+    case NL_Q4_K: unpack_row_t(NL_Q4_K, row, k, codes, d16, bias); break;
+    case NL_Q5_K: unpack_row_t(NL_Q5_K, row, k, codes, d16, bias); break;
+    case NL_Q6_K: unpack_row_t(NL_Q6_K, row, k, codes, d16, bias); break;
+    default: unpack_row(type, row, k, codes, d16, bias); break;
+    }
+}
+#else
+#define unpack_row_fast unpack_row
+#endif
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* gemm: pack a panel of PR weight rows, codes interleaved per 4 (layout [block][group of 4][row][4]), scales    */
+/* [block][half][row], bias [block][row]; then an MR x PR register tile per step.                              */
+
+#if defined(NL_X86_GEMM)
+#define PR 16       /* rows per panel = int32 lanes of a zmm */
+#define SIGNED_CODES 0
+#elif defined(NL_NEON_GEMM)
+#define PR 8        /* two int32x4 vectors */
+#define SIGNED_CODES 1
+#endif
+
+#ifdef PR
+#define PANEL_BLOCK (32 * PR + 3 * PR * 4) /* bytes per 32-block: codes, 2 scales, bias */
+#define PANELS_PER_TASK 2
+
+typedef struct {
+    const nl_mat *w;
+    const acts *a;
+    float *y;
+    int64_t m;
+} gemm_ctx;
+
+static void pack_panel(const nl_mat *w, int64_t n0, int nr, uint8_t *panel, uint8_t *codes, float *d16,
+                       float *bias) {
+    const int64_t k = w->k, kb = k / 32;
+    const int off = tinfo(w->type)->off;
+    for (int r = 0; r < PR; r++) {
+        if (r < nr) unpack_row_fast(w->type, w->data + (n0 + r) * w->row_bytes, k, codes, d16, bias);
+        else {
+            memset(codes, SIGNED_CODES ? off : 0, (size_t)k);
+            memset(d16, 0, (size_t)kb * 8);
+            memset(bias, 0, (size_t)kb * 4);
+        }
+#if SIGNED_CODES
+        if (off)
+            for (int64_t i = 0; i < k; i++) codes[i] = (uint8_t)(codes[i] - off);
+#endif
+        for (int64_t b = 0; b < kb; b++) {
+            uint8_t *pb = panel + b * PANEL_BLOCK;
+            uint32_t *pc = (uint32_t *)pb;
+            const uint32_t *src = (const uint32_t *)(codes + 32 * b);
+            for (int g = 0; g < 8; g++) pc[g * PR + r] = src[g];
+            float *ps = (float *)(pb + 32 * PR);
+            ps[r] = d16[2 * b];
+            ps[PR + r] = d16[2 * b + 1];
+            ps[2 * PR + r] = bias[b];
+        }
+    }
+}
+
+#if defined(NL_X86_GEMM)
+/* MR activation rows x NP panels of 16 rows. H: 2 if the 16-halves have their own scales (Q6_K). */
+INLINE void gemm_tile(const int OFF, const int BIAS, const int H, const int MR, const int NP, const uint8_t *panel,
+                      int64_t pstride, const acts *A, int64_t m0, int64_t kb, float *y, int64_t ldy, int64_t n0,
+                      int nvalid) {
+    /* fixed array sizes (MR <= 4, NP <= 2) so that the accumulators stay in registers */
+    __m512 facc[4][2];
+    const int8_t *aq[4];
+    const float *ad[4], *as[4];
+    const int32_t *ac[4];
+    for (int m = 0; m < MR; m++) {
+        aq[m] = A->q + (m0 + m) * A->k;
+        ad[m] = A->d + (m0 + m) * kb;
+        as[m] = A->s + (m0 + m) * kb;
+        ac[m] = H == 2 ? A->c16 + (m0 + m) * 2 * kb : A->c32 + (m0 + m) * kb;
+        for (int p = 0; p < NP; p++) facc[m][p] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < kb; b++) {
+        const uint8_t *pb = panel + b * PANEL_BLOCK;
+        for (int h = 0; h < H; h++) {
+            __m512i iacc[4][2];
+            for (int m = 0; m < MR; m++) {
+                const __m512i start = OFF ? _mm512_set1_epi32(ac[m][H * b + h]) : _mm512_setzero_si512();
+                for (int p = 0; p < NP; p++) iacc[m][p] = start;
+            }
+            for (int g = h * (8 / H); g < (h + 1) * (8 / H); g++) {
+                __m512i wv[2];
+                for (int p = 0; p < NP; p++) wv[p] = _mm512_load_si512((const void *)(pb + p * pstride + 64 * g));
+                for (int m = 0; m < MR; m++) {
+                    int32_t a4;
+                    memcpy(&a4, aq[m] + 32 * b + 4 * g, 4);
+                    const __m512i av = _mm512_set1_epi32(a4);
+                    for (int p = 0; p < NP; p++) iacc[m][p] = _mm512_dpbusd_epi32(iacc[m][p], wv[p], av);
+                }
+            }
+            __m512 dw[2];
+            for (int p = 0; p < NP; p++) dw[p] = _mm512_load_ps((const float *)(pb + p * pstride + 32 * PR + 64 * h));
+            for (int m = 0; m < MR; m++) {
+                const __m512 dx = _mm512_set1_ps(ad[m][b]);
+                for (int p = 0; p < NP; p++)
+                    facc[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m][p]), _mm512_mul_ps(dw[p], dx), facc[m][p]);
+            }
+        }
+        if (BIAS) {
+            __m512 bw[2];
+            for (int p = 0; p < NP; p++) bw[p] = _mm512_load_ps((const float *)(pb + p * pstride + 32 * PR + 128));
+            for (int m = 0; m < MR; m++) {
+                const __m512 sx = _mm512_set1_ps(as[m][b]);
+                for (int p = 0; p < NP; p++) facc[m][p] = _mm512_fmadd_ps(bw[p], sx, facc[m][p]);
+            }
+        }
+    }
+    for (int p = 0; p < NP; p++) {
+        const int v = nvalid - 16 * p;
+        const __mmask16 mask = v >= 16 ? 0xffff : (__mmask16)((1u << (v > 0 ? v : 0)) - 1);
+        for (int m = 0; m < MR; m++) _mm512_mask_storeu_ps(y + (m0 + m) * ldy + n0 + 16 * p, mask, facc[m][p]);
+    }
+}
+#define GEMM_MR 4
+#else /* NEON dotprod: PR = 8 rows as two int32x4 lanes sets; NP fixed to 1 panel per tile */
+INLINE void gemm_tile(const int OFF, const int BIAS, const int H, const int MR, const int NP, const uint8_t *panel,
+                      int64_t pstride, const acts *A, int64_t m0, int64_t kb, float *y, int64_t ldy, int64_t n0,
+                      int nvalid) {
+    (void)OFF; /* signed codes: no offset term */
+    (void)NP;
+    (void)pstride;
+    float32x4_t facc[4][2]; /* fixed sizes (MR <= 4) so that the accumulators stay in registers */
+    const int8_t *aq[4];
+    for (int m = 0; m < MR; m++) {
+        aq[m] = A->q + (m0 + m) * A->k;
+        facc[m][0] = facc[m][1] = vdupq_n_f32(0);
+    }
+    for (int64_t b = 0; b < kb; b++) {
+        const uint8_t *pb = panel + b * PANEL_BLOCK;
+        for (int h = 0; h < H; h++) {
+            int32x4_t iacc[4][2];
+            for (int m = 0; m < MR; m++) iacc[m][0] = iacc[m][1] = vdupq_n_s32(0);
+            for (int q = h * (2 / H); q < (h + 1) * (2 / H); q++) { /* quads of 4 groups = 16 activation bytes */
+                int8x16_t av[4];
+                for (int m = 0; m < MR; m++) av[m] = vld1q_s8(aq[m] + 32 * b + 16 * q);
+#define NL_LANE(L)                                                                                              \
+    {                                                                                                           \
+        const int8x16_t w0 = vld1q_s8((const int8_t *)pb + (4 * q + L) * 32),                                  \
+                        w1 = vld1q_s8((const int8_t *)pb + (4 * q + L) * 32 + 16);                             \
+        for (int m = 0; m < MR; m++) {                                                                          \
+            iacc[m][0] = vdotq_laneq_s32(iacc[m][0], w0, av[m], L);                                             \
+            iacc[m][1] = vdotq_laneq_s32(iacc[m][1], w1, av[m], L);                                             \
+        }                                                                                                       \
+    }
+                NL_LANE(0) NL_LANE(1) NL_LANE(2) NL_LANE(3)
+#undef NL_LANE
+            }
+            const float *ps = (const float *)(pb + 32 * PR + 32 * h);
+            const float32x4_t dw0 = vld1q_f32(ps), dw1 = vld1q_f32(ps + 4);
+            for (int m = 0; m < MR; m++) {
+                const float dx = A->d[(m0 + m) * kb + b];
+                facc[m][0] = vfmaq_f32(facc[m][0], vcvtq_f32_s32(iacc[m][0]), vmulq_n_f32(dw0, dx));
+                facc[m][1] = vfmaq_f32(facc[m][1], vcvtq_f32_s32(iacc[m][1]), vmulq_n_f32(dw1, dx));
+            }
+        }
+        if (BIAS) {
+            const float *pbias = (const float *)(pb + 32 * PR + 64);
+            const float32x4_t b0 = vld1q_f32(pbias), b1 = vld1q_f32(pbias + 4);
+            for (int m = 0; m < MR; m++) {
+                const float sx = A->s[(m0 + m) * kb + b];
+                facc[m][0] = vfmaq_n_f32(facc[m][0], b0, sx);
+                facc[m][1] = vfmaq_n_f32(facc[m][1], b1, sx);
+            }
+        }
+    }
+    for (int m = 0; m < MR; m++) {
+        float out[8];
+        vst1q_f32(out, facc[m][0]);
+        vst1q_f32(out + 4, facc[m][1]);
+        for (int i = 0; i < nvalid && i < 8; i++) y[(m0 + m) * ldy + n0 + i] = out[i];
+    }
+}
+#define GEMM_MR 4
+#endif
+
+/* One instance per (offset, bias, halves) combination; NP = panels in this tile (2, or 1 at the tail). */
+#define GEMM_VARIANT(NAME, OFF, BIAS, H)                                                                        \
+    static void NAME(const uint8_t *panel, int64_t pstride, int np, const acts *A, int64_t m, int64_t kb,     \
+                     float *y, int64_t ldy, int64_t n0, int nvalid) {                                          \
+        int64_t m0 = 0;                                                                                         \
+        if (np == 2) {                                                                                          \
+            for (; m0 + GEMM_MR <= m; m0 += GEMM_MR)                                                           \
+                gemm_tile(OFF, BIAS, H, GEMM_MR, 2, panel, pstride, A, m0, kb, y, ldy, n0, nvalid);             \
+            for (; m0 < m; m0++) gemm_tile(OFF, BIAS, H, 1, 2, panel, pstride, A, m0, kb, y, ldy, n0, nvalid);  \
+        } else {                                                                                                \
+            for (; m0 + GEMM_MR <= m; m0 += GEMM_MR)                                                           \
+                gemm_tile(OFF, BIAS, H, GEMM_MR, 1, panel, pstride, A, m0, kb, y, ldy, n0, nvalid);             \
+            for (; m0 < m; m0++) gemm_tile(OFF, BIAS, H, 1, 1, panel, pstride, A, m0, kb, y, ldy, n0, nvalid);  \
+        }                                                                                                       \
+    }
+GEMM_VARIANT(gemm_off, 1, 0, 1)
+GEMM_VARIANT(gemm_bias, 0, 1, 1)
+GEMM_VARIANT(gemm_off_h2, 1, 0, 2)
+
+static void gemm_task(void *ctx, int64_t t, int tid) {
+    gemm_ctx *c = ctx;
+    const nl_mat *w = c->w;
+    const int64_t k = w->k, kb = k / 32, pbytes = kb * PANEL_BLOCK;
+    const int64_t n0 = t * PANELS_PER_TASK * PR;
+    const int64_t rows = w->n - n0 < PANELS_PER_TASK * PR ? w->n - n0 : PANELS_PER_TASK * PR;
+    const int np = (int)((rows + PR - 1) / PR);
+    uint8_t *panel = scratch(tid, SCR_PANEL, (size_t)(pbytes * np));
+    char *rowbuf = scratch(tid, SCR_ROW, (size_t)k + (size_t)kb * 12 + 64);
+    if (!panel || !rowbuf) return; /* sizes were allocated up front in nl_matmul */
+    uint8_t *codes = (uint8_t *)rowbuf;
+    float *d16 = (float *)(rowbuf + ((k + 63) & ~(int64_t)63)), *bias = d16 + 2 * kb;
+    for (int p = 0; p < np; p++) {
+        const int nr = (int)(rows - p * PR < PR ? rows - p * PR : PR);
+        pack_panel(w, n0 + p * PR, nr, panel + p * pbytes, codes, d16, bias);
+    }
+    const type_info *ti = tinfo(w->type);
+#if defined(NL_X86_GEMM)
+    void (*f)(const uint8_t *, int64_t, int, const acts *, int64_t, int64_t, float *, int64_t, int64_t, int) =
+        ti->halves == 2 ? gemm_off_h2 : ti->bias ? gemm_bias : gemm_off;
+    f(panel, pbytes, np, c->a, c->m, kb, c->y, w->n, n0, (int)rows);
+#else
+    for (int p = 0; p < np; p++) {
+        const int nr = (int)(rows - p * PR < PR ? rows - p * PR : PR);
+        void (*f)(const uint8_t *, int64_t, int, const acts *, int64_t, int64_t, float *, int64_t, int64_t, int) =
+            ti->halves == 2 ? gemm_off_h2 : ti->bias ? gemm_bias : gemm_off;
+        f(panel + p * pbytes, pbytes, 1, c->a, c->m, kb, c->y, w->n, n0 + p * PR, nr);
+    }
+#endif
+}
+#define HAVE_GEMM 1
+#endif
+
+int nl_gemm_available(int type) {
+#ifdef HAVE_GEMM
+    return tinfo(type) != NULL && type != NL_F16;
+#else
+    (void)type;
+    return 0;
+#endif
+}
+
+const char *nl_isa(void) {
+#if defined(NL_X86)
+#if defined(NL_X86_GEMM)
+    return "avx512-vnni";
+#elif defined(NL_X86_VNNI256) || defined(NL_X86_AVXVNNI)
+    return "avx2-vnni";
+#else
+    return "avx2";
+#endif
+#elif defined(NL_NEON)
+#if defined(NL_NEON_DOT)
+    return "neon-dotprod";
+#else
+    return "neon";
+#endif
+#else
+    return "scalar";
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+
+int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path) {
+    const type_info *ti = tinfo(w->type);
+    if (!ti || m < 0 || w->n <= 0 || nl_row_bytes(w->type, w->k) < 0 || w->row_bytes < nl_row_bytes(w->type, w->k))
+        return -1;
+    if (m == 0) return 0;
+    CALL_LOCK();
+    ensure_pool();
+    int rc = 0;
+    const int64_t k = w->k, kb = k / 32;
+    /* decide the algorithm; the choice depends on M and the type only, never on the thread count */
+    int use_gemm = 0;
+#ifdef HAVE_GEMM
+    if (w->type != NL_F16) use_gemm = path == NL_PATH_GEMM || (path == NL_PATH_AUTO && m >= g_gemm_min_m);
+#endif
+    (void)path;
+    acts A;
+    if (w->type != NL_F16 && quantize_acts(x, m, k, ti->off, &A)) {
+        rc = -1;
+        goto out;
+    }
+#ifdef HAVE_GEMM
+    if (use_gemm) {
+        const int64_t ntasks = (w->n + PANELS_PER_TASK * PR - 1) / (PANELS_PER_TASK * PR);
+        for (int t = 0; t < g_threads; t++) /* allocate every thread's scratch here: tasks cannot fail */
+            if (!scratch(t, SCR_PANEL, (size_t)(kb * PANEL_BLOCK * PANELS_PER_TASK)) ||
+                !scratch(t, SCR_ROW, (size_t)k + (size_t)kb * 12 + 64)) {
+                rc = -1;
+                goto out;
+            }
+        gemm_ctx c = {w, &A, y, m};
+        parallel(gemm_task, &c, ntasks);
+        goto out;
+    }
+#endif
+#ifdef SCALAR_ROWS
+    if (!scratch(0, SCR_ROW, (size_t)k + (size_t)kb * 12)) {
+        rc = -1;
+        goto out;
+    }
+#endif
+    {
+        /* rows: tasks of whole row ranges; one thread for small matrices where waking others costs more */
+        rows_ctx c = {w, &A, x, y, m, 0};
+        const int64_t work = w->n * k * (m < 4 ? m : 4);
+        int nt = work < 65536 ? 1 : g_threads;
+#ifdef SCALAR_ROWS
+        nt = 1; /* the scalar kernel uses thread 0's row buffer */
+#endif
+        int64_t per = (w->n + 8 * nt - 1) / (8 * nt);
+        if (per < 16) per = 16;
+        per = (per + 3) & ~(int64_t)3;
+        c.rows_per_task = nt == 1 ? w->n : per;
+        parallel(rows_task, &c, (w->n + c.rows_per_task - 1) / c.rows_per_task);
+    }
+out:
+    CALL_UNLOCK();
+    return rc;
+}
+
+int nl_dequant(const nl_mat *w, int64_t r0, int64_t r1, float *out) {
+    const type_info *ti = tinfo(w->type);
+    if (!ti || r0 < 0 || r1 > w->n || r0 > r1 || nl_row_bytes(w->type, w->k) < 0) return -1;
+    const int64_t k = w->k, kb = k / 32;
+    if (w->type == NL_F16) {
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t i = 0; i < k; i++) out[(r - r0) * k + i] = h2f(w->data + r * w->row_bytes + 2 * i);
+        return 0;
+    }
+    uint8_t *codes = malloc((size_t)k + (size_t)kb * 12 + 64);
+    if (!codes) return -1;
+    float *d16 = (float *)(codes + ((k + 63) & ~(int64_t)63)), *bias = d16 + 2 * kb;
+    for (int64_t r = r0; r < r1; r++) {
+        unpack_row(w->type, w->data + r * w->row_bytes, k, codes, d16, bias);
+        float *o = out + (r - r0) * k;
+        for (int64_t i = 0; i < k; i++) o[i] = d16[i / 16] * (float)((int)codes[i] - ti->off) + bias[i / 32];
+    }
+    free(codes);
+    return 0;
+}

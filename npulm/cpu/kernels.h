@@ -1,0 +1,45 @@
+/* npulm CPU matmul kernels over GGUF blocks read in place. Plain C, no Python: the extension module wraps it. */
+#ifndef NPULM_KERNELS_H
+#define NPULM_KERNELS_H
+
+#include <stdint.h>
+
+/* GGML type ids (gguf.constants.GGMLQuantizationType) */
+enum {
+    NL_F32 = 0, NL_F16 = 1, NL_Q4_0 = 2, NL_Q4_1 = 3, NL_Q5_0 = 6, NL_Q5_1 = 7, NL_Q8_0 = 8,
+    NL_Q4_K = 12, NL_Q5_K = 13, NL_Q6_K = 14,
+};
+
+/* Which algorithm nl_matmul uses; AUTO picks by M. */
+enum { NL_PATH_AUTO = 0, NL_PATH_ROWS = 1, NL_PATH_GEMM = 2 };
+
+typedef struct {
+    const uint8_t *data; /* n rows of row_bytes, GGUF block layout */
+    int type;
+    int64_t n, k, row_bytes;
+} nl_mat;
+
+/* Bytes of one row of k values, or -1 if the type is unsupported or k does not fit its blocks. */
+int64_t nl_row_bytes(int type, int64_t k);
+/* 1 if nl_matmul handles this type. */
+int nl_type_supported(int type);
+/* 1 if the packed integer GEMM (fast prefill) exists for this type on this build. */
+int nl_gemm_available(int type);
+
+/* y (m, n) = x (m, k) @ W.T; x and y C-contiguous float32. Returns 0, or -1 on a bad argument / no memory. */
+int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path);
+/* out (r1 - r0, k) float32 = rows r0..r1 of W, dequantized. Returns 0 or -1. */
+int nl_dequant(const nl_mat *w, int64_t r0, int64_t r1, float *out);
+
+void nl_set_threads(int n);
+int nl_get_threads(void);
+/* Workers poll for new work this long after a job before sleeping (microseconds). */
+void nl_set_spin_us(int us);
+int nl_get_spin_us(void);
+/* Smallest M that takes the packed GEMM under NL_PATH_AUTO. */
+void nl_set_gemm_min_m(int m);
+int nl_get_gemm_min_m(void);
+/* Instruction set the kernels were compiled for, e.g. "avx512-vnni", "neon-dotprod", "scalar". */
+const char *nl_isa(void);
+
+#endif

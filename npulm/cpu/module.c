@@ -1,0 +1,236 @@
+/* npulm.cpu._kernels: CPython binding of kernels.c.
+ *
+ * CPython C API (METH_FASTCALL + buffer protocol), not ctypes: a decode step makes ~210 matmul calls from Python,
+ * and measured per call at M = 1 this entry costs ~0.3 us against ~2.5 us for a ctypes call that passes numpy
+ * pointers (x.ctypes.data alone is ~0.6 us); see benchmarks/kernels.py --overhead. No numpy headers are needed:
+ * arrays come in through the buffer protocol, the caller allocates the output.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "kernels.h"
+
+typedef struct {
+    Py_buffer view; /* keeps the weight memory (an mmap) alive */
+    nl_mat mat;
+} weight_handle;
+
+static const char *CAPSULE = "npulm.cpu.weight";
+
+static void handle_free(PyObject *cap) {
+    weight_handle *h = PyCapsule_GetPointer(cap, CAPSULE);
+    if (h) {
+        PyBuffer_Release(&h->view);
+        PyMem_Free(h);
+    }
+}
+
+/* weight(buffer, type, n, k) -> handle */
+static PyObject *py_weight(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *obj;
+    int type;
+    long long n, k;
+    if (!PyArg_ParseTuple(args, "OiLL", &obj, &type, &n, &k)) return NULL;
+    const int64_t rb = nl_row_bytes(type, k);
+    if (rb < 0 || n <= 0) {
+        PyErr_Format(PyExc_ValueError, "unsupported weight: type %d with %lld x %lld values", type, n, k);
+        return NULL;
+    }
+    weight_handle *h = PyMem_Calloc(1, sizeof *h);
+    if (!h) return PyErr_NoMemory();
+    if (PyObject_GetBuffer(obj, &h->view, PyBUF_C_CONTIGUOUS) < 0) {
+        PyMem_Free(h);
+        return NULL;
+    }
+    if (h->view.len < (Py_ssize_t)(rb * n)) {
+        PyErr_Format(PyExc_ValueError, "weight buffer has %zd bytes, %lld rows of %lld bytes need %lld", h->view.len,
+                     n, (long long)rb, (long long)(rb * n));
+        PyBuffer_Release(&h->view);
+        PyMem_Free(h);
+        return NULL;
+    }
+    h->mat.data = h->view.buf;
+    h->mat.type = type;
+    h->mat.n = n;
+    h->mat.k = k;
+    h->mat.row_bytes = rb;
+    PyObject *cap = PyCapsule_New(h, CAPSULE, handle_free);
+    if (!cap) {
+        PyBuffer_Release(&h->view);
+        PyMem_Free(h);
+    }
+    return cap;
+}
+
+static int get_f32(PyObject *obj, Py_buffer *v, int writable, const char *what) {
+    if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    if (v->itemsize != 4 || !v->format || (strcmp(v->format, "f") && strcmp(v->format, "<f") && strcmp(v->format, "=f"))) {
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous float32 array (format %s)", what,
+                     v->format ? v->format : "?");
+        PyBuffer_Release(v);
+        return -1;
+    }
+    return 0;
+}
+
+/* matmul(handle, x, out, path=0): out (M, n) = x (M, k) @ W.T; M = len(x) / k. */
+static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "matmul(handle, x, out, path=0)");
+        return NULL;
+    }
+    weight_handle *h = PyCapsule_GetPointer(args[0], CAPSULE);
+    if (!h) return NULL;
+    int path = 0;
+    if (nargs == 4) {
+        path = (int)PyLong_AsLong(args[3]);
+        if (path == -1 && PyErr_Occurred()) return NULL;
+    }
+    Py_buffer xv, yv;
+    if (get_f32(args[1], &xv, 0, "x") < 0) return NULL;
+    if (get_f32(args[2], &yv, 1, "out") < 0) {
+        PyBuffer_Release(&xv);
+        return NULL;
+    }
+    const int64_t k = h->mat.k, n = h->mat.n, nx = xv.len / 4, m = nx / k;
+    int rc = 0;
+    if (nx % k || yv.len / 4 != m * n) {
+        PyErr_Format(PyExc_ValueError, "x has %lld values (need a multiple of %lld), out %lld (need %lld)",
+                     (long long)nx, (long long)k, (long long)(yv.len / 4), (long long)(m * n));
+        rc = -2;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = nl_matmul(&h->mat, xv.buf, m, yv.buf, path);
+        Py_END_ALLOW_THREADS
+        if (rc) PyErr_NoMemory();
+    }
+    PyBuffer_Release(&xv);
+    PyBuffer_Release(&yv);
+    if (rc) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* dequantize(handle, r0, r1, out): out (r1 - r0, k) float32 = rows r0..r1 */
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *cap, *out;
+    long long r0, r1;
+    if (!PyArg_ParseTuple(args, "OLLO", &cap, &r0, &r1, &out)) return NULL;
+    weight_handle *h = PyCapsule_GetPointer(cap, CAPSULE);
+    if (!h) return NULL;
+    if (r0 < 0 || r1 > h->mat.n || r0 > r1) {
+        PyErr_SetString(PyExc_ValueError, "row range out of bounds");
+        return NULL;
+    }
+    Py_buffer ov;
+    if (get_f32(out, &ov, 1, "out") < 0) return NULL;
+    int rc = -2;
+    if (ov.len / 4 != (r1 - r0) * h->mat.k) PyErr_SetString(PyExc_ValueError, "out has the wrong size");
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = nl_dequant(&h->mat, r0, r1, ov.buf);
+        Py_END_ALLOW_THREADS
+        if (rc) PyErr_NoMemory();
+    }
+    PyBuffer_Release(&ov);
+    if (rc) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    nl_set_threads((int)n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(nl_get_threads());
+}
+
+static PyObject *py_set_spin_us(PyObject *self, PyObject *arg) {
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    nl_set_spin_us((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_spin_us(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(nl_get_spin_us());
+}
+
+static PyObject *py_set_gemm_min_m(PyObject *self, PyObject *arg) {
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    nl_set_gemm_min_m((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_gemm_min_m(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(nl_get_gemm_min_m());
+}
+
+static PyObject *py_supported(PyObject *self, PyObject *arg) {
+    (void)self;
+    long t = PyLong_AsLong(arg);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(nl_type_supported((int)t));
+}
+
+static PyObject *py_gemm_available(PyObject *self, PyObject *arg) {
+    (void)self;
+    long t = PyLong_AsLong(arg);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(nl_gemm_available((int)t));
+}
+
+static PyObject *py_row_bytes(PyObject *self, PyObject *args) {
+    (void)self;
+    int type;
+    long long k;
+    if (!PyArg_ParseTuple(args, "iL", &type, &k)) return NULL;
+    return PyLong_FromLongLong(nl_row_bytes(type, k));
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyUnicode_FromString(nl_isa());
+}
+
+static PyMethodDef methods[] = {
+    {"weight", py_weight, METH_VARARGS, "weight(buffer, type, n, k) -> handle over GGUF rows (kept alive)"},
+    {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL,
+     "matmul(handle, x, out, path=0): out = x @ W.T (path 0 auto, 1 rows kernel, 2 packed gemm)"},
+    {"dequantize", py_dequantize, METH_VARARGS, "dequantize(handle, r0, r1, out): rows r0..r1 as float32"},
+    {"set_num_threads", py_set_num_threads, METH_O, "threads for the kernels (< 1: CPU count)"},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "threads used by the kernels"},
+    {"set_spin_us", py_set_spin_us, METH_O, "how long idle workers poll before sleeping (us)"},
+    {"get_spin_us", py_get_spin_us, METH_NOARGS, "how long idle workers poll before sleeping (us)"},
+    {"set_gemm_min_m", py_set_gemm_min_m, METH_O, "smallest M that uses the packed gemm"},
+    {"get_gemm_min_m", py_get_gemm_min_m, METH_NOARGS, "smallest M that uses the packed gemm"},
+    {"supported", py_supported, METH_O, "whether matmul handles a GGML type id"},
+    {"gemm_available", py_gemm_available, METH_O, "whether the packed int8 gemm exists for a type on this build"},
+    {"row_bytes", py_row_bytes, METH_VARARGS, "row_bytes(type, k): bytes per row, -1 if unsupported"},
+    {"isa", py_isa, METH_NOARGS, "instruction set the kernels were built for"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_kernels", "npulm CPU matmul kernels over GGUF blocks",
+                                    -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&moddef); }
