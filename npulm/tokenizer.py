@@ -56,7 +56,17 @@ _DEEPSEEK_LLM_LETTERS = (
     "\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2"
     "\U000118a0-\U000118df\U0001e900-\U0001e943"
 )
-_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+# llama.cpp runs regexes with explicit non-ASCII ranges through std::wregex after turning every non-ASCII whitespace
+# character into "\v", so such ranges never match whitespace (U+3000 sits in a punctuation range, U+2009 in a CJK one):
+# hence the "&&[^\s]" intersections.
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff&&[^\\s]]+"
+
+# Upper/lower-case letter runs written with ASCII classes, as llama.cpp rewrites tekken / gpt-4o's \p{Lu}/\p{Ll}.
+_CASED = (r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+{c}"
+          r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*{c}")
+_DEEPSEEK_V3_TAIL = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+                     r"| ?[\p{P}\p{S}]+")
+_KANA_HAN = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
 
 SPLITS: dict[str, tuple[str, ...]] = {  # llama.cpp pre-tokenizer type -> regexes applied in turn
     "default": (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"),
@@ -65,23 +75,40 @@ SPLITS: dict[str, tuple[str, ...]] = {  # llama.cpp pre-tokenizer type -> regexe
     "qwen2": (_QWEN2,),
     "qwen35": (_QWEN35,),
     "deepseek-llm": ("[\r\n]", rf"\s?[{_DEEPSEEK_LLM_LETTERS}]+",
-                     "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", r"\s+\z", _CJK, r"\p{N}+"),
+                     "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002&&[^\\s]]+", r"\s+\z", _CJK,
+                     r"\p{N}+"),
     "deepseek-coder": ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"),
+    "deepseek-v3": (r"\p{N}{1,3}", _KANA_HAN, _DEEPSEEK_V3_TAIL + r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "spark2_5": (r"\p{N}{1,3}", _KANA_HAN, _DEEPSEEK_V3_TAIL + r"|[\r\n]|\s+(?!\S)|\s+", r"\p{N}"),
     "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"),
-    "starcoder": (r"\p{N}", _GPT2),  # also refact, command-r, smollm, codeshell, exaone, minerva
-    "bloom": (r" ?[^(\s|.,!?…。，、।۔،)]+",),  # also poro-chat, gpt3-finnish
-    "chatglm4": (_LLAMA3,),
+    "starcoder": (r"\p{N}", _GPT2),
+    "bloom": (r" ?[^(\s|.,!?…。，、।۔،)]+",),
+    "viking": (r" ?[^(\s|.,!?…。，、।۔،)]+", r"\p{N}"),
+    "jais2": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              + "".join(rf"|\s{{{n}}}(?!\S)" for n in (512, 256, 128, 64, 32, 16, 8, 4)) + r"|\s{1,2}(?!\S)|\s{1}",),
+    "tekken": (_CASED.replace("{c}", "") + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "gpt4o": (_CASED.replace("{c}", _CONTRACTIONS + "?")
+              + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "bailingmoe": (r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",),
     "seed-coder": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)"
                    r"|\s+",),
+    "ufakzeka": (r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "exaone-moe": (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
+                   r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+",),
+    "laguna": (r"[^\n]+|[\n]+", _QWEN2),
+    "minicpm5": (r"\p{N}{1,3}", _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
     "newlines": (r"[^\n]+|[\n]+",),  # gemma4
 }
 PRE_TYPES: dict[str, str] = {  # tokenizer.ggml.pre -> key of SPLITS (names from llama.cpp's llama_vocab::load)
     "default": "default",
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-                     "jina-v5-nano", "dbrx", "smaug-bpe"], "llama3"),
-    **dict.fromkeys(["chatglm-bpe", "glm4", "glm5"], "chatglm4"),
+                     "jina-v5-nano", "dbrx", "smaug-bpe", "chatglm-bpe", "glm4", "glm5"], "llama3"),
     "deepseek-llm": "deepseek-llm",
     "deepseek-coder": "deepseek-coder",
+    **dict.fromkeys(["deepseek-v3", "hunyuan-dense", "hy_v4", "joyai-llm"], "deepseek-v3"),
+    "spark2_5": "spark2_5",
     "falcon": "falcon",
     **dict.fromkeys(["gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
                      "mellum", "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais",
@@ -92,11 +119,23 @@ PRE_TYPES: dict[str, str] = {  # tokenizer.ggml.pre -> key of SPLITS (names from
                      "solar-open", "grok-2"], "qwen2"),
     "qwen35": "qwen35",
     **dict.fromkeys(["bloom", "poro-chat", "gpt3-finnish"], "bloom"),
+    "viking": "viking",
+    "jais-2": "jais2",
+    "tekken": "tekken",
+    **dict.fromkeys(["gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"], "gpt4o"),
+    **dict.fromkeys(["bailingmoe", "bailingmoe2", "llada-moe"], "bailingmoe"),
     "seed-coder": "seed-coder",
+    "ufakzeka": "ufakzeka",
+    "exaone-moe": "exaone-moe",
+    "laguna": "laguna",
+    "minicpm5": "minicpm5",
     "gemma4": "newlines",
 }
-IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-                 "jina-v5-nano", "glm4", "glm5", "tekken", "youtu", "minicpm5", "granite-embed-multi-97m"}
+_LLAMA3_FAMILY = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                  "jina-v5-nano"}
+IGNORE_MERGES = _LLAMA3_FAMILY | {"glm4", "glm5", "tekken", "youtu", "minicpm5", "granite-embed-multi-97m"}
+ADD_BOS = _LLAMA3_FAMILY | {"tekken", "chameleon"}  # pre-tokenizers for which llama.cpp defaults add_bos to true
+NO_BOS = {"chatglm-bpe", "glm4", "glm5"}  # ... and those it gives no BOS token at all
 
 # Token texts llama.cpp treats as end of generation (and promotes to CONTROL), llama_vocab::load.
 EOG_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
@@ -192,11 +231,13 @@ class Tokenizer:
         self.escaped_spaces = model in ("llama", "gemma4")  # tokens spell spaces as "▁"
         self.add_space_prefix = bool(kv.get("tokenizer.ggml.add_space_prefix", spm))
         defaults = {"llama": (1, 2, 0), "gpt2": (11, 11, None), "gemma4": (None, None, None)}[model]
-        self.bos_id = _id(kv, "bos_token_id", defaults[0], n)
+        bpe_pre = self.pre if model == "gpt2" else None
+        self.bos_id = _id(kv, "bos_token_id", None if bpe_pre in NO_BOS else defaults[0], n)
         self.eos_id = _id(kv, "eos_token_id", defaults[1], n)
         self.unk_id = _id(kv, "unknown_token_id", defaults[2], n)
         self.pad_id = _id(kv, "padding_token_id", None, n)
-        self.add_bos = bool(kv.get("tokenizer.ggml.add_bos_token", spm)) or model == "gemma4"
+        add_bos_default = spm or bpe_pre in ADD_BOS
+        self.add_bos = bool(kv.get("tokenizer.ggml.add_bos_token", add_bos_default)) or model == "gemma4"
         self.add_eos = bool(kv.get("tokenizer.ggml.add_eos_token", False))
         self.eot_id = _id(kv, "eot_token_id", None, n)
         self.eom_id = _id(kv, "eom_token_id", None, n)
