@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -249,6 +250,7 @@ class Tokenizer:
         self.types = types
 
         self._tk = self._build(kv, types)
+        self._rstrip = self._rstrip_patterns(kv, self.tokens, types)
         self._lock = threading.Lock()
         self._pieces: dict[int, bytes] = {}
 
@@ -334,19 +336,26 @@ class Tokenizer:
             tk.pre_tokenizer = pre_tokenizers.Sequence(
                 [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
             tk.decoder = decoders.ByteLevel()
-        # phi-3 strips whitespace after its special tokens (llama.cpp sets RSTRIP by model name)
-        phi3 = any(s in str(kv.get("general.name", "")).lower() for s in ("phi-3", "phi3"))
-        rstrip_off = {"<unk>", "<s>", "<|endoftext|>"}
-        special, added = [], []
-        for t, ty in zip(tokens, types):
-            if ty in (CONTROL, UNKNOWN):
-                rstrip = phi3 and t not in rstrip_off
-                special.append(AddedToken(t, special=True, normalized=False, rstrip=rstrip))
-            elif ty == USER_DEFINED:
-                added.append(AddedToken(t, special=False, normalized=False, rstrip=phi3 and t == "</s>"))
-        tk.add_special_tokens(special)
-        tk.add_tokens(added)
+        # control/unknown tokens are parsed only with special=True (encode_special_tokens), user-defined ones always
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                               for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)])
+        tk.add_tokens([AddedToken(t, special=False, normalized=False)
+                       for t, ty in zip(tokens, types) if ty == USER_DEFINED])
         return tk
+
+    @staticmethod
+    def _rstrip_patterns(kv: dict, tokens: list[str], types: list[int]) -> dict[bool, re.Pattern | None]:
+        """llama.cpp gives phi-3's special tokens RSTRIP (by model name): ASCII whitespace after them is dropped.
+        Done with a regex before encoding, since the tokenizers library would also strip Unicode spaces."""
+        out: dict[bool, re.Pattern | None] = {False: None, True: None}
+        if not any(s in str(kv.get("general.name", "")).lower() for s in ("phi-3", "phi3")):
+            return out
+        keep = {"<unk>", "<s>", "<|endoftext|>"}
+        for special, kinds in ((False, (USER_DEFINED,)), (True, (USER_DEFINED, CONTROL, UNKNOWN))):
+            names = sorted((t for t, ty in zip(tokens, types) if ty in kinds and t not in keep), key=len, reverse=True)
+            if names:
+                out[special] = re.compile("(" + "|".join(map(re.escape, names)) + ")[ \t\n\v\f\r]+")
+        return out
 
     # --- encoding ----------------------------------------------------------------------------------------------
     @property
@@ -357,6 +366,8 @@ class Tokenizer:
                add_eos: bool | None = None) -> list[int]:
         """Token ids of `text`. special=False: special-token text (e.g. "<|im_start|>") is tokenized as plain text,
         as llama.cpp does with parse_special=false. add_bos/add_eos None: the GGUF's defaults."""
+        if (strip := self._rstrip[special]) is not None:
+            text = strip.sub(r"\1", text)
         with self._lock:
             self._tk.encode_special_tokens = not special
             ids = self._tk.encode(text, add_special_tokens=False).ids
@@ -368,6 +379,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], special: bool = False) -> list[list[int]]:
         """Token ids of several texts without BOS/EOS (parallel in the Rust library)."""
+        if (strip := self._rstrip[special]) is not None:
+            texts = [strip.sub(r"\1", t) for t in texts]
         with self._lock:
             self._tk.encode_special_tokens = not special
             return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
