@@ -14,6 +14,11 @@ The heavy lifting is done by the Rust `tokenizers` library; this module translat
 Token attributes follow llama.cpp: CONTROL (3) and UNKNOWN (2) tokens are special (only parsed in text when
 `special=True`), USER_DEFINED (4) tokens are always matched in text, and tokens that llama.cpp recognises by name
 as end-of-generation or FIM markers are promoted to CONTROL as it does.
+
+Known difference: in a byte-level vocabulary that lacks some of the 256 byte tokens (falcon's lacks "\v"), llama.cpp
+keeps such a byte as a barrier between merges and emits nothing for it; here it is dropped before merging.
+Unsupported: `bert` (WordPiece), `t5` (Unigram), `rwkv`, `plamo2` and the pre-tokenizers with custom C++ code in
+llama.cpp (kimi-k2, afmoe, tiny_aya, superbpe, chameleon, youtu, whitespace).
 """
 
 from __future__ import annotations
