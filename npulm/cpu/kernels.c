@@ -34,9 +34,11 @@
 #include <unistd.h>
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h> /* _mm_pause, and the AVX2/AVX-512 intrinsics below */
+#endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define NL_X86 1
-#include <immintrin.h>
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define NL_X86_VNNI256 1
 #elif defined(__AVXVNNI__)
@@ -634,6 +636,22 @@ INLINE void rows_step(const int T, const int MR, __m256i codes, float d0, float 
     }
 }
 
+INLINE int ld16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+INLINE __m256i simple_codes(const int T, const uint8_t *p) {
+    switch (T) {
+    case NL_Q4_0: return nib32(p + 2);
+    case NL_Q4_1: return nib32(p + 4);
+    case NL_Q5_0: return _mm256_or_si256(nib32(p + 6), bits32(le32(p + 2)));
+    case NL_Q5_1: return _mm256_or_si256(nib32(p + 8), bits32(le32(p + 4)));
+    default: return _mm256_loadu_si256((const __m256i *)(p + 2)); /* Q8_0 */
+    }
+}
+
 INLINE void simple_block(const int T, const uint8_t *p, __m256i *codes, float *d, float *bias) {
     switch (T) {
     case NL_Q4_0: *codes = nib32(p + 2); *d = h2f(p); break;
@@ -690,10 +708,10 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
     const int64_t kb = w->k / 32;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w->data + n * w->row_bytes;
-        __m256 acc0[4], acc1[4]; /* fixed sizes (MR <= 4): a VLA would keep them in memory */
+        __m256 acc0[4], acc1[4], bvec[4]; /* fixed sizes (MR <= 4): a VLA would keep them in memory */
         float bacc[4];
         for (int m = 0; m < MR; m++) {
-            acc0[m] = acc1[m] = _mm256_setzero_ps();
+            acc0[m] = acc1[m] = bvec[m] = _mm256_setzero_ps();
             bacc[m] = 0.0f;
         }
         if (T == NL_Q4_K || T == NL_Q5_K) {
@@ -727,24 +745,53 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
                 }
             }
         } else {
+            /* 8 blocks at a time: their fp16 scales converted and multiplied by dx as one vector, the bias
+             * terms as one FMA; each block then broadcasts its lane */
             const int bs = T_BYTES(T);
             int64_t b = 0;
-            for (; b + 1 < kb; b += 2) {
-                __m256i c0, c1;
-                float d0 = 0, d1 = 0, bi0 = 0, bi1 = 0;
-                simple_block(T, row + b * bs, &c0, &d0, &bi0);
-                simple_block(T, row + (b + 1) * bs, &c1, &d1, &bi1);
-                rows_step(T, MR, c0, d0, d0, bi0, A, m0, b, acc0, bacc);
-                rows_step(T, MR, c1, d1, d1, bi1, A, m0, b + 1, acc1, bacc);
+            for (; b + 8 <= kb; b += 8) {
+                const uint8_t *p = row + b * bs;
+                __m128i dh = _mm_setzero_si128(), mh = _mm_setzero_si128();
+#define NL_GATHER(J)                                                                                            \
+    dh = _mm_insert_epi16(dh, ld16(p + (J) * bs), J);                                                           \
+    if (T_BIAS(T)) mh = _mm_insert_epi16(mh, ld16(p + (J) * bs + 2), J);
+                NL_GATHER(0) NL_GATHER(1) NL_GATHER(2) NL_GATHER(3) NL_GATHER(4) NL_GATHER(5) NL_GATHER(6)
+                NL_GATHER(7)
+#undef NL_GATHER
+                const __m256 dv = _mm256_cvtph_ps(dh);
+                __m256 sv[4];
+                for (int m = 0; m < MR; m++) {
+                    sv[m] = _mm256_mul_ps(dv, _mm256_loadu_ps(A->d + (m0 + m) * A->kb + b));
+                    if (T_BIAS(T))
+                        bvec[m] = _mm256_fmadd_ps(_mm256_cvtph_ps(mh), _mm256_loadu_ps(A->s + (m0 + m) * A->kb + b),
+                                                  bvec[m]);
+                }
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; j++) {
+                    const __m256i codes = simple_codes(T, p + j * bs), lane = _mm256_set1_epi32(j);
+                    const __m256i ucodes = T == NL_Q8_0 ? _mm256_abs_epi8(codes) : codes;
+                    for (int m = 0; m < MR; m++) {
+                        const __m256i a = _mm256_loadu_si256((const __m256i *)(A->q + (m0 + m) * A->k + 32 * (b + j)));
+                        __m256i ip;
+                        if (T == NL_Q8_0) ip = dot_us(ucodes, _mm256_sign_epi8(a, codes));
+                        else {
+                            ip = dot_us(codes, a);
+                            if (T_OFF(T)) ip = _mm256_sub_epi32(ip, dot_us(_mm256_set1_epi8((char)T_OFF(T)), a));
+                        }
+                        __m256 *acc = (j & 1) ? acc1 : acc0;
+                        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ip), _mm256_permutevar8x32_ps(sv[m], lane), acc[m]);
+                    }
+                }
             }
-            if (b < kb) {
+            for (; b < kb; b++) {
                 __m256i c0;
                 float d0 = 0, bi0 = 0;
                 simple_block(T, row + b * bs, &c0, &d0, &bi0);
-                rows_step(T, MR, c0, d0, d0, bi0, A, m0, b, acc0, bacc);
+                rows_step(T, MR, c0, d0, d0, bi0, A, m0, b, (b & 1) ? acc1 : acc0, bacc);
             }
         }
-        for (int m = 0; m < MR; m++) y[(m0 + m) * ldy + n] = hsum8(_mm256_add_ps(acc0[m], acc1[m])) + bacc[m];
+        for (int m = 0; m < MR; m++)
+            y[(m0 + m) * ldy + n] = hsum8(_mm256_add_ps(_mm256_add_ps(acc0[m], acc1[m]), bvec[m])) + bacc[m];
     }
 }
 
@@ -836,6 +883,41 @@ INLINE uint8x16_t bits16(uint32_t x) { /* byte i = 16 if bit i of the low 16 bit
     return vandq_u8(vtstq_u8(t, bm), vdupq_n_u8(16));
 }
 
+INLINE int8x16_t sgn(uint8x16_t c, int off) { return vsubq_s8(vreinterpretq_s8_u8(c), vdupq_n_s8((int8_t)off)); }
+
+INLINE int32x4_t dot32(int8x16_t lo, int8x16_t hi, int8x16_t a0, int8x16_t a1) {
+#if defined(NL_NEON_DOT)
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, a0), hi, a1);
+#else
+    return vaddq_s32(dot16(lo, a0), dot16(hi, a1));
+#endif
+}
+
+INLINE int ld16(const uint8_t *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+/* signed codes (code - off) of a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 block: values 0..15 in lo, 16..31 in hi */
+INLINE void simple_codes(const int T, const uint8_t *p, int8x16_t *lo, int8x16_t *hi) {
+    if (T == NL_Q8_0) {
+        *lo = vld1q_s8((const int8_t *)p + 2);
+        *hi = vld1q_s8((const int8_t *)p + 18);
+        return;
+    }
+    const int bs = T_BYTES(T);
+    const uint8x16_t v = vld1q_u8(p + bs - 16), m4 = vdupq_n_u8(15);
+    uint8x16_t l = vandq_u8(v, m4), h = vshrq_n_u8(v, 4);
+    if (T == NL_Q5_0 || T == NL_Q5_1) {
+        const uint32_t qh = le32(p + bs - 20);
+        l = vorrq_u8(l, bits16(qh));
+        h = vorrq_u8(h, bits16(qh >> 16));
+    }
+    *lo = sgn(l, T_OFF(T));
+    *hi = sgn(h, T_OFF(T));
+}
+
 /* lo/hi: signed codes (code - off) for values 0..15 and 16..31 of the block */
 INLINE void rows_step(const int T, const int MR, int8x16_t lo, int8x16_t hi, float d0, float d1, float bias,
                       const acts *A, int64_t m0, int64_t b, float32x4_t *acc, float *bacc) {
@@ -847,18 +929,11 @@ INLINE void rows_step(const int T, const int MR, int8x16_t lo, int8x16_t hi, flo
             acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(dot16(lo, a0)), d0 * dx);
             acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(dot16(hi, a1)), d1 * dx);
         } else {
-#if defined(NL_NEON_DOT)
-            const int32x4_t ip = vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, a0), hi, a1);
-#else
-            const int32x4_t ip = vaddq_s32(dot16(lo, a0), dot16(hi, a1));
-#endif
-            acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(ip), d0 * dx);
+            acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(dot32(lo, hi, a0, a1)), d0 * dx);
         }
         if (T_BIAS(T)) bacc[m] += bias * A->s[(m0 + m) * A->kb + b];
     }
 }
-
-INLINE int8x16_t sgn(uint8x16_t c, int off) { return vsubq_s8(vreinterpretq_s8_u8(c), vdupq_n_s8((int8_t)off)); }
 
 INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *A, int64_t m0, int64_t n0,
                         int64_t n1, float *y, int64_t ldy) {
@@ -866,10 +941,10 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
     const uint8x16_t m4 = vdupq_n_u8(15);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w->data + n * w->row_bytes;
-        float32x4_t acc0[4], acc1[4]; /* fixed sizes (MR <= 4): a VLA would keep them in memory */
+        float32x4_t acc0[4], acc1[4], bvec[4]; /* fixed sizes (MR <= 4): a VLA would keep them in memory */
         float bacc[4];
         for (int m = 0; m < MR; m++) {
-            acc0[m] = acc1[m] = vdupq_n_f32(0);
+            acc0[m] = acc1[m] = bvec[m] = vdupq_n_f32(0);
             bacc[m] = 0.0f;
         }
         if (T == NL_Q4_K || T == NL_Q5_K) {
@@ -925,31 +1000,55 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
                 }
             }
         } else {
+            /* 4 blocks at a time: fp16 scales converted and multiplied by dx as one vector, bias terms as one
+             * FMA; each block then uses its lane (lane-indexed FMA) */
             const int bs = T_BYTES(T);
-            for (int64_t b = 0; b < kb; b++) {
+            int64_t b = 0;
+            for (; b + 4 <= kb; b += 4) {
+                const uint8_t *p = row + b * bs;
+                uint16x4_t dh = vdup_n_u16(0), mh = vdup_n_u16(0);
+                dh = vset_lane_u16((uint16_t)ld16(p), dh, 0);
+                dh = vset_lane_u16((uint16_t)ld16(p + bs), dh, 1);
+                dh = vset_lane_u16((uint16_t)ld16(p + 2 * bs), dh, 2);
+                dh = vset_lane_u16((uint16_t)ld16(p + 3 * bs), dh, 3);
+                if (T_BIAS(T)) {
+                    mh = vset_lane_u16((uint16_t)ld16(p + 2), mh, 0);
+                    mh = vset_lane_u16((uint16_t)ld16(p + bs + 2), mh, 1);
+                    mh = vset_lane_u16((uint16_t)ld16(p + 2 * bs + 2), mh, 2);
+                    mh = vset_lane_u16((uint16_t)ld16(p + 3 * bs + 2), mh, 3);
+                }
+                const float32x4_t dv = vcvt_f32_f16(vreinterpret_f16_u16(dh));
+                float32x4_t sv[4];
+                for (int m = 0; m < MR; m++) {
+                    sv[m] = vmulq_f32(dv, vld1q_f32(A->d + (m0 + m) * A->kb + b));
+                    if (T_BIAS(T))
+                        bvec[m] = vfmaq_f32(bvec[m], vcvt_f32_f16(vreinterpret_f16_u16(mh)),
+                                            vld1q_f32(A->s + (m0 + m) * A->kb + b));
+                }
+#define NL_BLOCK(J)                                                                                             \
+    {                                                                                                           \
+        int8x16_t lo, hi;                                                                                       \
+        simple_codes(T, p + (J) * bs, &lo, &hi);                                                                \
+        for (int m = 0; m < MR; m++) {                                                                          \
+            const int8_t *a = A->q + (m0 + m) * A->k + 32 * (b + (J));                                          \
+            const int32x4_t ip = dot32(lo, hi, vld1q_s8(a), vld1q_s8(a + 16));                                  \
+            float32x4_t *acc = ((J) & 1) ? acc1 : acc0;                                                         \
+            acc[m] = vfmaq_laneq_f32(acc[m], vcvtq_f32_s32(ip), sv[m], J);                                      \
+        }                                                                                                       \
+    }
+                NL_BLOCK(0) NL_BLOCK(1) NL_BLOCK(2) NL_BLOCK(3)
+#undef NL_BLOCK
+            }
+            for (; b < kb; b++) {
                 const uint8_t *p = row + b * bs;
                 int8x16_t lo, hi;
-                float d = h2f(p), bias = 0;
-                if (T == NL_Q8_0) {
-                    lo = vld1q_s8((const int8_t *)p + 2);
-                    hi = vld1q_s8((const int8_t *)p + 18);
-                } else {
-                    const uint8x16_t v = vld1q_u8(p + bs - 16);
-                    uint8x16_t l = vandq_u8(v, m4), h = vshrq_n_u8(v, 4);
-                    if (T == NL_Q5_0 || T == NL_Q5_1) {
-                        const uint32_t qh = le32(p + bs - 20);
-                        l = vorrq_u8(l, bits16(qh));
-                        h = vorrq_u8(h, bits16(qh >> 16));
-                    }
-                    if (T == NL_Q4_1 || T == NL_Q5_1) bias = h2f(p + 2);
-                    lo = sgn(l, T_OFF(T));
-                    hi = sgn(h, T_OFF(T));
-                }
-                if (b & 1) rows_step(T, MR, lo, hi, d, d, bias, A, m0, b, acc1, bacc);
-                else rows_step(T, MR, lo, hi, d, d, bias, A, m0, b, acc0, bacc);
+                simple_codes(T, p, &lo, &hi);
+                const float d = h2f(p), bias = T_BIAS(T) ? h2f(p + 2) : 0.0f;
+                rows_step(T, MR, lo, hi, d, d, bias, A, m0, b, (b & 1) ? acc1 : acc0, bacc);
             }
         }
-        for (int m = 0; m < MR; m++) y[(m0 + m) * ldy + n] = vaddvq_f32(vaddq_f32(acc0[m], acc1[m])) + bacc[m];
+        for (int m = 0; m < MR; m++)
+            y[(m0 + m) * ldy + n] = vaddvq_f32(vaddq_f32(vaddq_f32(acc0[m], acc1[m]), bvec[m])) + bacc[m];
     }
 }
 
@@ -981,10 +1080,10 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
     (void)T;
     const int64_t k = w->k, kb = k / 32;
     const int off = tinfo(w->type)->off;
-    char *buf = scratch(0, SCR_ROW, (size_t)k + (size_t)kb * 12);
-    if (!buf) return; /* checked by the caller's allocation of the same size */
+    /* one small buffer per call (a task of >= 16 rows): negligible next to the scalar arithmetic */
+    char buf[(k + 15) / 16 * 16 + kb * 12];
     uint8_t *codes = (uint8_t *)buf;
-    float *d16 = (float *)(buf + ((k + 15) & ~15)), *bias = d16 + 2 * kb;
+    float *d16 = (float *)(buf + (k + 15) / 16 * 16), *bias = d16 + 2 * kb;
     for (int64_t n = n0; n < n1; n++) {
         unpack_row(w->type, w->data + n * w->row_bytes, k, codes, d16, bias);
         for (int m = 0; m < MR; m++) {
@@ -1002,7 +1101,6 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
         }
     }
 }
-#define SCALAR_ROWS 1
 #endif
 
 #ifndef HAVE_ROWS_F16
@@ -1097,30 +1195,39 @@ typedef struct {
     int64_t m;
 } gemm_ctx;
 
-static void pack_panel(const nl_mat *w, int64_t n0, int nr, uint8_t *panel, uint8_t *codes, float *d16,
-                       float *bias) {
-    const int64_t k = w->k, kb = k / 32;
-    const int off = tinfo(w->type)->off;
-    for (int r = 0; r < PR; r++) {
-        if (r < nr) unpack_row_fast(w->type, w->data + (n0 + r) * w->row_bytes, k, codes, d16, bias);
-        else {
-            memset(codes, SIGNED_CODES ? off : 0, (size_t)k);
-            memset(d16, 0, (size_t)kb * 8);
-            memset(bias, 0, (size_t)kb * 4);
-        }
+/* Pack rows n0 .. n0+nr of W (nr <= PR; missing rows are zero) into the panel layout. Chunks of 8 blocks (one
+ * K-quant superblock) are unpacked for all PR rows in turn, so each chunk of the panel is written while in L1. */
+static void pack_panel(const nl_mat *w, int64_t n0, int nr, uint8_t *panel) {
+    const int64_t kb = w->k / 32;
+    const type_info *ti = tinfo(w->type);
+    const int off = ti->off;
+    uint8_t codes[256] __attribute__((aligned(32)));
+    float d16[16], bias[8];
+    for (int64_t b0 = 0; b0 < kb; b0 += 8) {
+        const int nbk = kb - b0 < 8 ? (int)(kb - b0) : 8;
+        const int64_t src = b0 * 32 / ti->block * ti->bytes;
+        for (int r = 0; r < PR; r++) {
+            if (r < nr) unpack_row_fast(w->type, w->data + (n0 + r) * w->row_bytes + src, 32 * nbk, codes, d16, bias);
+            else {
+                memset(codes, SIGNED_CODES ? off : 0, sizeof codes);
+                memset(d16, 0, sizeof d16);
+                memset(bias, 0, sizeof bias);
+            }
 #if SIGNED_CODES
-        if (off)
-            for (int64_t i = 0; i < k; i++) codes[i] = (uint8_t)(codes[i] - off);
+            if (off)
+                for (int i = 0; i < 32 * nbk; i++) codes[i] = (uint8_t)(codes[i] - off);
 #endif
-        for (int64_t b = 0; b < kb; b++) {
-            uint8_t *pb = panel + b * PANEL_BLOCK;
-            uint32_t *pc = (uint32_t *)pb;
-            const uint32_t *src = (const uint32_t *)(codes + 32 * b);
-            for (int g = 0; g < 8; g++) pc[g * PR + r] = src[g];
-            float *ps = (float *)(pb + 32 * PR);
-            ps[r] = d16[2 * b];
-            ps[PR + r] = d16[2 * b + 1];
-            ps[2 * PR + r] = bias[b];
+            for (int j = 0; j < nbk; j++) {
+                uint8_t *pb = panel + (b0 + j) * PANEL_BLOCK;
+                uint32_t *pc = (uint32_t *)pb;
+                uint32_t src4[8];
+                memcpy(src4, codes + 32 * j, 32);
+                for (int g = 0; g < 8; g++) pc[g * PR + r] = src4[g];
+                float *ps = (float *)(pb + 32 * PR);
+                ps[r] = d16[2 * j];
+                ps[PR + r] = d16[2 * j + 1];
+                ps[2 * PR + r] = bias[j];
+            }
         }
     }
 }
@@ -1272,13 +1379,10 @@ static void gemm_task(void *ctx, int64_t t, int tid) {
     const int64_t rows = w->n - n0 < PANELS_PER_TASK * PR ? w->n - n0 : PANELS_PER_TASK * PR;
     const int np = (int)((rows + PR - 1) / PR);
     uint8_t *panel = scratch(tid, SCR_PANEL, (size_t)(pbytes * np));
-    char *rowbuf = scratch(tid, SCR_ROW, (size_t)k + (size_t)kb * 12 + 64);
-    if (!panel || !rowbuf) return; /* sizes were allocated up front in nl_matmul */
-    uint8_t *codes = (uint8_t *)rowbuf;
-    float *d16 = (float *)(rowbuf + ((k + 63) & ~(int64_t)63)), *bias = d16 + 2 * kb;
+    if (!panel) return; /* allocated up front in nl_matmul */
     for (int p = 0; p < np; p++) {
         const int nr = (int)(rows - p * PR < PR ? rows - p * PR : PR);
-        pack_panel(w, n0 + p * PR, nr, panel + p * pbytes, codes, d16, bias);
+        pack_panel(w, n0 + p * PR, nr, panel + p * pbytes);
     }
     const type_info *ti = tinfo(w->type);
 #if defined(NL_X86_GEMM)
@@ -1336,24 +1440,18 @@ int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path) {
     CALL_LOCK();
     ensure_pool();
     int rc = 0;
-    const int64_t k = w->k, kb = k / 32;
-    /* decide the algorithm; the choice depends on M and the type only, never on the thread count */
-    int use_gemm = 0;
-#ifdef HAVE_GEMM
-    if (w->type != NL_F16) use_gemm = path == NL_PATH_GEMM || (path == NL_PATH_AUTO && m >= g_gemm_min_m);
-#endif
-    (void)path;
+    const int64_t k = w->k;
     acts A;
     if (w->type != NL_F16 && quantize_acts(x, m, k, ti->off, &A)) {
         rc = -1;
         goto out;
     }
 #ifdef HAVE_GEMM
-    if (use_gemm) {
-        const int64_t ntasks = (w->n + PANELS_PER_TASK * PR - 1) / (PANELS_PER_TASK * PR);
+    /* the algorithm depends on M, the type and the path argument only, never on the thread count */
+    if (w->type != NL_F16 && (path == NL_PATH_GEMM || (path == NL_PATH_AUTO && m >= g_gemm_min_m))) {
+        const int64_t kb = k / 32, ntasks = (w->n + PANELS_PER_TASK * PR - 1) / (PANELS_PER_TASK * PR);
         for (int t = 0; t < g_threads; t++) /* allocate every thread's scratch here: tasks cannot fail */
-            if (!scratch(t, SCR_PANEL, (size_t)(kb * PANEL_BLOCK * PANELS_PER_TASK)) ||
-                !scratch(t, SCR_ROW, (size_t)k + (size_t)kb * 12 + 64)) {
+            if (!scratch(t, SCR_PANEL, (size_t)(kb * PANEL_BLOCK * PANELS_PER_TASK))) {
                 rc = -1;
                 goto out;
             }
@@ -1361,21 +1459,14 @@ int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path) {
         parallel(gemm_task, &c, ntasks);
         goto out;
     }
-#endif
-#ifdef SCALAR_ROWS
-    if (!scratch(0, SCR_ROW, (size_t)k + (size_t)kb * 12)) {
-        rc = -1;
-        goto out;
-    }
+#else
+    (void)path;
 #endif
     {
         /* rows: tasks of whole row ranges; one thread for small matrices where waking others costs more */
         rows_ctx c = {w, &A, x, y, m, 0};
         const int64_t work = w->n * k * (m < 4 ? m : 4);
-        int nt = work < 65536 ? 1 : g_threads;
-#ifdef SCALAR_ROWS
-        nt = 1; /* the scalar kernel uses thread 0's row buffer */
-#endif
+        const int nt = work < 65536 ? 1 : g_threads;
         int64_t per = (w->n + 8 * nt - 1) / (8 * nt);
         if (per < 16) per = 16;
         per = (per + 3) & ~(int64_t)3;

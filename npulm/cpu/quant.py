@@ -61,7 +61,7 @@ class QuantLinear(Linear):
         self._tiled = not _kernels.gemm_available(int(weight.type))
         self._tile_rows = max(16, TILE_BYTES // (4 * weight.n_in))
 
-    def __call__(self, x: np.ndarray, path: int = PATH_AUTO) -> np.ndarray:
+    def __call__(self, x: np.ndarray, path: int = PATH_AUTO) -> np.ndarray:  # noqa: D102
         """x (..., n_in) -> (..., n_out) float32; path forces the rows kernel (1) or the gemm (2), for tests."""
         if self._f32 is not None:
             return np.asarray(x, np.float32) @ self._f32.T

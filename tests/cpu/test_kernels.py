@@ -1,0 +1,192 @@
+"""npulm.cpu kernels against gguf.quants.dequantize + a float64 matmul.
+
+Bounds (per output element y[m, n]):
+  * exact:  |y - x @ W.T| <= sum over 32-blocks b of amax(|x_b|) / 254 * sum(|W[n, b]|)  (x rounded to int8 per
+    block: each value moves by at most half a step, amax/127/2), + 1e-5 * (|x| @ |W|.T) for float rounding;
+  * tight:  |y - xq @ W.T| <= 1e-5 * (|xq| @ |W|.T), with xq = x quantized exactly as the kernels do (scale
+    amax/127 in float32, round half to even): the integer dot products are exact, only float sums round.
+The tight check is what catches a wrong nibble or scale; the exact bound is the error a user sees.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import quants
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as T
+
+from npulm import cpu
+from npulm.linear import DenseLinear, Weight, make_linear
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="C kernels not built")
+
+SIMPLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+KQUANT = [T.Q4_K, T.Q5_K, T.Q6_K]
+RNG = np.random.default_rng(1234)
+
+
+def random_weight(t: T, n: int, k: int, rng: np.random.Generator = RNG) -> np.ndarray:
+    """uint8 rows of n x k values in type t: quantized normals, or random K-quant bytes with sane fp16 scales."""
+    if t in SIMPLE:
+        return quants.quantize(rng.standard_normal((n, k)).astype(np.float32), t)
+    if t == T.F16:
+        return rng.standard_normal((n, k)).astype(np.float16).view(np.uint8).reshape(n, -1)
+    block, size = GGML_QUANT_SIZES[t]
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    scales = (rng.random((n, k // block, 2)) * 0.01 + 1e-3).astype(np.float16).view(np.uint8)
+    if t == T.Q6_K:
+        raw[..., 208:210] = scales[..., :2]
+    else:  # d and dmin lead the block
+        raw[..., 0:4] = scales
+    return raw.reshape(n, -1)
+
+
+def as_weight(data: np.ndarray, t: T, n: int, k: int, name: str = "w") -> Weight:
+    return Weight(name, t, n, k, data)
+
+
+def quantize_like_kernels(x: np.ndarray) -> np.ndarray:
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    return (np.rint(xb * inv) * d).reshape(m, k).astype(np.float64)
+
+
+def check(y: np.ndarray, x: np.ndarray, w: np.ndarray, quantized: bool = True) -> None:
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    rounding = 1e-5 * (np.abs(x64) @ np.abs(w64).T)
+    err = np.abs(y - x64 @ w64.T)
+    if not quantized:
+        assert np.all(err <= rounding + 1e-30)
+        return
+    m, k = x.shape
+    step = np.abs(x64).reshape(m, k // 32, 32).max(-1) / 254
+    bound = step @ np.abs(w64).reshape(w.shape[0], k // 32, 32).sum(-1).T + rounding
+    assert np.all(err <= bound), f"worst err/bound {np.max(err / bound):.3g}"
+    xq = quantize_like_kernels(x)
+    tight = np.abs(y - xq @ w64.T)
+    assert np.all(tight <= 1e-5 * (np.abs(xq) @ np.abs(w64).T) + 1e-30), "differs from exact int8 emulation"
+
+
+PATHS = [cpu.PATH_AUTO, cpu.PATH_ROWS, cpu.PATH_GEMM]
+
+
+@pytest.mark.parametrize("t", SIMPLE + KQUANT, ids=lambda t: t.name)
+@pytest.mark.parametrize("n,k", [(37, 512), (67, 768)])
+def test_random_blocks(t: T, n: int, k: int) -> None:
+    data = random_weight(t, n, k)
+    w = quants.dequantize(data, t)
+    lin = cpu.QuantLinear(as_weight(data, t, n, k))
+    for m in (1, 3, 32, 100):
+        x = RNG.standard_normal((m, k)).astype(np.float32)
+        x[0, :32] = 0  # an all-zero block: scale 0
+        for path in PATHS:
+            y = lin(x, path=path)
+            assert y.shape == (m, n) and y.dtype == np.float32
+            check(y, x, w)
+
+
+def test_f16_and_f32() -> None:
+    n, k = 45, 200
+    data = random_weight(T.F16, n, k)
+    w16 = data.view(np.float16).astype(np.float32)
+    lin = cpu.QuantLinear(as_weight(data, T.F16, n, k))
+    w32 = RNG.standard_normal((n, k)).astype(np.float32)
+    lin32 = cpu.make_cpu_linear(as_weight(w32, T.F32, n, k))
+    assert isinstance(lin32, cpu.QuantLinear)
+    for m in (1, 3, 32, 100):  # M >= the gemm threshold goes through dequantized tiles + BLAS
+        x = RNG.standard_normal((m, k)).astype(np.float32)
+        check(lin(x), x, w16, quantized=False)
+        check(lin32(x), x, w32, quantized=False)
+
+
+def test_blas_tile_fallback() -> None:
+    """Large M where no packed gemm exists (non-AVX512/NEON-dotprod builds): dequantized tiles + BLAS."""
+    n, k = 131, 512
+    data = random_weight(T.Q4_K, n, k)
+    lin = cpu.QuantLinear(as_weight(data, T.Q4_K, n, k))
+    lin._tiled, lin._tile_rows = True, 40  # several tiles, the last one partial
+    x = RNG.standard_normal((64, k)).astype(np.float32)
+    check(lin(x), x, quants.dequantize(data, T.Q4_K), quantized=False)
+
+
+@pytest.mark.parametrize("t", [T.Q4_1, T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K, T.F16], ids=lambda t: t.name)
+def test_threads_identical(t: T) -> None:
+    n, k = 301, 1024
+    lin = cpu.QuantLinear(as_weight(random_weight(t, n, k), t, n, k))
+    before = cpu.get_num_threads()
+    try:
+        for m in (1, 5, 40):
+            x = RNG.standard_normal((m, k)).astype(np.float32)
+            outs = []
+            for threads in (1, 2, 3):
+                cpu.set_num_threads(threads)
+                outs.append(lin(x))
+            assert all(np.array_equal(outs[0], o) for o in outs[1:])
+    finally:
+        cpu.set_num_threads(before)
+
+
+def test_dequantize_matches_gguf() -> None:
+    from npulm.cpu.quant import _kernels
+
+    for t in SIMPLE + KQUANT + [T.F16]:
+        n, k = 5, 512
+        data = random_weight(t, n, k)
+        h = _kernels.weight(data, int(t), n, k)
+        out = np.empty((3, k), np.float32)
+        _kernels.dequantize(h, 1, 4, out)
+        ref = data.view(np.float16).astype(np.float32)[1:4] if t == T.F16 else quants.dequantize(data[1:4], t)
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max(), err_msg=t.name)
+
+
+def test_shapes_and_errors() -> None:
+    n, k = 10, 64
+    lin = cpu.QuantLinear(as_weight(random_weight(T.Q8_0, n, k), T.Q8_0, n, k))
+    x = RNG.standard_normal((2, 3, k))
+    assert lin(x).shape == (2, 3, n)  # leading dims kept, float64 input converted
+    assert lin(x[0, 0]).shape == (n,)
+    assert lin(np.asfortranarray(x[0])).shape == (3, n)
+    with pytest.raises(ValueError):
+        lin(np.zeros((2, k // 2), np.float32))
+    with pytest.raises(ValueError):  # fewer bytes than n rows need
+        cpu.QuantLinear(as_weight(random_weight(T.Q8_0, n - 1, k), T.Q8_0, n, k))
+
+
+def test_cpu_spec_falls_back_to_dense() -> None:
+    n, k = 8, 256
+    data = RNG.integers(0, 256, (n, k // 256 * GGML_QUANT_SIZES[T.Q2_K][1]), dtype=np.uint8)
+    data.reshape(n, -1, GGML_QUANT_SIZES[T.Q2_K][1])[..., -4:] = 0x10  # fp16 d, dmin
+    assert isinstance(make_linear(as_weight(data, T.Q2_K, n, k), "cpu"), DenseLinear)  # no kernel for Q2_K
+    assert isinstance(make_linear(as_weight(random_weight(T.Q4_0, n, k), T.Q4_0, n, k), "cpu"), cpu.QuantLinear)
+
+
+def _model_weights(model: str, names: list[str]) -> list[Weight]:
+    from npulm import assets
+    from npulm.gguf import GGUFFile
+
+    try:
+        g = GGUFFile(assets.model_path(model))
+    except assets.AssetError as e:
+        pytest.skip(str(e))
+    return [Weight.from_gguf(g, name) for name in names]
+
+
+@pytest.mark.parametrize("model,names", [
+    ("smollm2-135m", ["blk.0.attn_q.weight", "blk.3.ffn_down.weight", "token_embd.weight"]),
+    ("gemma3-270m", ["blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.1.attn_v.weight", "blk.2.attn_output.weight",
+                     "blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]),
+])
+def test_real_tensors(model: str, names: list[str]) -> None:
+    for weight in _model_weights(model, names):
+        lin = make_linear(weight, "cpu")
+        assert isinstance(lin, cpu.QuantLinear), weight.type.name
+        rows = np.arange(0, weight.n_out, max(1, weight.n_out // 512))  # a subset of rows keeps the check quick
+        w = weight.dequantize(rows)
+        for m in (1, 32):
+            x = RNG.standard_normal((m, weight.n_in)).astype(np.float32)
+            check(lin(x)[:, rows], x, w)
