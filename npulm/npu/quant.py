@@ -39,6 +39,7 @@ sums these recipes need come from K-chunks aligned to the blocks, or from one ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -532,30 +533,41 @@ def expand_rows_by_group(xq: np.ndarray, groups: int) -> np.ndarray:
     return out.reshape(m * groups, k)
 
 
+PartialsFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+_CHUNK_ELEMENTS = 1 << 22  # bound the (rows, G, N) partials array to 32 MB of float64
+
+
 def quantized_matmul(xq: np.ndarray, sx: np.ndarray, codes: np.ndarray, sw: np.ndarray,
                      offset: np.ndarray | None = None, xsum: np.ndarray | None = None,
-                     partials: np.ndarray | None = None) -> np.ndarray:
+                     partials: PartialsFn | None = None) -> np.ndarray:
     """y[m, n] = sum_g sx[m, g] * sw[n, g] * P[m, g, n] + sum_g offset[n, g] * xsum[m, g], float64 (M, N).
 
     xq (M, K) and codes (N, K) are integer codes; sx (M, Ga) and sw (1 | N, Gw) their group scales (nested groups:
     the finer count must be a multiple of the coarser). offset (N, Gw) is the weight's per-group offset; xsum (M, Gw)
-    the per-group sums of the (float or dequantized) activation that multiply it. `partials` may pass in P computed
-    elsewhere (an NPU, or the int4 split passes)."""
+    the per-group sums of the (float or dequantized) activation that multiply it.
+
+    `partials(xq_rows, codes, G)` computes the exact integer per-group sums P the way a pipeline does (`block_partials`,
+    `split_partials` for two INT4 passes, or an NPU call). Without it, one float64 product of the scaled codes gives
+    the same y up to float64 rounding (~1e-16 relative) many times faster."""
     ga, gw = sx.shape[1], sw.shape[1]
     g = max(ga, gw)
     if g % ga or g % gw:
         raise ValueError(f"activation groups {ga} and weight groups {gw} are not nested")
-    p = block_partials(xq, codes, g) if partials is None else partials
-    if g == 1:
-        y = p[:, 0, :] * sx * sw[:, 0][None, :]
+    m, n = xq.shape[0], codes.shape[0]
+    if partials is None:
+        y = dequantize_codes(xq, sx) @ dequantize_codes(codes, np.broadcast_to(sw, (n, gw))).T
     else:
-        sxe = np.repeat(sx, g // ga, axis=1)
-        swe = np.broadcast_to(np.repeat(sw, g // gw, axis=1), (codes.shape[0], g))
-        y = np.einsum("mgn,ng->mn", p * sxe[:, :, None], swe, optimize=True)
+        swe = np.broadcast_to(np.repeat(sw, g // gw, axis=1), (n, g))
+        y = np.empty((m, n))
+        rows = max(1, _CHUNK_ELEMENTS // (g * n))
+        for r in range(0, m, rows):
+            p = partials(xq[r:r + rows], codes, g)
+            sxe = np.repeat(sx[r:r + rows], g // ga, axis=1)
+            y[r:r + rows] = np.einsum("mgn,ng->mn", p * sxe[:, :, None], swe)
     if offset is not None:
         if xsum is None:
             raise ValueError("an offset needs the per-group activation sums")
-        y = y + xsum @ offset.T
+        y += xsum @ offset.T
     return y
 
 
@@ -575,26 +587,23 @@ def split_partials(xq: np.ndarray, codes: np.ndarray, groups: int, shift: int = 
 
 
 def gguf_matmul(x: np.ndarray, gc: GGUFCodes, act_bits: int = 8, act_group: int | None = None,
-                split_int4: bool = False) -> np.ndarray:
+                split_int4: bool = False, literal: bool = False) -> np.ndarray:
     """float64 simulation of the GGUF-exact matmul: the weight's own codes, per-(row, block) scales applied to the
     integer per-block sums of the quantized x, offsets applied to per-block float sums of x:
 
         y[m, n] = sum_b sx[m] * s[n, b] * sum_{k in b} xq[m, k] * code[n, k]  +  sum_b o[n, b] * sum_{k in b} x[m, k]
 
     act_group = None: one activation scale per row; else per (row, act_group inputs) (must nest with the weight's
-    blocks). split_int4: compute int8 x int4 partials as two INT4 x INT4 passes (codes must fit int4)."""
+    blocks). literal: compute the exact integer per-block sums (as the NPU does) instead of one float64 product;
+    split_int4: compute them as two INT4 x INT4 passes (codes must fit int4)."""
     k = x.shape[1]
     nb = k // gc.block
     xq, sx = quantize_rows(x, act_bits, act_group)
-    ga = sx.shape[1]
-    g = max(ga, nb)
-    p = None
-    if split_int4:
-        if gc.bits != 4 or act_bits != 8:
-            raise ValueError("the int4 split needs int8 activations and int4 weight codes")
-        p = split_partials(xq, gc.codes, g)
+    if split_int4 and (gc.bits != 4 or act_bits != 8):
+        raise ValueError("the int4 split needs int8 activations and int4 weight codes")
     xs = None if gc.offset is None else group_sums(x, nb)
-    return quantized_matmul(xq, sx, gc.codes, gc.scale, gc.offset, xs, p)
+    partials = split_partials if split_int4 else block_partials if literal else None
+    return quantized_matmul(xq, sx, gc.codes, gc.scale, gc.offset, xs, partials)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -686,8 +695,11 @@ def prepare(pipeline: str, weight, seed: int = 0) -> PreparedWeight:
     return PreparedWeight(r, n, k, rot, codes, scale, act_group=r.act_group)
 
 
-def simulate_prepared(pw: PreparedWeight, x: np.ndarray) -> np.ndarray:
-    """float64 (M, N) output of the prepared recipe for float activations x (M, K)."""
+def simulate_prepared(pw: PreparedWeight, x: np.ndarray, literal: bool = False) -> np.ndarray:
+    """float64 (M, N) output of the prepared recipe for float activations x (M, K).
+
+    literal=True computes the exact integer partial sums the pipeline's NPU calls return (per group; two INT4 passes
+    for int8 activations on int4 GGUF codes, as on RK3588) instead of one float64 product: same y to ~1e-15."""
     r = pw.recipe
     if x.ndim != 2 or x.shape[1] != pw.n_in:
         raise ValueError(f"{r.name}: x must be (M, {pw.n_in}), got {x.shape}")
@@ -696,16 +708,16 @@ def simulate_prepared(pw: PreparedWeight, x: np.ndarray) -> np.ndarray:
     xr = x if pw.rotation is None else rotate_activation(np.asarray(x, np.float64), pw.rotation)
     xq, sx = quantize_rows(xr, r.act_bits, pw.act_group)
     partials = None
-    if r.weight == "gguf" and r.act_bits == 8 and int(pw.codes.min()) >= -8 and int(pw.codes.max()) <= 7:
-        # on RK3588 (no INT8xINT4) this runs as two exact INT4 passes; simulate exactly that
-        partials = split_partials(xq, pw.codes, max(sx.shape[1], pw.scale.shape[1]))
+    if literal:
+        int4_codes = int(pw.codes.min()) >= -8 and int(pw.codes.max()) <= 7
+        partials = split_partials if r.weight == "gguf" and r.act_bits == 8 and int4_codes else block_partials
     xs = None if pw.offset is None else group_sums(x, pw.offset.shape[1])
     return quantized_matmul(xq, sx, pw.codes, pw.scale, pw.offset, xs, partials)
 
 
-def simulate(pipeline: str, x: np.ndarray, weight, seed: int = 0) -> np.ndarray:
-    """float64 reference output y ≈ x @ W.T of a named pipeline (see PIPELINES_DOC) for float activations x (M, K)."""
-    return simulate_prepared(prepare(pipeline, weight, seed), x)
+def simulate(pipeline: str, x: np.ndarray, weight, seed: int = 0, literal: bool = False) -> np.ndarray:
+    """float64 reference output y ≈ x @ W.T of a named pipeline (module docstring) for float activations x (M, K)."""
+    return simulate_prepared(prepare(pipeline, weight, seed), x, literal)
 
 
 def relative_error(y: np.ndarray, ref: np.ndarray) -> float:

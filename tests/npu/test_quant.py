@@ -265,8 +265,10 @@ def test_quantized_matmul_equals_dequantized_product(ga, gw, offset):
     off = RNG.standard_normal((n, gw)) if offset else None
     xf = qm.dequantize_codes(xq, sx)
     ref = xf @ qm.dequantize_codes(codes, sw, off).T
-    y = qm.quantized_matmul(xq, sx, codes, sw, off, qm.group_sums(xf, gw) if offset else None)
-    assert np.abs(y - ref).max() < 1e-12 * np.abs(ref).max()
+    xs = qm.group_sums(xf, gw) if offset else None
+    for partials in (None, qm.block_partials):
+        y = qm.quantized_matmul(xq, sx, codes, sw, off, xs, partials)
+        assert np.abs(y - ref).max() < 1e-12 * np.abs(ref).max()
     per_tensor = qm.quantized_matmul(xq, sx[:, :1], codes, sw[:1, :1])
     assert np.abs(per_tensor - (xq * sx[:, :1]) @ (codes * sw[0, 0]).T.astype(float)).max() < 1e-12 * k
 
@@ -288,8 +290,10 @@ def test_gguf_matmul(t):
     assert np.abs(y - expect).max() < 1e-12 * np.abs(ref).max()
     # the only error is x's rounding (<= sx/2 per element) times the centred weight
     assert np.all(np.abs(y - ref) <= sx / 2 * np.abs(centred).sum(axis=1)[None] * (1 + 1e-9))
+    literal = qm.gguf_matmul(x, gc, literal=True)  # exact integer per-block sums, as the NPU returns them
+    assert np.abs(literal - y).max() < 1e-13 * np.abs(ref).max()
     if gc.bits == 4:
-        assert np.array_equal(qm.gguf_matmul(x, gc, split_int4=True), y)
+        assert np.array_equal(qm.gguf_matmul(x, gc, split_int4=True), literal)
         blockwise = qm.gguf_matmul(x, gc, act_group=gc.block)
         assert qm.relative_error(blockwise, ref) < qm.relative_error(y, ref)  # outliers confined to their blocks
     else:
@@ -343,6 +347,8 @@ def test_every_recipe_simulates_within_bounds():
         assert y.shape == (16, 64) and y.dtype == np.float64
         err[name] = qm.relative_error(y, ref)
         assert err[name] < _BOUNDS[name], (name, err[name])
+        literal = qm.simulate(name, x, wt, literal=True)  # per-group integer sums, INT4 split where RK3588 needs it
+        assert np.abs(literal - y).max() < 1e-12 * np.abs(ref).max(), name
     # the orderings the baselines report: rotation and per-channel scales help, exact weights beat requantized ones
     assert err["W8A8_HADAMARD"] < err["W8A8_CHANNEL"] <= err["W8A8_STANDARD"] * 1.01
     assert err["W4A8_GGUF_BLOCK"] < err["W4A8_GGUF"] < err["W4A8_CHANNEL"]
@@ -359,3 +365,16 @@ def test_recipes_reject_bad_inputs():
         qm.prepare("W4A4_GGUF_BLOCK", q8)
     with pytest.raises(ValueError, match="x must be"):
         qm.simulate("W8A8_CHANNEL", np.ones((2, 31)), np.ones((4, 32)))
+
+
+def test_quantized_matmul_row_chunks_agree(monkeypatch):
+    xq = RNG.integers(-127, 128, (37, 128)).astype(np.int8)
+    sx = RNG.uniform(0.1, 1, (37, 4))
+    codes = RNG.integers(-8, 8, (9, 128)).astype(np.int8)
+    sw, off = RNG.uniform(0.1, 1, (9, 4)), RNG.standard_normal((9, 4))
+    xs = RNG.standard_normal((37, 4))
+    whole = qm.quantized_matmul(xq, sx, codes, sw, off, xs, qm.block_partials)
+    assert np.abs(qm.quantized_matmul(xq, sx, codes, sw, off, xs) - whole).max() < 1e-12 * np.abs(whole).max()
+    monkeypatch.setattr(qm, "_CHUNK_ELEMENTS", 4 * 9 * 5)  # 5 rows per chunk
+    assert np.array_equal(qm.quantized_matmul(xq, sx, codes, sw, off, xs, qm.block_partials), whole)
+    assert np.array_equal(qm.quantized_matmul(xq, sx, codes, sw, off, xs, qm.split_partials), whole)
