@@ -1,7 +1,8 @@
 """CPU matmul backend: C kernels that multiply by GGUF weights in place (see npulm/cpu/kernels.c).
 
-`make_cpu_linear` builds the Linear for spec "cpu": a QuantLinear where the type has a kernel, else the float32
-reference DenseLinear. If the C extension was not built, everything takes the numpy path after one warning.
+`make_cpu_linear` builds the Linear for spec "cpu": a QuantLinear where the type has a kernel, F32Linear (BLAS on
+the mmap view) for F32, else the float32 reference DenseLinear. If the C extension was not built, everything takes
+the numpy path after one warning.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import os
 import warnings
 
-from ..linear import DenseLinear, Linear, Weight
-from .quant import PATH_AUTO, PATH_GEMM, PATH_ROWS, QuantLinear, _kernels
+from gguf.constants import GGMLQuantizationType
 
-__all__ = ["QuantLinear", "make_cpu_linear", "available", "isa", "set_num_threads", "get_num_threads",
+from ..linear import DenseLinear, Linear, Weight
+from .quant import PATH_AUTO, PATH_GEMM, PATH_ROWS, F32Linear, QuantLinear, _kernels
+
+__all__ = ["QuantLinear", "F32Linear", "make_cpu_linear", "available", "isa", "set_num_threads", "get_num_threads",
            "PATH_AUTO", "PATH_ROWS", "PATH_GEMM"]
 
 if _kernels is None:
@@ -42,7 +45,9 @@ def get_num_threads() -> int:
 
 
 def make_cpu_linear(weight: Weight) -> Linear:
-    """The "cpu" Linear: QuantLinear where supported, DenseLinear otherwise."""
+    """The "cpu" Linear: QuantLinear where supported, F32Linear for F32, DenseLinear otherwise."""
+    if weight.type == GGMLQuantizationType.F32 and weight.data.ndim == 2:
+        return F32Linear(weight)
     if QuantLinear.supports(weight):
         return QuantLinear(weight)
     return DenseLinear(weight)

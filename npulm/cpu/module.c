@@ -75,7 +75,7 @@ static int get_f32(PyObject *obj, Py_buffer *v, int writable, const char *what) 
     return 0;
 }
 
-/* matmul(handle, x, out, path=0): out (M, n) = x (M, k) @ W.T; M = len(x) / k. */
+/* matmul(handle, x, out, path=0): out (M, n) = x (M, k) @ W.T; both 2-D C-contiguous float32. */
 static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 3 && nargs != 4) {
@@ -95,11 +95,11 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyBuffer_Release(&xv);
         return NULL;
     }
-    const int64_t k = h->mat.k, n = h->mat.n, nx = xv.len / 4, m = nx / k;
+    const int64_t k = h->mat.k, n = h->mat.n, m = xv.ndim == 2 ? xv.shape[0] : -1;
     int rc = 0;
-    if (nx % k || yv.len / 4 != m * n) {
-        PyErr_Format(PyExc_ValueError, "x has %lld values (need a multiple of %lld), out %lld (need %lld)",
-                     (long long)nx, (long long)k, (long long)(yv.len / 4), (long long)(m * n));
+    if (xv.ndim != 2 || xv.shape[1] != k || yv.ndim != 2 || yv.shape[0] != m || yv.shape[1] != n) {
+        PyErr_Format(PyExc_ValueError, "need x of shape (M, %lld) and out of shape (M, %lld)", (long long)k,
+                     (long long)n);
         rc = -2;
     } else {
         Py_BEGIN_ALLOW_THREADS
@@ -128,7 +128,8 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     Py_buffer ov;
     if (get_f32(out, &ov, 1, "out") < 0) return NULL;
     int rc = -2;
-    if (ov.len / 4 != (r1 - r0) * h->mat.k) PyErr_SetString(PyExc_ValueError, "out has the wrong size");
+    if (ov.ndim != 2 || ov.shape[0] != r1 - r0 || ov.shape[1] != h->mat.k)
+        PyErr_SetString(PyExc_ValueError, "out must have shape (r1 - r0, k)");
     else {
         Py_BEGIN_ALLOW_THREADS
         rc = nl_dequant(&h->mat, r0, r1, ov.buf);

@@ -5,8 +5,9 @@ int8 GEMM where this build has one (AVX512-VNNI, NEON dotprod), else dequantizes
 float32 scratch and multiplies with BLAS. Quantizing x per block of 32 to int8 bounds the error of each output by
 sum over blocks of amax(|x_block|) / 254 * sum(|w_block|) (plus float rounding), the same scheme as llama.cpp.
 
-Each call returns a fresh output array: np.empty costs ~0.2 us at M = 1 and, for large outputs, glibc reuses the
-freed block, so reusing an output buffer (and its aliasing hazards) buys nothing measurable.
+Each call returns a fresh output array. At M = 1 the whole call costs ~0.6 us of Python + binding overhead, of
+which np.empty is ~0.15 us (0.03 ms per 210-matmul token); for large outputs glibc reuses the freed block. That is
+too little to justify handing out a reused buffer that the next call would overwrite.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ except ImportError:  # reported once by npulm.cpu
 PATH_AUTO, PATH_ROWS, PATH_GEMM = 0, 1, 2
 TILE_BYTES = 1 << 20  # dequantized tile size for the BLAS fallback: stays in L2
 _scratch = threading.local()
+_F32 = np.float32
 
 
 def _tile_scratch(n: int) -> np.ndarray:
@@ -42,43 +44,44 @@ class QuantLinear(Linear):
 
     @staticmethod
     def supports(weight: Weight) -> bool:
-        if weight.type == GGMLQuantizationType.F32:
-            return True
         return _kernels is not None and _kernels.row_bytes(int(weight.type), weight.n_in) > 0
 
     def __init__(self, weight: Weight):
         super().__init__(weight)
         if not self.supports(weight):
             raise ValueError(f"{weight.name}: no CPU kernel for {weight.type.name} with {weight.n_in} inputs")
-        data = weight.data
-        if not data.flags.c_contiguous:
+        if not weight.data.flags.c_contiguous:
             raise ValueError(f"{weight.name}: weight data must be C-contiguous")
-        self._f32 = data if weight.type == GGMLQuantizationType.F32 else None
-        if self._f32 is not None:
-            return
-        self._h = _kernels.weight(data, int(weight.type), weight.n_out, weight.n_in)
+        self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in)
         # without a packed gemm for this type, large M goes through dequantized tiles + BLAS
         self._tiled = not _kernels.gemm_available(int(weight.type))
         self._tile_rows = max(16, TILE_BYTES // (4 * weight.n_in))
 
-    def __call__(self, x: np.ndarray, path: int = PATH_AUTO) -> np.ndarray:  # noqa: D102
+    def __call__(self, x: np.ndarray, path: int = PATH_AUTO) -> np.ndarray:
         """x (..., n_in) -> (..., n_out) float32; path forces the rows kernel (1) or the gemm (2), for tests."""
-        if self._f32 is not None:
-            return np.asarray(x, np.float32) @ self._f32.T
-        if x.dtype != np.float32 or not x.flags.c_contiguous:
-            x = np.ascontiguousarray(x, np.float32)
+        # fast path: 2-D C-contiguous float32 (the binding checks and raises otherwise)
+        m = len(x)
+        if not self._tiled or path == PATH_ROWS or (path == PATH_AUTO and m < _kernels.get_gemm_min_m()):
+            out = np.empty((m, self.n_out), _F32)
+            try:
+                _kernels.matmul(self._h, x, out, path)
+                return out
+            except (TypeError, ValueError, BufferError):
+                pass
+        return self._general(x, path)
+
+    def _general(self, x: np.ndarray, path: int) -> np.ndarray:
+        x = np.ascontiguousarray(x, _F32)
+        if x.ndim == 0 or x.shape[-1] != self.n_in:
+            raise ValueError(f"{self.name}: x has shape {x.shape}, expected (..., {self.n_in})")
         shape = x.shape
-        if x.ndim != 2:
-            x = x.reshape(-1, self.n_in)
-        if x.shape[1] != self.n_in:
-            raise ValueError(f"{self.name}: x has {x.shape[1]} features, expected {self.n_in}")
-        m = x.shape[0]
-        out = np.empty((m, self.n_out), np.float32)
-        if self._tiled and path != PATH_ROWS and (path == PATH_GEMM or m >= _kernels.get_gemm_min_m()):
+        x = x.reshape(-1, self.n_in)
+        out = np.empty((x.shape[0], self.n_out), _F32)
+        if self._tiled and path != PATH_ROWS and (path == PATH_GEMM or len(x) >= _kernels.get_gemm_min_m()):
             self._tiled_matmul(x, out)
         else:
             _kernels.matmul(self._h, x, out, path)
-        return out if len(shape) == 2 else out.reshape(*shape[:-1], self.n_out)
+        return out.reshape(*shape[:-1], self.n_out)
 
     def _tiled_matmul(self, x: np.ndarray, out: np.ndarray) -> None:
         rows = self._tile_rows
@@ -88,3 +91,18 @@ class QuantLinear(Linear):
             tile = buf[: (r1 - r0) * self.n_in].reshape(r1 - r0, self.n_in)
             _kernels.dequantize(self._h, r0, r1, tile)
             out[:, r0:r1] = x @ tile.T
+
+
+class F32Linear(Linear):
+    """F32 GGUF weights: BLAS straight on the zero-copy view (nothing to dequantize)."""
+
+    spec = "cpu"
+
+    def __init__(self, weight: Weight):
+        super().__init__(weight)
+        if weight.type != GGMLQuantizationType.F32:
+            raise ValueError(f"{weight.name}: F32Linear needs F32 weights, not {weight.type.name}")
+        self._w = weight.data
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, _F32) @ self._w.T

@@ -97,7 +97,7 @@ def test_f16_and_f32() -> None:
     lin = cpu.QuantLinear(as_weight(data, T.F16, n, k))
     w32 = RNG.standard_normal((n, k)).astype(np.float32)
     lin32 = cpu.make_cpu_linear(as_weight(w32, T.F32, n, k))
-    assert isinstance(lin32, cpu.QuantLinear)
+    assert isinstance(lin32, cpu.F32Linear)
     for m in (1, 3, 32, 100):  # M >= the gemm threshold goes through dequantized tiles + BLAS
         x = RNG.standard_normal((m, k)).astype(np.float32)
         check(lin(x), x, w16, quantized=False)
@@ -190,3 +190,31 @@ def test_real_tensors(model: str, names: list[str]) -> None:
         for m in (1, 32):
             x = RNG.standard_normal((m, weight.n_in)).astype(np.float32)
             check(lin(x)[:, rows], x, w)
+
+
+def test_without_extension_numpy_path_and_one_warning() -> None:
+    """If npulm.cpu._kernels cannot be imported, "cpu" Linears are DenseLinear and one RuntimeWarning says why."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, warnings
+import numpy as np
+class Block:  # the extension is missing: its import fails as it would after a failed build
+    def find_spec(self, name, path=None, target=None):
+        if name == "npulm.cpu._kernels":
+            raise ImportError("no compiled extension")
+sys.meta_path.insert(0, Block())
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from gguf.constants import GGMLQuantizationType as T
+    from npulm.linear import DenseLinear, Weight, make_linear
+    w = Weight("w", T.F16, 3, 4, np.ones((3, 4), np.float16))
+    lins = [make_linear(w, "cpu") for _ in range(3)]
+assert all(isinstance(lin, DenseLinear) for lin in lins), lins
+assert np.allclose(lins[0](np.ones((1, 4), np.float32)), 4)
+runtime = [c for c in caught if issubclass(c.category, RuntimeWarning)]
+assert len(runtime) == 1 and "not built" in str(runtime[0].message), [str(c.message) for c in caught]
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
