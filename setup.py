@@ -14,6 +14,16 @@ from setuptools.command.build_ext import build_ext
 
 
 class BuildExt(build_ext):
+    def run(self) -> None:
+        # objects and libraries left in build/ may come from other flags (NPULM_NATIVE) or an earlier success:
+        # always recompile, and drop the old library so that a failed build cannot ship it
+        self.force = True
+        for ext in self.extensions:
+            path = self.get_ext_fullpath(ext.name)
+            if os.path.exists(path):
+                os.remove(path)
+        super().run()
+
     def build_extensions(self) -> None:
         if self.compiler.compiler_type == "msvc":
             flags = ["/O2"]
@@ -48,4 +58,5 @@ kernels = Extension(
     optional=True,  # a failed build leaves the numpy path
 )
 
-setup(ext_modules=[kernels], cmdclass={"build_ext": BuildExt})
+# the header ships as package data: `depends` alone leaves it out of the sdist
+setup(ext_modules=[kernels], cmdclass={"build_ext": BuildExt}, package_data={"npulm.cpu": ["kernels.h"]})
