@@ -41,8 +41,12 @@
 #define NL_X86 1
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define NL_X86_VNNI256 1
+#define HAS_VNNI 1
 #elif defined(__AVXVNNI__)
 #define NL_X86_AVXVNNI 1
+#define HAS_VNNI 1
+#else
+#define HAS_VNNI 0
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define NL_X86_GEMM 1
@@ -601,17 +605,22 @@ INLINE float hsum8(__m256 v) {
 }
 
 INLINE __m256i nib32(const uint8_t *qs) { /* 16 bytes -> 32 codes: low nibbles then high nibbles */
-    const __m128i v = _mm_loadu_si128((const __m128i *)qs), m = _mm_set1_epi8(15);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+    /* both halves hold the 16 bytes; the upper one shifted right by 4 per 64-bit lane, then masked */
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
 }
 
 INLINE __m256i bits32(uint32_t qh) { /* byte i = 16 if bit i of qh is set */
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    return _mm256_maskz_set1_epi8((__mmask32)qh, 16);
+#else
     __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
                                     _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
                                                       0x0101010101010101, 0x0000000000000000));
     const __m256i bm = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
     v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bm), bm);
     return _mm256_and_si256(v, _mm256_set1_epi8(16));
+#endif
 }
 
 /* Accumulate one 32-block of codes into MR activation rows. d0/d1: scales of the two 16-halves. */
@@ -690,6 +699,16 @@ INLINE void kq_scales(const uint8_t *p, float dsc[8], float bias[8]) {
     _mm256_storeu_ps(bias, _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)mn)))));
 }
 
+/* Q4_K / Q5_K: the same as vectors */
+INLINE void kq_scales_v(const uint8_t *p, __m256 *dsc, __m256 *bias) {
+    uint8_t sc[8], mn[8];
+    kscales(p + 4, sc, mn);
+    *dsc = _mm256_mul_ps(_mm256_set1_ps(h2f(p)),
+                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sc))));
+    *bias = _mm256_mul_ps(_mm256_set1_ps(-h2f(p + 2)),
+                          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)mn))));
+}
+
 /* Q6_K: codes of sub-blocks 4h .. 4h+3 of the superblock at p */
 INLINE void q6_quad(const uint8_t *p, int h, __m256i q[4]) {
     const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(0x30);
@@ -714,34 +733,67 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
             acc0[m] = acc1[m] = bvec[m] = _mm256_setzero_ps();
             bacc[m] = 0.0f;
         }
-        if (T == NL_Q4_K || T == NL_Q5_K) {
-            const int five = T == NL_Q5_K;
+        if (T == NL_Q4_K || T == NL_Q5_K || T == NL_Q6_K) {
+            /* per superblock: the 8 (Q6_K: 16) sub-block scales times dx as vectors, the bias terms as one FMA;
+             * each block then broadcasts its lane */
             for (int64_t sb = 0; sb < kb / 8; sb++) {
-                const uint8_t *p = row + sb * (five ? 176 : 144);
-                float dsc[8], bias[8];
-                kq_scales(p, dsc, bias);
-                for (int j = 0; j < 4; j++) {
-                    __m256i lo, hi;
-                    kq_pair(five, p, j, &lo, &hi);
-                    const int64_t b = sb * 8 + 2 * j;
-                    rows_step(T, MR, lo, dsc[2 * j], 0, bias[2 * j], A, m0, b, acc0, bacc);
-                    rows_step(T, MR, hi, dsc[2 * j + 1], 0, bias[2 * j + 1], A, m0, b + 1, acc1, bacc);
-                }
-            }
-        } else if (T == NL_Q6_K) {
-            for (int64_t sb = 0; sb < kb / 8; sb++) {
-                const uint8_t *p = row + sb * 210;
-                const int8_t *sc = (const int8_t *)(p + 192);
-                const float d = h2f(p + 208);
-                for (int h = 0; h < 2; h++) {
-                    __m256i q[4];
-                    q6_quad(p, h, q);
-                    const int64_t b = sb * 8 + 4 * h;
-                    const int8_t *s = sc + 8 * h;
-                    rows_step(T, MR, q[0], d * s[0], d * s[1], 0, A, m0, b, acc0, bacc);
-                    rows_step(T, MR, q[1], d * s[2], d * s[3], 0, A, m0, b + 1, acc1, bacc);
-                    rows_step(T, MR, q[2], d * s[4], d * s[5], 0, A, m0, b + 2, acc0, bacc);
-                    rows_step(T, MR, q[3], d * s[6], d * s[7], 0, A, m0, b + 3, acc1, bacc);
+                __m256 s_lo[4], s_hi[4];
+                const int64_t b = sb * 8;
+                if (T == NL_Q6_K) {
+                    const uint8_t *p = row + sb * 210;
+                    const __m128i sc = _mm_loadu_si128((const __m128i *)(p + 192));
+                    const __m128i even = _mm_shuffle_epi8(sc, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7,
+                                                                            9, 11, 13, 15));
+                    const __m256 d = _mm256_set1_ps(h2f(p + 208));
+                    const __m256 dlo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(even)));
+                    const __m256 dhi = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(even, 8))));
+                    for (int m = 0; m < MR; m++) {
+                        const __m256 dx = _mm256_loadu_ps(A->d + (m0 + m) * A->kb + b);
+                        s_lo[m] = _mm256_mul_ps(dlo, dx);
+                        s_hi[m] = _mm256_mul_ps(dhi, dx);
+                    }
+                    for (int h = 0; h < 2; h++) {
+                        __m256i q[4];
+                        q6_quad(p, h, q);
+                        for (int i = 0; i < 4; i++) {
+                            const int j = 4 * h + i;
+                            const __m256i lane = _mm256_set1_epi32(j);
+                            for (int m = 0; m < MR; m++) {
+                                const __m256i a =
+                                    _mm256_loadu_si256((const __m256i *)(A->q + (m0 + m) * A->k + 32 * (b + j)));
+                                /* offset 32 per lane: the two 16-halves have their own scales */
+                                const __m256i ip = _mm256_sub_epi32(dot_us(q[i], a), dot_us(_mm256_set1_epi8(32), a));
+                                const __m256 sc2 = _mm256_blend_ps(_mm256_permutevar8x32_ps(s_lo[m], lane),
+                                                                   _mm256_permutevar8x32_ps(s_hi[m], lane), 0xF0);
+                                __m256 *acc = (j & 1) ? acc1 : acc0;
+                                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ip), sc2, acc[m]);
+                            }
+                        }
+                    }
+                } else {
+                    const int five = T == NL_Q5_K;
+                    const uint8_t *p = row + sb * (five ? 176 : 144);
+                    __m256 dsc, bias;
+                    kq_scales_v(p, &dsc, &bias);
+                    for (int m = 0; m < MR; m++) {
+                        s_lo[m] = _mm256_mul_ps(dsc, _mm256_loadu_ps(A->d + (m0 + m) * A->kb + b));
+                        bvec[m] = _mm256_fmadd_ps(bias, _mm256_loadu_ps(A->s + (m0 + m) * A->kb + b), bvec[m]);
+                    }
+                    for (int jj = 0; jj < 4; jj++) {
+                        __m256i lohi[2];
+                        kq_pair(five, p, jj, &lohi[0], &lohi[1]);
+                        for (int i = 0; i < 2; i++) {
+                            const int j = 2 * jj + i;
+                            const __m256i lane = _mm256_set1_epi32(j);
+                            for (int m = 0; m < MR; m++) {
+                                const __m256i a =
+                                    _mm256_loadu_si256((const __m256i *)(A->q + (m0 + m) * A->k + 32 * (b + j)));
+                                __m256 *acc = i ? acc1 : acc0;
+                                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us(lohi[i], a)),
+                                                         _mm256_permutevar8x32_ps(s_lo[m], lane), acc[m]);
+                            }
+                        }
+                    }
                 }
             }
         } else {
@@ -759,25 +811,30 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
                 NL_GATHER(7)
 #undef NL_GATHER
                 const __m256 dv = _mm256_cvtph_ps(dh);
+                /* w = d * (code - off) (+ bias): the -off * d * dx * sum(q) and bias * dx * sum(q) terms of all 8
+                 * blocks are one FMA with s = dx * sum(q). Q8_0 takes that route (code = q ^ 0x80, off 128) only
+                 * with VNNI: maddubs would saturate on codes above 127 and uses the sign trick instead. */
+                const int off = T == NL_Q8_0 && !HAS_VNNI ? 0 : T_OFF(T);
+                __m256 bw = _mm256_setzero_ps();
+                if (T_BIAS(T)) bw = _mm256_cvtph_ps(mh);
+                if (off) bw = _mm256_mul_ps(dv, _mm256_set1_ps((float)-off));
                 __m256 sv[4];
                 for (int m = 0; m < MR; m++) {
                     sv[m] = _mm256_mul_ps(dv, _mm256_loadu_ps(A->d + (m0 + m) * A->kb + b));
-                    if (T_BIAS(T))
-                        bvec[m] = _mm256_fmadd_ps(_mm256_cvtph_ps(mh), _mm256_loadu_ps(A->s + (m0 + m) * A->kb + b),
-                                                  bvec[m]);
+                    if (T_BIAS(T) || off)
+                        bvec[m] = _mm256_fmadd_ps(bw, _mm256_loadu_ps(A->s + (m0 + m) * A->kb + b), bvec[m]);
                 }
 #pragma GCC unroll 8
                 for (int j = 0; j < 8; j++) {
-                    const __m256i codes = simple_codes(T, p + j * bs), lane = _mm256_set1_epi32(j);
-                    const __m256i ucodes = T == NL_Q8_0 ? _mm256_abs_epi8(codes) : codes;
+                    __m256i codes = simple_codes(T, p + j * bs);
+                    const __m256i lane = _mm256_set1_epi32(j);
+                    const __m256i ucodes = T == NL_Q8_0 && !off ? _mm256_abs_epi8(codes) : codes;
+                    if (T == NL_Q8_0 && off) codes = _mm256_xor_si256(codes, _mm256_set1_epi8((char)0x80));
                     for (int m = 0; m < MR; m++) {
                         const __m256i a = _mm256_loadu_si256((const __m256i *)(A->q + (m0 + m) * A->k + 32 * (b + j)));
                         __m256i ip;
-                        if (T == NL_Q8_0) ip = dot_us(ucodes, _mm256_sign_epi8(a, codes));
-                        else {
-                            ip = dot_us(codes, a);
-                            if (T_OFF(T)) ip = _mm256_sub_epi32(ip, dot_us(_mm256_set1_epi8((char)T_OFF(T)), a));
-                        }
+                        if (T == NL_Q8_0 && !off) ip = dot_us(ucodes, _mm256_sign_epi8(a, codes));
+                        else ip = dot_us(codes, a);
                         __m256 *acc = (j & 1) ? acc1 : acc0;
                         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ip), _mm256_permutevar8x32_ps(sv[m], lane), acc[m]);
                     }
