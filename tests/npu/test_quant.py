@@ -244,6 +244,20 @@ def test_gguf_codes_on_smollm2_q4_1():
     assert gc.bits == 4 and gc.codes.shape == (576, 576) and gc.offset.shape == (576, 18)
 
 
+def test_gguf_codes_on_gemma3_k_quants():
+    from npulm.assets import model_path
+    from npulm.gguf import GGUFFile
+
+    g = GGUFFile(model_path("gemma3-270m"))
+    seen = set()
+    for name, t in g.tensors.items():
+        if name.startswith("blk.") and len(t.shape) == 2 and t.type not in seen:
+            seen.add(t.type)
+            w = Weight.from_gguf(g, name)
+            _assert_exact(qm.gguf_codes(w), w.dequantize())
+    assert {T.Q5_0, T.Q4_K, T.Q6_K, T.Q8_0} <= seen
+
+
 # --- matmul math ------------------------------------------------------------------------------------------------------
 
 def test_expand_rows_gives_block_partials_in_one_product():
