@@ -1005,12 +1005,27 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
             bacc[m] = 0.0f;
         }
         if (T == NL_Q4_K || T == NL_Q5_K) {
+            /* per superblock: the 8 sub-block scales times dx as vectors (kept in a small array for by-element
+             * FMAs), the bias terms as two FMAs */
             const int five = T == NL_Q5_K;
             for (int64_t sb = 0; sb < kb / 8; sb++) {
                 const uint8_t *p = row + sb * (five ? 176 : 144), *qs = p + (five ? 48 : 16);
-                const float d = h2f(p), dmin = h2f(p + 2);
+                const int64_t b = sb * 8;
                 uint8_t sc[8], mn[8];
                 kscales(p + 4, sc, mn);
+                const float32x4_t d = vdupq_n_f32(h2f(p)), dm = vdupq_n_f32(-h2f(p + 2));
+                const uint16x8_t sc16 = vmovl_u8(vld1_u8(sc)), mn16 = vmovl_u8(vld1_u8(mn));
+                const float32x4_t s0 = vmulq_f32(d, vcvtq_f32_u32(vmovl_u16(vget_low_u16(sc16))));
+                const float32x4_t s1 = vmulq_f32(d, vcvtq_f32_u32(vmovl_u16(vget_high_u16(sc16))));
+                const float32x4_t b0 = vmulq_f32(dm, vcvtq_f32_u32(vmovl_u16(vget_low_u16(mn16))));
+                const float32x4_t b1 = vmulq_f32(dm, vcvtq_f32_u32(vmovl_u16(vget_high_u16(mn16))));
+                float sdx[4][8];
+                for (int m = 0; m < MR; m++) {
+                    const float *dx = A->d + (m0 + m) * A->kb + b, *sx = A->s + (m0 + m) * A->kb + b;
+                    vst1q_f32(sdx[m], vmulq_f32(s0, vld1q_f32(dx)));
+                    vst1q_f32(sdx[m] + 4, vmulq_f32(s1, vld1q_f32(dx + 4)));
+                    bvec[m] = vfmaq_f32(vfmaq_f32(bvec[m], b0, vld1q_f32(sx)), b1, vld1q_f32(sx + 4));
+                }
                 const uint8x16_t qh0 = vld1q_u8(p + 16), qh1 = vld1q_u8(p + 32), b16 = vdupq_n_u8(16);
                 for (int j = 0; j < 4; j++) {
                     const uint8x16_t v0 = vld1q_u8(qs + 32 * j), v1 = vld1q_u8(qs + 32 * j + 16);
@@ -1023,37 +1038,62 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
                         h0 = vorrq_u8(h0, vandq_u8(vshlq_u8(qh0, sh), b16));
                         h1 = vorrq_u8(h1, vandq_u8(vshlq_u8(qh1, sh), b16));
                     }
-                    const int64_t b = sb * 8 + 2 * j;
-                    rows_step(T, MR, sgn(l0, 0), sgn(l1, 0), d * sc[2 * j], 0, -(dmin * mn[2 * j]), A, m0, b, acc0,
-                              bacc);
-                    rows_step(T, MR, sgn(h0, 0), sgn(h1, 0), d * sc[2 * j + 1], 0, -(dmin * mn[2 * j + 1]), A, m0,
-                              b + 1, acc1, bacc);
+                    for (int m = 0; m < MR; m++) {
+                        const int8_t *a = A->q + (m0 + m) * A->k + 32 * (b + 2 * j);
+                        const int32x4_t il = dot32(vreinterpretq_s8_u8(l0), vreinterpretq_s8_u8(l1), vld1q_s8(a),
+                                                   vld1q_s8(a + 16));
+                        const int32x4_t ih = dot32(vreinterpretq_s8_u8(h0), vreinterpretq_s8_u8(h1), vld1q_s8(a + 32),
+                                                   vld1q_s8(a + 48));
+                        acc0[m] = vfmaq_n_f32(acc0[m], vcvtq_f32_s32(il), sdx[m][2 * j]);
+                        acc1[m] = vfmaq_n_f32(acc1[m], vcvtq_f32_s32(ih), sdx[m][2 * j + 1]);
+                    }
                 }
             }
         } else if (T == NL_Q6_K) {
+            /* scales of the first and second 16 values of each sub-block, times dx, as vectors */
             const uint8x16_t m3 = vdupq_n_u8(0x30);
             for (int64_t sb = 0; sb < kb / 8; sb++) {
                 const uint8_t *p = row + sb * 210;
-                const int8_t *sc = (const int8_t *)(p + 192);
-                const float d = h2f(p + 208);
+                const int64_t b0 = sb * 8;
+                const int8x16_t scv = vld1q_s8((const int8_t *)(p + 192));
+                const int8x16x2_t uz = vuzpq_s8(scv, scv); /* even (first halves), odd (second halves) */
+                const float32x4_t d = vdupq_n_f32(h2f(p + 208));
+                const int16x8_t ev = vmovl_s8(vget_low_s8(uz.val[0])), od = vmovl_s8(vget_low_s8(uz.val[1]));
+                const float32x4_t e0 = vmulq_f32(d, vcvtq_f32_s32(vmovl_s16(vget_low_s16(ev))));
+                const float32x4_t e1 = vmulq_f32(d, vcvtq_f32_s32(vmovl_s16(vget_high_s16(ev))));
+                const float32x4_t o0 = vmulq_f32(d, vcvtq_f32_s32(vmovl_s16(vget_low_s16(od))));
+                const float32x4_t o1 = vmulq_f32(d, vcvtq_f32_s32(vmovl_s16(vget_high_s16(od))));
+                float slo[4][8], shi[4][8];
+                for (int m = 0; m < MR; m++) {
+                    const float *dx = A->d + (m0 + m) * A->kb + b0;
+                    const float32x4_t x0 = vld1q_f32(dx), x1 = vld1q_f32(dx + 4);
+                    vst1q_f32(slo[m], vmulq_f32(e0, x0));
+                    vst1q_f32(slo[m] + 4, vmulq_f32(e1, x1));
+                    vst1q_f32(shi[m], vmulq_f32(o0, x0));
+                    vst1q_f32(shi[m] + 4, vmulq_f32(o1, x1));
+                }
                 for (int h = 0; h < 2; h++) {
                     const uint8_t *ql = p + 64 * h, *qhp = p + 128 + 32 * h;
-                    const int8_t *s = sc + 8 * h;
-                    const int64_t b = sb * 8 + 4 * h;
                     const uint8x16_t l00 = vld1q_u8(ql), l01 = vld1q_u8(ql + 16), l10 = vld1q_u8(ql + 32),
                                      l11 = vld1q_u8(ql + 48), qh0 = vld1q_u8(qhp), qh1 = vld1q_u8(qhp + 16);
-                    const int8x16_t q1a = sgn(vorrq_u8(vandq_u8(l00, m4), vandq_u8(vshlq_n_u8(qh0, 4), m3)), 32);
-                    const int8x16_t q1b = sgn(vorrq_u8(vandq_u8(l01, m4), vandq_u8(vshlq_n_u8(qh1, 4), m3)), 32);
-                    const int8x16_t q2a = sgn(vorrq_u8(vandq_u8(l10, m4), vandq_u8(vshlq_n_u8(qh0, 2), m3)), 32);
-                    const int8x16_t q2b = sgn(vorrq_u8(vandq_u8(l11, m4), vandq_u8(vshlq_n_u8(qh1, 2), m3)), 32);
-                    const int8x16_t q3a = sgn(vorrq_u8(vshrq_n_u8(l00, 4), vandq_u8(qh0, m3)), 32);
-                    const int8x16_t q3b = sgn(vorrq_u8(vshrq_n_u8(l01, 4), vandq_u8(qh1, m3)), 32);
-                    const int8x16_t q4a = sgn(vorrq_u8(vshrq_n_u8(l10, 4), vandq_u8(vshrq_n_u8(qh0, 2), m3)), 32);
-                    const int8x16_t q4b = sgn(vorrq_u8(vshrq_n_u8(l11, 4), vandq_u8(vshrq_n_u8(qh1, 2), m3)), 32);
-                    rows_step(T, MR, q1a, q1b, d * s[0], d * s[1], 0, A, m0, b, acc0, bacc);
-                    rows_step(T, MR, q2a, q2b, d * s[2], d * s[3], 0, A, m0, b + 1, acc1, bacc);
-                    rows_step(T, MR, q3a, q3b, d * s[4], d * s[5], 0, A, m0, b + 2, acc0, bacc);
-                    rows_step(T, MR, q4a, q4b, d * s[6], d * s[7], 0, A, m0, b + 3, acc1, bacc);
+                    int8x16_t q[4][2];
+                    q[0][0] = sgn(vorrq_u8(vandq_u8(l00, m4), vandq_u8(vshlq_n_u8(qh0, 4), m3)), 32);
+                    q[0][1] = sgn(vorrq_u8(vandq_u8(l01, m4), vandq_u8(vshlq_n_u8(qh1, 4), m3)), 32);
+                    q[1][0] = sgn(vorrq_u8(vandq_u8(l10, m4), vandq_u8(vshlq_n_u8(qh0, 2), m3)), 32);
+                    q[1][1] = sgn(vorrq_u8(vandq_u8(l11, m4), vandq_u8(vshlq_n_u8(qh1, 2), m3)), 32);
+                    q[2][0] = sgn(vorrq_u8(vshrq_n_u8(l00, 4), vandq_u8(qh0, m3)), 32);
+                    q[2][1] = sgn(vorrq_u8(vshrq_n_u8(l01, 4), vandq_u8(qh1, m3)), 32);
+                    q[3][0] = sgn(vorrq_u8(vshrq_n_u8(l10, 4), vandq_u8(vshrq_n_u8(qh0, 2), m3)), 32);
+                    q[3][1] = sgn(vorrq_u8(vshrq_n_u8(l11, 4), vandq_u8(vshrq_n_u8(qh1, 2), m3)), 32);
+                    for (int i = 0; i < 4; i++) {
+                        const int j = 4 * h + i;
+                        for (int m = 0; m < MR; m++) {
+                            const int8_t *a = A->q + (m0 + m) * A->k + 32 * (b0 + j);
+                            float32x4_t *acc = (i & 1) ? acc1 : acc0;
+                            acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(dot16(q[i][0], vld1q_s8(a))), slo[m][j]);
+                            acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(dot16(q[i][1], vld1q_s8(a + 16))), shi[m][j]);
+                        }
+                    }
                 }
             }
         } else {
