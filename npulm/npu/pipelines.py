@@ -1,0 +1,452 @@
+"""NPU matmul pipelines: how a weight is quantized once at load, and how each call quantizes x, runs the NPU matmuls
+and dequantizes. Selectable per tensor: "npu:<NAME>" specs, `--pipeline NAME`, `-ot PATTERN=NAME`.
+
+  name                weights (at load)                   x (per call)            rotation      NPU (RK3588)     origin
+  W16A16              fp16                                fp16 (rows scaled 2^k)  none          FP16xFP16->FP32  both
+  W8A8_STANDARD       int8, one absmax scale per tensor   int8 per row            none          INT8xINT8->INT32 rkllama
+  W8A8_CHANNEL        int8, absmax scale per out channel  int8 per row            none          INT8xINT8->INT32
+  W8A8_HADAMARD       int8 per channel, after rotation    int8 per row            block Hadam.  INT8xINT8->INT32
+  W8A8_GGUF_HADAMARD  GGUF codes x integer H(<=16), exact int8 per (row, block)   H(h) in block INT8xINT8->INT32 npulm
+  W4A4_HADAMARD       int4 per tensor, KL-calibrated clip int4 per row            pad to 2^n    INT4xINT4->INT16 rkllama
+  W4A4_CHANNEL        int4 per channel, MSE clip          int4 per row            pad to 2^n    INT4xINT4->INT16
+  W4A8_CHANNEL        int4 per channel, MSE clip          int8 per row            pad to 2^n    2 x INT4xINT4
+  W4A8_GGUF           GGUF codes (exact)                  int8 per row            none          2 x INT4xINT4    npulm
+  W4A8_GGUF_BLOCK     GGUF codes (exact)                  int8 per (row, block)   none          2 x INT4xINT4    npulm
+  W4A4_GGUF_BLOCK     GGUF codes (exact)                  int4 per (row, block)   none          INT4xINT4->INT16 npulm
+  W4A4_GGUF_HADAMARD  GGUF codes x integer H(<=16), exact int4 per (row, 8 inputs) H(h) in block 2 x INT4xINT4    npulm
+
+(rkllama: rk-llama.cpp's recipes, the anchors.)
+Block Hadamard: block = the largest power of two dividing K, at most 512, random signs: K is not padded. Pad to 2^n:
+K zero-padded to the next power of two and one randomized Hadamard (rk-llama.cpp's rotation). The weight-side
+quantization and the rotations are `npulm.npu.quant` (`quant.prepare`), so `quant.simulate(NAME, x, weight)` is the
+float64 reference of every pipeline that has a quant recipe of the same name.
+
+Integer products run on the NPU; scales, offsets and sums of partial results are applied on the CPU in float32:
+  * per-row pipelines: y = C * scale_x[row] * scale_w[col], C summed over the K-chunks (exact, int64).
+  * GGUF pipelines ("the file's codes"): W[n, k] = d[n, b] * q[n, k] + o[n, b] per GGUF block b (32 inputs; 16 for
+    Q6_K), the integer codes q kept exactly. The per-block integer sums P[m, b, n] = sum_{k in b} xq[m, k] q[n, k]
+    come from K-chunks of a few blocks each, with A rows expanded so that row (m, b) holds only block b of token m:
+    one matmul per chunk gives every block's partial sum. Then y = sum_b sx[m, b] d[n, b] P[m, b, n] +
+    sum_b o[n, b] sum_{k in b} x[m, k] (the offset term takes the float x: only the code part is quantized).
+    A per-(row, block) activation scale costs nothing more than a per-row one here; it matches the CPU path
+    (llama.cpp's Q8 activation blocks), so W4A8_GGUF_BLOCK / W8A8_GGUF track the CPU path closely.
+  * 8-bit values on an INT4xINT4-only path are split exactly: v = 16*hi + lo + 8 with hi, lo in [-8, 7]; x halves
+    become extra A rows, weight halves extra B columns, and the shift terms (8 * column sums of the weight codes,
+    8 * row sums of x's codes) are added on the CPU. "2 x INT4xINT4" above; one INT8xINT8 pass where INT4 is missing.
+  * INT4xINT4 -> INT16 partials cannot overflow: K-chunks are sized from the weights so that
+    max|x code| * sum_k |w code| <= 32767 for every column (`planner.int16_safe_chunk`); in the GGUF pipelines each
+    expanded row touches one block, so |partial| <= 8 * 8 * 32 by construction.
+"W4" in the GGUF names means "the file's codes": Q5_x, Q6_K and Q8_0 codes need int8 (INT8xINT8, or weight halves).
+
+Defaults ("npu:auto", `auto_pipeline`): F32/F16/BF16 -> W16A16; 4-bit GGUF types (Q4_0, Q4_1, Q4_K, Q2_K, Q3_K) ->
+W4A8_GGUF_BLOCK; other types with exact codes (Q5_x, Q6_K, Q8_0, IQ4_*) -> W8A8_GGUF; any other type -> W8A8_HADAMARD.
+A chip without INT4 (RK3566/68, RK3562) runs the 4-bit GGUF types as W8A8_GGUF (the same numbers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType as Q
+
+from . import quant as qm
+from .planner import Arena, NpuMatmul, equal_chunks, int16_safe_chunk
+from .rknn import (
+    FLOAT16_MM_FLOAT16_TO_FLOAT32,
+    INT4_MM_INT4_TO_INT16,
+    INT8_MM_INT4_TO_INT32,
+    INT8_MM_INT8_TO_INT32,
+    RknnParamInvalid,
+)
+
+SCRATCH_ROW_BYTES = 64 << 20  # cap on the C scratch of one call: rows per call are limited to keep C under this
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    name: str
+    weights: str  # "fp16" | "tensor-absmax" | "tensor-kl" | "channel-absmax" | "channel-mse" | "gguf"
+    act_bits: int  # 16, 8 or 4
+    act_group: str | int | None  # None: one scale per row; "block": per (row, GGUF block); n: per n inputs
+    rotation: str  # "none" | "block" | "pad" | "gguf" (integer Hadamard on the codes)
+    origin: str  # "rk-llama.cpp" (the anchor recipes), "npulm" or "" (variants)
+    summary: str
+    int8_first: bool = False  # run on INT8xINT8 even where INT4xINT4 exists
+
+    @property
+    def recipe(self) -> qm.Recipe | None:
+        """The quant recipe of the same name (its float64 simulation is this pipeline's reference), if any."""
+        return qm.PIPELINES.get(self.name)
+
+
+PIPELINES: dict[str, PipelineSpec] = {p.name: p for p in [
+    PipelineSpec("W16A16", "fp16", 16, None, "none", "rk-llama.cpp", "fp16 weights and activations, fp32 sums"),
+    PipelineSpec("W8A8_STANDARD", "tensor-absmax", 8, None, "none", "rk-llama.cpp",
+                 "int8 W with one scale per tensor, int8 x per token (rk-llama.cpp's seed recipe)"),
+    PipelineSpec("W8A8_CHANNEL", "channel-absmax", 8, None, "none", "", "int8 W per output channel, int8 x per token"),
+    PipelineSpec("W8A8_HADAMARD", "channel-absmax", 8, None, "block", "",
+                 "block Hadamard on K (no padding), int8 W per channel, int8 x per token"),
+    PipelineSpec("W8A8_GGUF_HADAMARD", "gguf", 8, "block", "gguf", "npulm",
+                 "the GGUF's codes times an integer Hadamard (exact, int8), x rotated the same, int8 per "
+                 "(token, block)"),
+    PipelineSpec("W4A4_HADAMARD", "tensor-kl", 4, None, "pad", "rk-llama.cpp",
+                 "pad-to-2^n Hadamard, int4 W per tensor (KL clip), int4 x per token (rk-llama.cpp)"),
+    PipelineSpec("W4A4_CHANNEL", "channel-mse", 4, None, "pad", "",
+                 "pad-to-2^n Hadamard, int4 W per channel (MSE clip), int4 x per token"),
+    PipelineSpec("W4A8_CHANNEL", "channel-mse", 8, None, "pad", "",
+                 "pad-to-2^n Hadamard, int4 W per channel (MSE clip), int8 x per token as two int4 passes"),
+    PipelineSpec("W4A8_GGUF", "gguf", 8, None, "none", "npulm",
+                 "the GGUF's codes exactly, int8 x per token (two int4 passes), block scales on the CPU"),
+    PipelineSpec("W4A8_GGUF_BLOCK", "gguf", 8, "block", "none", "npulm",
+                 "the GGUF's codes exactly, int8 x per (token, block) (two int4 passes), block scales on the CPU"),
+    PipelineSpec("W4A4_GGUF_BLOCK", "gguf", 4, "block", "none", "npulm",
+                 "the GGUF's codes exactly, int4 x per (token, block), block scales on the CPU"),
+    PipelineSpec("W4A4_GGUF_HADAMARD", "gguf", 4, 8, "gguf", "npulm",
+                 "the GGUF's codes times an integer Hadamard (exact, int8), x rotated the same, int4 per "
+                 "(token, 8 inputs)"),
+]}
+
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+GGUF_4BIT = (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q2_K, Q.Q3_K)
+
+
+def pipeline_spec(name: str) -> PipelineSpec:
+    try:
+        return PIPELINES[name.upper()]
+    except KeyError:
+        raise ValueError(f"unknown NPU pipeline {name!r}; known: {', '.join(PIPELINES)}, auto") from None
+
+
+def has_int4(chip) -> bool:
+    return chip.supports(INT4_MM_INT4_TO_INT16) or chip.supports(INT8_MM_INT4_TO_INT32)
+
+
+def auto_pipeline(qtype: Q, chip) -> str:
+    """The default pipeline for a GGUF tensor type on a chip ("npu:auto")."""
+    qtype = Q(qtype)
+    if qtype in FLOAT_TYPES:
+        return "W16A16"
+    if qtype in GGUF_4BIT and has_int4(chip):
+        return "W4A8_GGUF_BLOCK"
+    if qtype in qm.GGUF_EXACT_TYPES:
+        return "W8A8_GGUF_HADAMARD"
+    return "W8A8_HADAMARD"
+
+
+def resolve(name: str, qtype: Q, chip) -> str:
+    """The pipeline a tensor of this type actually runs: "auto" resolved; a GGUF pipeline on a type without exact
+    integer codes (F16, IQ2_*, ...) takes the type's default instead (its weights cannot be kept as codes)."""
+    if name.lower() == "auto":
+        return auto_pipeline(qtype, chip)
+    spec = pipeline_spec(name)
+    if spec.weights == "gguf" and Q(qtype) not in qm.GGUF_EXACT_TYPES:
+        return auto_pipeline(qtype, chip)
+    return spec.name
+
+
+# ----------------------------------------------------------------------------------------------------- realization
+
+
+@dataclass(frozen=True)
+class Realization:
+    """Which NPU matmul type runs an integer pipeline, and which 8-bit side is split into two int4 halves."""
+
+    mm_type: int
+    a_split: bool = False  # x codes -> 2 int4 passes (extra A rows)
+    b_split: bool = False  # weight codes -> 2 int4 halves (extra B columns)
+
+    def describe(self) -> str:
+        name = {INT8_MM_INT8_TO_INT32: "INT8xINT8->INT32", INT4_MM_INT4_TO_INT16: "INT4xINT4->INT16",
+                INT8_MM_INT4_TO_INT32: "INT8xINT4->INT32"}[self.mm_type]
+        splits = [s for s, on in (("x halves", self.a_split), ("W halves", self.b_split)) if on]
+        return name + (f" ({', '.join(splits)})" if splits else "")
+
+
+def realize(chip, act_bits: int, weight_bits: int, int8_first: bool = False) -> Realization:
+    """The first realization the chip accepts, INT4 paths first unless `int8_first`."""
+    R = Realization
+    if act_bits <= 4 and weight_bits <= 4:
+        cands = [R(INT4_MM_INT4_TO_INT16), R(INT8_MM_INT8_TO_INT32)]
+    elif weight_bits <= 4:
+        cands = [R(INT8_MM_INT4_TO_INT32), R(INT4_MM_INT4_TO_INT16, a_split=True), R(INT8_MM_INT8_TO_INT32)]
+    elif act_bits <= 4:
+        cands = [R(INT4_MM_INT4_TO_INT16, b_split=True), R(INT8_MM_INT8_TO_INT32)]
+    else:
+        cands = [R(INT8_MM_INT8_TO_INT32), R(INT4_MM_INT4_TO_INT16, a_split=True, b_split=True)]
+    if int8_first:
+        cands.sort(key=lambda r: r.mm_type != INT8_MM_INT8_TO_INT32)
+    for r in cands:
+        if chip.supports(r.mm_type):
+            return r
+    raise RknnParamInvalid(-5, "rknn_matmul_create", f"{chip.name} accepts none of the matmul types for "
+                                                     f"A{act_bits} x W{weight_bits} ({[r.mm_type for r in cands]})")
+
+
+def _split_rows(codes: np.ndarray) -> np.ndarray:
+    """int8 codes (R, K) -> (2R, K): the hi halves, then the lo halves (codes = 16*hi + lo + 8)."""
+    hi, lo = qm.split_int8_to_int4(codes)
+    return np.concatenate([hi, lo], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------- prepared
+
+
+class Prepared:
+    """A weight prepared for one pipeline: `self(x)` -> y (M, N) float32. Owns its NPU matmuls (`close()`)."""
+
+    def __init__(self, spec: PipelineSpec, n_out: int, n_in: int):
+        self.spec, self.n_out, self.n_in = spec, n_out, n_in
+        self.ops: list[NpuMatmul] = []
+        self.max_m = 1
+
+    def _set_max_m(self, arena: Arena, c_bytes_per_row: int) -> None:
+        """Rows per NPU call: the largest bucket whose C scratch stays under SCRATCH_ROW_BYTES (at least 1)."""
+        ok = [b for b in arena.buckets if b * c_bytes_per_row <= SCRATCH_ROW_BYTES]
+        self.max_m = ok[-1] if ok else arena.buckets[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.n_in:
+            raise ValueError(f"x must be (M, {self.n_in}), got {x.shape}")
+        m = x.shape[0]
+        if m <= self.max_m:
+            return self._call(x)
+        out = np.empty((m, self.n_out), np.float32)
+        for r in range(0, m, self.max_m):
+            out[r:r + self.max_m] = self._call(x[r:r + self.max_m])
+        return out
+
+    def _call(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        op = self.ops[0]
+        return (f"{self.spec.name}: {self._npu()}, K {op.k} in {op.n_chunks} x {op.chunk_k}, "
+                f"N {op.n} on {len(op.slices)} core(s), {sum(o.b_bytes for o in self.ops)} B bytes, "
+                f"domain {op.domain}")
+
+    def _npu(self) -> str:
+        return "FP16xFP16->FP32"
+
+    def close(self) -> None:
+        for op in self.ops:
+            op.close()
+        self.ops = []
+
+
+def _chunked(a: np.ndarray, n_chunks: int, chunk_k: int) -> np.ndarray:
+    """(R, K) -> (n_chunks, R, chunk_k) view (zero-padded copy when K < n_chunks * chunk_k)."""
+    r, k = a.shape
+    kp = n_chunks * chunk_k
+    if k < kp:
+        p = np.zeros((r, kp), a.dtype)
+        p[:, :k] = a
+        a = p
+    return a.reshape(r, n_chunks, chunk_k).transpose(1, 0, 2)
+
+
+class FloatPrepared(Prepared):
+    """W16A16: fp16 B; x rows scaled by a power of two (exact) so that fp16 neither overflows nor underflows."""
+
+    def __init__(self, spec: PipelineSpec, weight, arena: Arena, name: str):
+        w = weight if isinstance(weight, np.ndarray) else weight.dequantize()
+        super().__init__(spec, *w.shape)
+        chip = arena.chip
+        t = FLOAT16_MM_FLOAT16_TO_FLOAT32
+        if not chip.supports(t):
+            raise RknnParamInvalid(-5, "rknn_matmul_create", f"FP16xFP16->FP32 is not accepted on {chip.name}")
+        k_al, _ = chip.padded_align(t)
+        chunk_k, _ = equal_chunks(self.n_in, chip.max_k, k_al)
+        self.op = NpuMatmul(arena, w, t, chunk_k, name=name)
+        self.ops = [self.op]
+        self._set_max_m(arena, 4 * self.op.n_chunks * self.op.n_pad)
+
+    def _call(self, x: np.ndarray) -> np.ndarray:
+        amax = np.abs(x).max(axis=1, keepdims=True)
+        _, e = np.frexp(amax)
+        s = np.ldexp(np.float32(1), e - 14)  # row amax -> [2^13, 2^14): far from fp16's limits, exact
+        op = self.op
+        c = op.run(_chunked(x / s, op.n_chunks, op.chunk_k), m=x.shape[0])
+        y = c[0] if op.n_chunks == 1 else c.sum(axis=0)
+        return y * s
+
+
+class RowScaledPrepared(Prepared):
+    """Per-row int activations (after an optional rotation), weights with per-tensor or per-channel scales."""
+
+    def __init__(self, spec: PipelineSpec, weight, arena: Arena, name: str, seed: int = 0):
+        pw = qm.prepare(spec.name, weight, seed=seed)
+        super().__init__(spec, pw.n_out, pw.n_in)
+        self.rotation = pw.rotation
+        self.act_bits = spec.act_bits
+        w_bits = pw.recipe.weight_bits
+        self.real = realize(arena.chip, self.act_bits, w_bits, spec.int8_first)
+        codes = pw.codes  # (N, K') int8, K' = rotated/padded K
+        self.sw = pw.scale[:, 0][None, :] if pw.scale.shape[0] > 1 else pw.scale[0, 0]
+        b = _split_rows(codes) if self.real.b_split else codes
+        self.k_eff = codes.shape[1]
+        k_al, _ = arena.chip.padded_align(self.real.mm_type)
+        if self.real.mm_type == INT4_MM_INT4_TO_INT16:
+            a_max = 8 if self.real.a_split else qm.qmax(self.act_bits)
+            chunk_k = int16_safe_chunk(np.abs(b.astype(np.int16)), a_max, k_al, arena.chip.max_k)
+        else:
+            chunk_k, _ = equal_chunks(self.k_eff, arena.chip.max_k, k_al)
+        self.colsum = b.sum(axis=1, dtype=np.int64)  # the a-split shift term, per B column
+        self.op = NpuMatmul(arena, b, self.real.mm_type, chunk_k,
+                            row_factor=2 if self.real.a_split else 1, name=name)
+        self.ops = [self.op]
+        c_bytes = 4 if self.real.mm_type != INT4_MM_INT4_TO_INT16 else 2
+        self._set_max_m(arena, c_bytes * self.op.n_chunks * self.op.n_pad * self.op.row_factor)
+
+    def _npu(self) -> str:
+        return self.real.describe()
+
+    def _call(self, x: np.ndarray) -> np.ndarray:
+        m, op, real = x.shape[0], self.op, self.real
+        x64 = x.astype(np.float64)
+        if self.rotation is not None:
+            x64 = qm.rotate_activation(x64, self.rotation)
+        xq, sx = qm.quantize_rows(x64, self.act_bits)
+        a = _split_rows(xq) if real.a_split else xq
+        c = op.run(_chunked(a, op.n_chunks, op.chunk_k), m=m)
+        s = c[0].astype(np.int64) if op.n_chunks == 1 else c.sum(axis=0, dtype=np.int64)
+        if real.a_split:
+            s = 16 * s[:m] + s[m:] + qm.INT8_SPLIT_SHIFT * self.colsum
+        if real.b_split:
+            n = self.n_out
+            s = 16 * s[:, :n] + s[:, n:] + qm.INT8_SPLIT_SHIFT * xq.sum(axis=1, dtype=np.int64)[:, None]
+        return ((s * sx) * self.sw).astype(np.float32)
+
+
+def integer_hadamard_order(codes: np.ndarray, block: int, cap: int = 16) -> int:
+    """Largest Hadamard order h (power of two, <= cap, dividing the block) for which the codes rotated by the
+    unnormalized Sylvester H(h) within each group of h inputs still fit int8: checked on the weight itself."""
+    n, k = codes.shape
+    h = 1
+    while h * 2 <= min(cap, block):
+        r = codes.reshape(n, k // (2 * h), 2 * h).astype(np.int32) @ qm.hadamard(2 * h, normalize=False).astype(
+            np.int32)
+        if r.min() < -128 or r.max() > 127:
+            break
+        h *= 2
+    return h
+
+
+def _rotate_groups(a: np.ndarray, h: int) -> np.ndarray:
+    """Rows of a times blockdiag(H(h), ...), the unnormalized Sylvester Hadamard, in a's dtype (int32 for ints)."""
+    m, k = a.shape
+    hm = qm.hadamard(h, normalize=False).astype(np.int32 if a.dtype.kind == "i" else a.dtype)
+    return (a.reshape(m, k // h, h) @ hm).reshape(m, k)
+
+
+class GgufPrepared(Prepared):
+    """The GGUF's own integer codes, block scales/offsets on the CPU, per-group partial sums from row-expanded A.
+
+    Partial-sum groups are the GGUF blocks, or smaller activation groups (act_group=int) nested in them. With the
+    "gguf" rotation the codes of each group of h inputs are multiplied by the unnormalized Hadamard H(h) (integers:
+    still exact, and checked to fit int8), x by the same H(h); (x H)(H^T q) = h x q, so the 1/h goes with the scales.
+    """
+
+    def __init__(self, spec: PipelineSpec, weight, arena: Arena, name: str, chunk_k: int | None = None):
+        gc = qm.gguf_codes(weight)
+        n, k = gc.codes.shape
+        super().__init__(spec, n, k)
+        self.act_bits, self.block = spec.act_bits, gc.block
+        codes = gc.codes
+        self.h = 1
+        if spec.rotation == "gguf":
+            self.h = integer_hadamard_order(codes, gc.block)
+            if self.h > 1:
+                codes = _rotate_groups(codes, self.h).astype(np.int8)
+        if spec.act_group is None:
+            self.act_group, gs = None, gc.block
+        else:
+            gs = gc.block if spec.act_group == "block" else min(int(spec.act_group), gc.block)
+            self.act_group = gs
+        self.gs = gs  # inputs per partial sum
+        w_bits = 4 if int(codes.min()) >= -8 and int(codes.max()) <= 7 else 8
+        self.real = realize(arena.chip, self.act_bits, w_bits, spec.int8_first)
+        k_al, _ = arena.chip.padded_align(self.real.mm_type)
+        unit = int(np.lcm(k_al, gs))
+        want = unit if chunk_k is None else max(unit, chunk_k // unit * unit)
+        self.chunk_k = min(want, max(unit, arena.chip.max_k // unit * unit))
+        self.c = self.chunk_k // gs  # partial groups per chunk = A rows per token and pass
+        self.n_chunks = -(-k // self.chunk_k)
+        g_pad = self.n_chunks * self.c
+        b = _split_rows(codes) if self.real.b_split else codes
+        self.passes = 2 if self.real.a_split else 1
+        # per-group column sums of B (the x-split shift term), laid out (n_chunks, 1, c, n_cols)
+        gb = np.zeros((b.shape[0], g_pad * gs), np.int32)
+        gb[:, :k] = b
+        colsum = gb.reshape(b.shape[0], g_pad, gs).sum(axis=2)
+        self.colsum = np.ascontiguousarray(colsum.T.reshape(self.n_chunks, 1, self.c, b.shape[0]))
+        sw = np.zeros((g_pad, n), np.float32)  # block scale per partial group, the 1/h of the rotation folded in
+        sw[: k // gs] = np.repeat(gc.scale, gc.block // gs, axis=1).T / self.h
+        self.sw = sw.reshape(self.n_chunks, 1, self.c, n)  # (chunk, -, group in chunk, col)
+        self.offset = None if gc.offset is None else gc.offset.T.astype(np.float32)  # (blocks, N)
+        self.op = NpuMatmul(arena, b, self.real.mm_type, self.chunk_k, row_factor=self.c * self.passes, name=name)
+        self.ops = [self.op]
+        c_bytes = 4 if self.real.mm_type != INT4_MM_INT4_TO_INT16 else 2
+        self._set_max_m(arena, (c_bytes + 8) * self.n_chunks * self.op.n_pad * self.op.row_factor)
+
+    def _npu(self) -> str:
+        rot = f", codes x H({self.h})" if self.h > 1 else ""
+        return f"{self.real.describe()}, {self.c} group(s) of {self.gs} per chunk{rot}"
+
+    def _call(self, x: np.ndarray) -> np.ndarray:
+        m, op, c, gs, nch = x.shape[0], self.op, self.c, self.gs, self.n_chunks
+        x64 = x.astype(np.float64)
+        xr = _rotate_groups(x64, self.h) if self.h > 1 else x64
+        xq, sx = qm.quantize_rows(xr, self.act_bits, self.act_group)
+        kp = nch * c * gs
+        if kp > self.n_in:
+            xq = np.pad(xq, ((0, 0), (0, kp - self.n_in)))
+        parts = _split_rows(xq).reshape(2, m, kp) if self.real.a_split else xq[None]
+        e = np.zeros((nch, self.passes, m, c, c, gs), np.int8)
+        ar = np.arange(c)
+        for p in range(self.passes):
+            e[:, p][:, :, ar, ar, :] = parts[p].reshape(m, nch, c, gs).transpose(1, 0, 2, 3)
+        out = op.run(e.reshape(nch, self.passes * m * c, c * gs), m=m)
+        r = out.reshape(nch, self.passes, m, c, out.shape[-1])
+        if self.real.a_split:
+            s = 16 * r[:, 0].astype(np.int32) + r[:, 1] + qm.INT8_SPLIT_SHIFT * self.colsum
+        else:
+            s = r[:, 0]
+        if self.real.b_split:
+            n = self.n_out
+            rowsum = xq.reshape(m, nch, c, gs).sum(axis=3, dtype=np.int32).transpose(1, 0, 2)[..., None]
+            s = 16 * s[..., :n].astype(np.int32) + s[..., n:] + qm.INT8_SPLIT_SHIFT * rowsum
+        p = s.astype(np.float32) * self.sw  # (chunk, m, group, n): exact integers times exact group scales
+        if self.act_group is None:
+            y = p.sum(axis=(0, 2)) * sx.astype(np.float32)
+        else:
+            g = sx.shape[1]
+            sxp = np.zeros((m, nch * c), np.float32)
+            sxp[:, :g] = sx
+            y = np.einsum("jmcn,mjc->mn", p, sxp.reshape(m, nch, c), optimize=True)
+        if self.offset is not None:
+            y += qm.group_sums(x64, self.offset.shape[0]).astype(np.float32) @ self.offset
+        return y
+
+
+def prepare(name: str, weight, arena: Arena, *, gguf_chunk: int | None = None, seed: int = 0) -> Prepared:
+    """Quantize and place a weight (npulm.linear.Weight, or a float (N, K) array for non-GGUF pipelines) for the
+    named pipeline. Raises ValueError for an unknown name, RknnError when the NPU refuses."""
+    spec = pipeline_spec(name)
+    tensor = getattr(weight, "name", "")
+    if spec.weights == "fp16":
+        return FloatPrepared(spec, weight, arena, tensor)
+    if spec.weights == "gguf":
+        return GgufPrepared(spec, weight, arena, tensor, gguf_chunk)
+    return RowScaledPrepared(spec, weight, arena, tensor, seed)
+
+
+def table_markdown() -> str:
+    """The pipeline table as Markdown (for the README and reports)."""
+    rows = ["| pipeline | weights | activations | rotation | origin | what |", "|---|---|---|---|---|---|"]
+    for p in PIPELINES.values():
+        group = {None: "row", "block": "(row, block)"}.get(p.act_group, f"(row, {p.act_group} inputs)")
+        act = "fp16" if p.act_bits == 16 else f"int{p.act_bits} per {group}"
+        rows.append(f"| {p.name} | {p.weights} | {act} | {p.rotation} | {p.origin} | {p.summary} |")
+    return "\n".join(rows)
