@@ -197,6 +197,10 @@ def main() -> None:
     if not cpu.available():
         sys.exit("npulm.cpu._kernels is not built")
     cpu.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: other processes share the cores, timings "
+              "are inflated (compare with the single-thread CPU-time figures of a quiet run)")
     for model in args.models:
         bench_model(model, args)
     if args.overhead:
