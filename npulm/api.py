@@ -79,11 +79,9 @@ class Llama:
 
     @staticmethod
     def set_threads(n: int) -> None:
-        try:
-            from .cpu import set_threads
-        except ImportError:  # no compiled kernels: numpy/BLAS picks its own threads
-            return
-        set_threads(n)
+        from .cpu import set_num_threads  # without compiled kernels this is a no-op: BLAS picks its threads
+
+        set_num_threads(n)
 
     # --- tokens ----------------------------------------------------------------------------------------------
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
