@@ -51,7 +51,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType as Q
 
 from . import quant as qm
-from .planner import Arena, NpuMatmul, equal_chunks, int16_safe_chunk
+from .planner import Arena, NpuMatmul, ceil_to, equal_chunks, int16_safe_chunk
 from .rknn import (
     FLOAT16_MM_FLOAT16_TO_FLOAT32,
     INT4_MM_INT4_TO_INT16,
@@ -60,7 +60,7 @@ from .rknn import (
     RknnParamInvalid,
 )
 
-SCRATCH_ROW_BYTES = 64 << 20  # cap on the C scratch of one call: rows per call are limited to keep C under this
+SCRATCH_ROW_BYTES = 256 << 20  # cap on one call's C scratch (and host temporaries): bounds the rows per call
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,8 @@ PIPELINES: dict[str, PipelineSpec] = {p.name: p for p in [
 ]}
 
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+BEST_W8A8 = "W8A8_GGUF_HADAMARD"  # the default for 8-bit-ish GGUF types (Q8_0, Q5_x, Q6_K, ...)
+BEST_4BIT = "W4A8_GGUF_BLOCK"  # the default for 4-bit GGUF types on chips with INT4
 GGUF_4BIT = (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q2_K, Q.Q3_K)
 
 
@@ -128,9 +130,9 @@ def auto_pipeline(qtype: Q, chip) -> str:
     if qtype in FLOAT_TYPES:
         return "W16A16"
     if qtype in GGUF_4BIT and has_int4(chip):
-        return "W4A8_GGUF_BLOCK"
+        return BEST_4BIT
     if qtype in qm.GGUF_EXACT_TYPES:
-        return "W8A8_GGUF_HADAMARD"
+        return BEST_W8A8
     return "W8A8_HADAMARD"
 
 
@@ -371,24 +373,32 @@ class GgufPrepared(Prepared):
         unit = int(np.lcm(k_al, gs))
         want = unit if chunk_k is None else max(unit, chunk_k // unit * unit)
         self.chunk_k = min(want, max(unit, arena.chip.max_k // unit * unit))
-        self.c = self.chunk_k // gs  # partial groups per chunk = A rows per token and pass
-        self.n_chunks = -(-k // self.chunk_k)
-        g_pad = self.n_chunks * self.c
-        b = _split_rows(codes) if self.real.b_split else codes
+        self.c = c = self.chunk_k // gs  # partial groups per chunk = A rows per token and pass
+        self.n_chunks = nch = -(-k // self.chunk_k)
+        g_pad = nch * c
         self.passes = 2 if self.real.a_split else 1
-        # per-group column sums of B (the x-split shift term), laid out (n_chunks, 1, c, n_cols)
-        gb = np.zeros((b.shape[0], g_pad * gs), np.int32)
-        gb[:, :k] = b
-        colsum = gb.reshape(b.shape[0], g_pad, gs).sum(axis=2)
-        self.colsum = np.ascontiguousarray(colsum.T.reshape(self.n_chunks, 1, self.c, b.shape[0]))
-        sw = np.zeros((g_pad, n), np.float32)  # block scale per partial group, the 1/h of the rotation folded in
-        sw[: k // gs] = np.repeat(gc.scale, gc.block // gs, axis=1).T / self.h
-        self.sw = sw.reshape(self.n_chunks, 1, self.c, n)  # (chunk, -, group in chunk, col)
-        self.offset = None if gc.offset is None else gc.offset.T.astype(np.float32)  # (blocks, N)
-        self.op = NpuMatmul(arena, b, self.real.mm_type, self.chunk_k, row_factor=self.c * self.passes, name=name)
+        sub = arena.chip.tiles(self.real.mm_type)[3]  # C native tile along N
+        self.n_half = ceil_to(n, sub)  # weight halves start on a C tile
+        if self.real.b_split:
+            hi, lo = qm.split_int8_to_int4(codes)
+            b = np.zeros((2 * self.n_half, k), np.int8)
+            b[:n], b[self.n_half: self.n_half + n] = hi, lo
+        else:
+            b = codes
+        self.op = NpuMatmul(arena, b, self.real.mm_type, self.chunk_k, row_factor=c * self.passes, name=name)
         self.ops = [self.op]
+        a1 = self.op.n_pad // sub
+        # Epilogue constants in C's native layout (chunk, N/sub, token, group in chunk, N % sub):
+        gb = np.zeros((self.op.n_pad, g_pad * gs), np.int32)
+        gb[: b.shape[0], :k] = b
+        colsum = gb.reshape(self.op.n_pad, g_pad, gs).sum(axis=2)  # the x-split shift term, per group
+        self.colsum = np.ascontiguousarray(colsum.T.reshape(nch, c, a1, sub).transpose(0, 2, 1, 3)[:, :, None])
+        sw = np.zeros((g_pad, self.n_half), np.float32)  # block scale per group, the rotation's 1/h folded in
+        sw[: k // gs, :n] = np.repeat(gc.scale, gc.block // gs, axis=1).T / self.h
+        self.sw = np.ascontiguousarray(sw.reshape(nch, c, self.n_half // sub, sub).transpose(0, 2, 1, 3)[:, :, None])
+        self.offset = None if gc.offset is None else gc.offset.T.astype(np.float32)  # (blocks, N)
         c_bytes = 4 if self.real.mm_type != INT4_MM_INT4_TO_INT16 else 2
-        self._set_max_m(arena, (c_bytes + 8) * self.n_chunks * self.op.n_pad * self.op.row_factor)
+        self._set_max_m(arena, (c_bytes + 8) * nch * self.op.n_pad * self.op.row_factor)
 
     def _npu(self) -> str:
         rot = f", codes x H({self.h})" if self.h > 1 else ""
@@ -407,27 +417,31 @@ class GgufPrepared(Prepared):
         ar = np.arange(c)
         for p in range(self.passes):
             e[:, p][:, :, ar, ar, :] = parts[p].reshape(m, nch, c, gs).transpose(1, 0, 2, 3)
-        out = op.run(e.reshape(nch, self.passes * m * c, c * gs), m=m)
-        r = out.reshape(nch, self.passes, m, c, out.shape[-1])
-        if self.real.a_split:
-            s = 16 * r[:, 0].astype(np.int32) + r[:, 1] + qm.INT8_SPLIT_SHIFT * self.colsum
+        out = op.run_native(e.reshape(nch, self.passes * m * c, c * gs), m=m)  # (nch, N/sub, rows, sub)
+        v = out.reshape(nch, out.shape[1], self.passes, m, c, out.shape[3])
+        if self.real.a_split:  # x = 16 hi + lo + 8
+            t = 16 * v[:, :, 0].astype(np.int32) + v[:, :, 1] + qm.INT8_SPLIT_SHIFT * self.colsum
         else:
-            s = r[:, 0]
-        if self.real.b_split:
-            n = self.n_out
-            rowsum = xq.reshape(m, nch, c, gs).sum(axis=3, dtype=np.int32).transpose(1, 0, 2)[..., None]
-            s = 16 * s[..., :n].astype(np.int32) + s[..., n:] + qm.INT8_SPLIT_SHIFT * rowsum
-        p = s.astype(np.float32) * self.sw  # (chunk, m, group, n): exact integers times exact group scales
+            t = v[:, :, 0]
+        a_h = self.n_half // out.shape[3]
+        if self.real.b_split:  # W = 16 hi + lo + 8
+            rowsum = xq.reshape(m, nch, c, gs).sum(axis=3, dtype=np.int32).transpose(1, 0, 2)[:, None, :, :, None]
+            t = 16 * t[:, :a_h].astype(np.int32) + t[:, a_h: 2 * a_h] + qm.INT8_SPLIT_SHIFT * rowsum
+        else:
+            t = t[:, :a_h]
+        p = t.astype(np.float32)  # exact integer partials (chunk, N/sub, token, group, N % sub)
+        p *= self.sw
         if self.act_group is None:
-            y = p.sum(axis=(0, 2)) * sx.astype(np.float32)
+            y = p.sum(axis=(0, 3)) * sx.astype(np.float32)[None]
         else:
-            g = sx.shape[1]
             sxp = np.zeros((m, nch * c), np.float32)
-            sxp[:, :g] = sx
-            y = np.einsum("jmcn,mjc->mn", p, sxp.reshape(m, nch, c), optimize=True)
+            sxp[:, : sx.shape[1]] = sx
+            p *= sxp.reshape(m, nch, c).transpose(1, 0, 2)[:, None, :, :, None]
+            y = p.sum(axis=(0, 3))
+        y = y.transpose(1, 0, 2).reshape(m, -1)[:, : self.n_out]
         if self.offset is not None:
-            y += qm.group_sums(x64, self.offset.shape[0]).astype(np.float32) @ self.offset
-        return y
+            y = y + qm.group_sums(x64, self.offset.shape[0]).astype(np.float32) @ self.offset
+        return np.ascontiguousarray(y)
 
 
 def prepare(name: str, weight, arena: Arena, *, gguf_chunk: int | None = None, seed: int = 0) -> Prepared:

@@ -37,7 +37,7 @@ from .runtime import MatmulInfo, Mem, Runtime
 
 log = logging.getLogger("npulm.npu")
 
-BUCKETS = (1, 4, 16, 64, 256, 512)  # token rows per call a context is created for; A rows are padded up to one
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # token rows a context is made for (on first use); A rows padded up
 SEGMENT_ALIGN = 64  # byte alignment of B segments inside an allocation
 SCRATCH_SHARE = 8  # 1/8 of each IOMMU domain is kept free for the A/C scratch when placing weights
 INT16_MAX = 32767
@@ -168,7 +168,8 @@ class Arena:
         self.rt, self.chip = rt, rt.chip
         self.buckets = tuple(sorted(set(buckets)))
         self.lock = threading.RLock()
-        self.used = [0] * self.chip.n_domains
+        self.used = [0] * self.chip.n_domains  # bytes allocated per IOMMU domain
+        self.weight_bytes = [0] * self.chip.n_domains  # of which weights (placement keeps these under the cap)
         self.scratch_reserve = self.chip.domain_bytes // scratch_share
         self._anchors: dict[int, int] = {}
         # weak: a scratch buffer is freed once no context binds it (e.g. after the model is dropped)
@@ -197,8 +198,9 @@ class Arena:
     def place(self, nbytes: int) -> int:
         """The first IOMMU domain with room for nbytes of weights (keeping the scratch share free)."""
         cap = self.chip.domain_bytes - self.scratch_reserve
-        for d, used in enumerate(self.used):
+        for d, used in enumerate(self.weight_bytes):
             if used + nbytes <= cap:
+                self.weight_bytes[d] += nbytes
                 return d
         raise MemoryError(f"no IOMMU domain has {nbytes} bytes free ({self.chip.n_domains} domains of "
                           f"{self.chip.domain_bytes} bytes)")
@@ -295,7 +297,7 @@ class NpuMatmul:
         self.a_sub, _, _, self.c_sub = self.chip.tiles(mm_type)
         self.buckets: dict[int, _Bucket] = {}
         self.allocs: list[Mem] = []
-        self.domain = 0
+        self.domain, self.b_bytes = 0, 0
         self._closed = False
         self._pack(b)
         if eager:
@@ -323,6 +325,7 @@ class NpuMatmul:
         groups.append((cur, total))
         need = sum(t for _, t in groups)
         self.domain = self.arena.place(need)
+        self.b_bytes = need
         self.offsets: dict[tuple[int, int], tuple[Mem, int]] = {}
         kp = self.n_chunks * self.chunk_k
         dtype = np.float16 if self.b_dt == "fp16" else np.int8
@@ -344,7 +347,6 @@ class NpuMatmul:
         except BaseException:
             self.close()
             raise
-        self.b_bytes = need
 
     def bucket(self, m: int) -> _Bucket:
         """The contexts for m token rows (created on first use)."""
@@ -402,18 +404,24 @@ class NpuMatmul:
     def run(self, a: np.ndarray, m: int | None = None) -> np.ndarray:
         """a: (n_chunks, R, chunk_k) values (any real dtype holding the element type's values; R = m * row_factor)
         -> C (n_chunks, R, N), a view of the shared scratch: use it before the next call (hold `arena.lock`)."""
+        c = self.run_native(a, m)
+        nch, r = c.shape[0], c.shape[2]
+        if r == 1:
+            out = c.reshape(nch, 1, self.n_pad)
+        else:
+            out = c.transpose(0, 2, 1, 3).reshape(nch, r, self.n_pad)
+        return out[:, :, : self.n]
+
+    def run_native(self, a: np.ndarray, m: int | None = None) -> np.ndarray:
+        """As `run`, but C stays in the native layout: (n_chunks, N_pad / s, R, s), C[j, r, n] at [j, n // s, r, n % s]
+        (no copy: epilogues that reduce over chunks read it in place)."""
         nch, r, kc = a.shape
         if nch != self.n_chunks or kc != self.chunk_k:
             raise ValueError(f"A must be ({self.n_chunks}, R, {self.chunk_k}), got {a.shape}")
         bk = self.bucket(-(-r // self.row_factor) if m is None else m)
         self._write_a(bk, a, r)
         self.arena.run_cores(bk.ctxs)
-        c = bk.c_arr[:, :, :r, :]
-        if r == 1:
-            out = c.reshape(nch, 1, self.n_pad)
-        else:
-            out = c.transpose(0, 2, 1, 3).reshape(nch, r, self.n_pad)
-        return out[:, :, : self.n]
+        return bk.c_arr[:, :, :r, :]
 
     def _write_a(self, bk: _Bucket, a: np.ndarray, r: int) -> None:
         nch, kc, sub = self.n_chunks, self.chunk_k, self.a_sub
@@ -459,6 +467,8 @@ class NpuMatmul:
             except Exception:
                 pass
         self.allocs.clear()
+        self.arena.weight_bytes[self.domain] -= self.b_bytes
+        self.b_bytes = 0
 
     def __del__(self) -> None:
         try:

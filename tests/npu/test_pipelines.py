@@ -1,0 +1,226 @@
+"""NPU pipelines on the emulator: error against float64, equality with the quant simulations and with an independent
+float64 model of each recipe, invariance to the N-split over cores and the K-split into chunks, INT16 safety."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gguf
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType as T
+
+from npulm.linear import Weight
+from npulm.npu import pipelines as P
+from npulm.npu import quant as qm
+from npulm.npu.chips import get_chip
+from npulm.npu.emulator import EmulatorRuntime
+from npulm.npu.planner import Arena
+
+N, K, M = 192, 576, 6
+
+# Relative Frobenius error ||y - x W^T|| / ||x W^T|| on N(0, 1) activations with one channel 20x larger, W the
+# dequantized weight: the stated bound for each pipeline (measured values are about 2/3 of these).
+BOUNDS = {
+    "W16A16": 1e-3, "W8A8_STANDARD": 0.07, "W8A8_CHANNEL": 0.07, "W8A8_HADAMARD": 0.02, "W8A8_GGUF_HADAMARD": 0.015,
+    "W4A4_HADAMARD": 0.25, "W4A4_CHANNEL": 0.2, "W4A8_CHANNEL": 0.14, "W4A8_GGUF": 0.06, "W4A8_GGUF_BLOCK": 0.015,
+    "W4A4_GGUF_BLOCK": 0.22, "W4A4_GGUF_HADAMARD": 0.11,
+}
+
+
+def test_every_pipeline_has_a_bound():
+    assert set(BOUNDS) == set(P.PIPELINES)
+
+
+@pytest.fixture(scope="module")
+def arena() -> Arena:
+    return Arena(EmulatorRuntime("rk3588", int16_overflow="raise"))
+
+
+def make_weight(qtype: T, n: int = N, k: int = K, seed: int = 0) -> Weight:
+    w = (np.random.default_rng(seed).standard_normal((n, k)) * 0.1).astype(np.float32)
+    raw = w if qtype == T.F32 else gguf.quants.quantize(w, qtype)
+    return Weight(f"blk.0.test.{qtype.name}", qtype, n, k, raw)
+
+
+def activations(m: int = M, k: int = K, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, 7] *= 20
+    return x
+
+
+def reference(x: np.ndarray, w: Weight) -> np.ndarray:
+    return x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_0, T.Q8_0, T.Q5_0])
+@pytest.mark.parametrize("name", list(P.PIPELINES))
+def test_pipeline_error_and_simulation(arena, name, qtype):
+    w, x = make_weight(qtype), activations()
+    pr = P.prepare(name, w, arena)
+    try:
+        y = pr(x)
+        assert y.shape == (M, N) and y.dtype == np.float32
+        assert qm.relative_error(y, reference(x, w)) < BOUNDS[name]
+        if name in qm.PIPELINES and not (name == "W4A4_GGUF_BLOCK" and qtype in (T.Q8_0, T.Q5_0)):
+            # the same recipe in float64: equal up to float32 rounding of the NPU sums and the epilogue
+            assert qm.relative_error(y, qm.simulate(name, x, w)) < 2e-6
+    finally:
+        pr.close()
+
+
+def test_float_pipeline_on_float_weight(arena):
+    w, x = make_weight(T.F32), activations()
+    pr = P.prepare("W16A16", w, arena)
+    assert qm.relative_error(pr(x), qm.simulate("W16A16", x, w)) < 2e-6
+    pr.close()
+
+
+def test_w16a16_scales_rows_out_of_fp16_range(arena):
+    """Rows far beyond fp16's range (or deep in its subnormals) are scaled by a power of two, not clipped."""
+    w, x = make_weight(T.F16), activations()
+    x[0] *= 1e5
+    x[1] *= 1e-7
+    pr = P.prepare("W16A16", w, arena)
+    y, ref = pr(x), reference(x, w)
+    for r in range(M):
+        assert qm.relative_error(y[r], ref[r]) < 1e-3
+    pr.close()
+
+
+def rotate_groups_f64(a: np.ndarray, h: int) -> np.ndarray:
+    m, k = a.shape
+    return (a.reshape(m, k // h, h) @ qm.hadamard(h, normalize=False)).reshape(m, k)
+
+
+@pytest.mark.parametrize("name", ["W8A8_GGUF_HADAMARD", "W4A4_GGUF_HADAMARD", "W4A8_GGUF_BLOCK"])
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_0, T.Q5_0, T.Q8_0])
+def test_gguf_pipelines_equal_their_float64_model(arena, name, qtype):
+    """Independent float64 model: x rotated by H(h) within groups of h, quantized per (row, group), rotated back,
+    times the exact GGUF weight (the codes part), plus the offset part on the float x. Only x is approximated."""
+    w, x = make_weight(qtype), activations()
+    pr = P.prepare(name, w, arena)
+    spec = P.PIPELINES[name]
+    gc = qm.gguf_codes(w)
+    h = pr.h
+    if spec.rotation == "gguf" and qtype in (T.Q4_0, T.Q4_1):
+        assert h == 16  # 4-bit codes times H(16) stay within int8
+    group = gc.block if spec.act_group == "block" else spec.act_group
+    x64 = x.astype(np.float64)
+    xq, sx = qm.quantize_rows(rotate_groups_f64(x64, h) if h > 1 else x64, spec.act_bits, group)
+    xhat = qm.dequantize_codes(xq, sx)
+    if h > 1:
+        xhat = rotate_groups_f64(xhat, h) / h  # H H^T = h I
+    ref = xhat @ qm.dequantize_codes(gc.codes, gc.scale).T
+    if gc.offset is not None:
+        ref += qm.group_sums(x64, gc.offset.shape[1]) @ gc.offset.T
+    y = pr(x)
+    assert qm.relative_error(y, ref) < 2e-6
+    pr.close()
+
+
+def test_integer_hadamard_order_checks_the_weight():
+    codes = np.full((2, 32), -8, np.int8)
+    assert P.integer_hadamard_order(codes, 32) == 16  # 16 * -8 = -128 still fits
+    codes[:, :] = 7
+    codes[0, :16] = -8  # row sums of H(16) reach -128 and +127 at most
+    assert P.integer_hadamard_order(codes, 32) == 16
+    assert P.integer_hadamard_order(np.full((1, 32), 127, np.int8), 32) == 1
+    assert P.integer_hadamard_order(np.full((1, 32), 15, np.int8), 32) == 8  # 15 * 8 = 120; 15 * 16 = 240 > 127
+
+
+def _arena_for(chip) -> Arena:
+    return Arena(EmulatorRuntime(chip, int16_overflow="raise"))
+
+
+ONE_CORE = dataclasses.replace(get_chip("rk3588"), name="rk3588-1core", core_masks=frozenset(), n_cores=1)
+SMALL_K = dataclasses.replace(get_chip("rk3588"), name="rk3588-k128", max_k=128)
+
+
+@pytest.mark.parametrize("name", [n for n in P.PIPELINES if n != "W16A16"])
+def test_n_split_and_k_split_are_exact_for_integer_pipelines(name):
+    w, x = make_weight(T.Q4_1, n=320), activations()
+    base = P.prepare(name, w, _arena_for(ONE_CORE))
+    y0 = base(x)
+    assert len(base.ops[0].slices) == 1
+    split = P.prepare(name, w, _arena_for(get_chip("rk3588")))
+    assert len(split.ops[0].slices) > 1
+    assert np.array_equal(split(x), y0)
+    if P.PIPELINES[name].weights == "gguf":
+        chunked = P.prepare(name, w, _arena_for(get_chip("rk3588")), gguf_chunk=256)
+        assert chunked.ops[0].n_chunks < split.ops[0].n_chunks
+    else:
+        chunked = P.prepare(name, w, _arena_for(SMALL_K))
+        assert chunked.ops[0].n_chunks > split.ops[0].n_chunks
+    assert np.array_equal(chunked(x), y0)
+
+
+def test_n_split_and_k_split_w16a16():
+    w, x = make_weight(T.F16, n=320), activations()
+    y0 = P.prepare("W16A16", w, _arena_for(ONE_CORE))(x)
+    y1 = P.prepare("W16A16", w, _arena_for(get_chip("rk3588")))(x)
+    assert qm.relative_error(y1, y0) < 1e-6
+    pr = P.prepare("W16A16", w, _arena_for(SMALL_K))
+    assert pr.ops[0].n_chunks == 5
+    assert qm.relative_error(pr(x), y0) < 1e-6  # chunk sums added on the CPU: fp32 rounding order differs
+
+
+def test_rows_beyond_the_largest_bucket_are_split(arena):
+    w = make_weight(T.Q4_0)
+    x = activations(m=1100, seed=3)
+    pr = P.prepare("W8A8_CHANNEL", w, arena)
+    y = pr(x)
+    assert np.array_equal(y[600:610], pr(x[600:610]))  # per-row quantization: rows are independent
+    assert qm.relative_error(y, qm.simulate("W8A8_CHANNEL", x, w)) < 2e-6
+    pr.close()
+
+
+@pytest.mark.parametrize("name", ["W4A4_HADAMARD", "W4A4_CHANNEL", "W4A8_CHANNEL", "W4A8_GGUF_BLOCK",
+                                  "W4A4_GGUF_HADAMARD"])
+def test_int4_paths_never_overflow_int16(arena, name):
+    """Extreme activations (every row at its clamp) against the certified K-chunks: the emulator raises on any
+    INT16 overflow (int16_overflow="raise"), so passing means every partial stayed in range."""
+    w = make_weight(T.Q4_0, n=256, k=2048, seed=5)
+    x = np.ones((4, 2048), np.float32)
+    x[1] = -1
+    x[2, ::2] = -1
+    x[3] = np.sign(w.dequantize()[0])  # aligned with one weight row: the largest possible partial for that column
+    pr = P.prepare(name, w, arena)
+    assert qm.relative_error(pr(x), reference(x, w)) < BOUNDS[name] * 2
+    pr.close()
+
+
+def test_auto_pipeline_by_type_and_chip():
+    rk3588, rk3568 = get_chip("rk3588"), get_chip("rk3568")
+    assert P.auto_pipeline(T.F16, rk3588) == "W16A16"
+    assert P.auto_pipeline(T.F32, rk3568) == "W16A16"
+    assert P.auto_pipeline(T.BF16, rk3588) == "W16A16"
+    for t in (T.Q8_0, T.Q5_0, T.Q5_1, T.Q6_K, T.Q5_K):
+        assert P.PIPELINES[P.auto_pipeline(t, rk3588)].act_bits == 8
+        assert P.auto_pipeline(t, rk3588).startswith("W8A8")
+    for t in (T.Q4_0, T.Q4_1, T.Q4_K):
+        assert P.auto_pipeline(t, rk3588) == P.BEST_4BIT
+        assert P.auto_pipeline(t, rk3568).startswith("W8A8")  # no INT4 on RK3566/68
+    assert P.auto_pipeline(T.IQ2_XS, rk3588) == "W8A8_HADAMARD"  # no exact codes: requantized
+
+
+def test_resolve_keeps_weights_exact():
+    chip = get_chip("rk3588")
+    assert P.resolve("W4A8_GGUF_BLOCK", T.F16, chip) == "W16A16"  # a GGUF pipeline on a float weight
+    assert P.resolve("w8a8_channel", T.Q4_0, chip) == "W8A8_CHANNEL"
+    assert P.resolve("auto", T.Q8_0, chip) == P.auto_pipeline(T.Q8_0, chip)
+    with pytest.raises(ValueError, match="known: W16A16"):
+        P.resolve("W3A3_MAGIC", T.Q8_0, chip)
+
+
+def test_realization_follows_the_chip():
+    rk3588, rk3568, rk3576 = get_chip("rk3588"), get_chip("rk3568"), get_chip("rk3576")
+    r = P.realize(rk3588, 8, 4)
+    assert (r.mm_type, r.a_split, r.b_split) == (10, True, False)  # two INT4 passes: INT8xINT4 is not accepted
+    assert P.realize(rk3588, 4, 4).mm_type == 10
+    r = P.realize(rk3588, 4, 8)
+    assert (r.mm_type, r.b_split) == (10, True)
+    assert P.realize(rk3588, 8, 8).mm_type == 2
+    assert P.realize(rk3568, 4, 4).mm_type == 2  # int4 values in int8: same numbers, no INT4 on this chip
+    assert P.realize(rk3576, 8, 4).mm_type == 2
