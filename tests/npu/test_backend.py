@@ -1,0 +1,188 @@
+"""The NPU Linear: configuration, fallback to the CPU path (one warning, identical output), placement on models,
+freeing NPU memory with the model, and tiny models end to end on the emulator."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import warnings
+
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType as T
+
+from npulm import Llama
+from npulm.gguf import GGUFFile
+from npulm.linear import Weight, make_linear
+from npulm.npu import backend, configure
+from npulm.npu import pipelines as P
+from npulm.npu.chips import get_chip
+from npulm.npu.emulator import EmulatorRuntime
+from npulm.npu.rknn import RknnTimeout
+from npulm.placement import Placement, parse_overrides
+
+
+class FlakyRuntime(EmulatorRuntime):
+    """The emulator, with rknn_matmul_run failing (as a timed-out NPU would) once `fail` is set."""
+
+    fail = False
+
+    def run(self, ctx: int) -> None:
+        if self.fail:
+            raise RknnTimeout(-2, "rknn_matmul_run", "injected")
+        super().run(ctx)
+
+
+@pytest.fixture(autouse=True)
+def fresh_emulator():
+    rt = configure(runtime=EmulatorRuntime("rk3588"))
+    yield rt
+    configure(runtime=EmulatorRuntime("rk3588"))
+
+
+def weights(path, *names: str) -> list[Weight]:
+    g = GGUFFile(path)
+    return [Weight.from_gguf(g, n) for n in names]
+
+
+def x_for(w: Weight, m: int = 3) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((m, w.n_in)).astype(np.float32)
+
+
+def fallback_warnings(record) -> list:
+    return [r for r in record if issubclass(r.category, backend.NpuFallbackWarning)]
+
+
+def test_runtime_failure_falls_back_once_with_cpu_output(tiny_models):
+    rt = FlakyRuntime("rk3588")
+    configure(runtime=rt)
+    w1, w2 = weights(tiny_models["llama-q4_0"], "blk.0.attn_q.weight", "blk.1.ffn_down.weight")
+    l1, l2 = make_linear(w1, "npu:W8A8_CHANNEL"), make_linear(w2, "npu:auto")
+    x1, x2 = x_for(w1), x_for(w2)
+    assert l1.on_npu and l2.on_npu
+    before = l1(x1)
+    rt.fail = True
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        y1, y2 = l1(x1), l2(x2)
+        l1(x1)
+    assert len(fallback_warnings(record)) == 1
+    assert "blk.0.attn_q.weight" in str(fallback_warnings(record)[0].message)
+    assert "RKNN_ERR_TIMEOUT" in str(fallback_warnings(record)[0].message)
+    assert np.array_equal(y1, make_linear(w1, "cpu")(x1)) and np.array_equal(y2, make_linear(w2, "cpu")(x2))
+    assert not l1.on_npu and not np.array_equal(before, y1)  # it was the NPU path before
+    assert backend.fallbacks() == ["blk.0.attn_q.weight", "blk.1.ffn_down.weight"]
+
+
+def test_chip_refusing_the_type_falls_back_at_load(tiny_models):
+    fp16_only = dataclasses.replace(get_chip("rk3588"), name="rk3588-fp16only", matmul_types=frozenset({1}))
+    configure(runtime=EmulatorRuntime(fp16_only))
+    ws = weights(tiny_models["llama-q8_0"], "blk.0.attn_q.weight", "blk.0.attn_k.weight")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        lins = [make_linear(w, "npu:W8A8_HADAMARD") for w in ws]
+        fp16 = make_linear(ws[0], "npu:W16A16")
+    assert len(fallback_warnings(record)) == 1
+    assert [lin.on_npu for lin in lins] == [False, False] and fp16.on_npu
+    for lin, w in zip(lins, ws):
+        assert np.array_equal(lin(x_for(w)), make_linear(w, "cpu")(x_for(w)))
+
+
+def test_new_configuration_warns_again(tiny_models):
+    fp16_only = dataclasses.replace(get_chip("rk3588"), name="rk3588-fp16only", matmul_types=frozenset({1}))
+    (w,) = weights(tiny_models["llama-q8_0"], "blk.0.attn_q.weight")
+    for _ in range(2):
+        configure(runtime=EmulatorRuntime(fp16_only))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            make_linear(w, "npu:W8A8_CHANNEL")
+        assert len(fallback_warnings(record)) == 1
+
+
+def test_unknown_pipeline_is_an_error(tiny_models):
+    (w,) = weights(tiny_models["llama-q8_0"], "blk.0.attn_q.weight")
+    with pytest.raises(ValueError, match="W4A8_GGUF_BLOCK"):
+        make_linear(w, "npu:W5A5_NOPE")
+
+
+def test_configure_says_which_runtime(capsys):
+    rt = configure(runtime="emulator", chip="rk3576")
+    assert rt.kind == "emulator" and rt.chip.name == "rk3576"
+    err = capsys.readouterr().err
+    assert "emulator" in err and "rk3576" in err and "not a board" in err
+    assert configure(chip="rk3576") is rt  # same choice: same runtime, nothing printed
+    assert capsys.readouterr().err == ""
+
+
+def test_chip_without_int4_runs_w8a8(tiny_models):
+    configure(runtime=EmulatorRuntime("rk3568"))
+    (w,) = weights(tiny_models["llama-q4_0"], "blk.0.ffn_up.weight")
+    lin = make_linear(w, "npu:auto")
+    assert lin.on_npu and lin.pipeline == P.auto_pipeline(T.Q4_0, get_chip("rk3568"))
+    assert lin.pipeline.startswith("W8A8")
+    forced = make_linear(w, "npu:W4A8_GGUF_BLOCK")  # int4 recipe, INT8xINT8 realization: same numbers
+    ref = make_linear(w, "cpu-ref")(x_for(w))
+    assert forced.on_npu and np.linalg.norm(forced(x_for(w)) - ref) < 0.02 * np.linalg.norm(ref)
+
+
+def test_placement_layers_and_overrides(tiny_models):
+    path = tiny_models["llama-q4_0"]
+    g = GGUFFile(path)
+    w = {n: Weight.from_gguf(g, n) for n in ("blk.0.attn_q.weight", "blk.1.attn_q.weight", "blk.1.ffn_down.weight",
+                                            "output.weight")}
+    p = Placement(n_layer=2, npu_layers=1)
+    assert [p.spec_for(w[n]) for n in w] == ["cpu", "npu:auto", "npu:auto", "cpu"]
+    p = Placement(n_layer=2, npu_layers="all", pipeline="W4A4_CHANNEL",
+                  overrides=parse_overrides(["blk.1.ffn_down.*=cpu", "blk.0.*=W8A8_HADAMARD"]))
+    assert [p.spec_for(w[n]) for n in w] == ["npu:W8A8_HADAMARD", "npu:W4A4_CHANNEL", "cpu", "npu:W4A4_CHANNEL"]
+
+    llm = Llama(str(path), n_ctx=32, verbose=False, n_npu_layers=1,
+                tensor_overrides=["blk.1.ffn_down.weight=cpu-ref"])
+    specs = {lin.name: lin.spec for lin in llm.model.linears}
+    assert specs["blk.0.attn_q.weight"] == "cpu" and specs["output.weight"] == "cpu"
+    assert specs["blk.1.ffn_down.weight"] == "cpu-ref"
+    assert specs["blk.1.attn_q.weight"] == f"npu:{P.BEST_4BIT}"
+
+
+def test_npu_memory_is_freed_with_the_model(tiny_models):
+    rt = configure(runtime=EmulatorRuntime("rk3588"))
+    base = rt.domain_usage(0)
+    llm = Llama(str(tiny_models["llama-q8_0"]), n_ctx=32, verbose=False, n_npu_layers="all")
+    llm.create_completion("the", max_tokens=3, temperature=0)
+    assert rt.domain_usage(0) > base and len(rt._ctxs) > 10
+    del llm
+    gc.collect()
+    assert rt.domain_usage(0) == base
+    assert len(rt._ctxs) <= 1  # the arena's anchor context
+
+
+# logits of the whole tiny model through each pipeline vs the float32 reference: relative error bounds
+# (random weights and activations without outliers: rotations gain little here; real models are in docs/accuracy.md)
+E2E = {"W16A16": 3e-3, "W8A8_CHANNEL": 0.06, "W8A8_GGUF_HADAMARD": 0.04, "W4A8_GGUF_BLOCK": 0.04,
+       "W4A4_GGUF_HADAMARD": 0.45, "W4A4_HADAMARD": 1.0}
+
+
+@pytest.mark.parametrize("pipeline", list(E2E))
+def test_tiny_model_end_to_end(tiny_models, pipeline):
+    path = str(tiny_models["llama-q4_0"])
+    tokens = list(range(5, 37))
+    ref = Llama(path, n_ctx=64, verbose=False, tensor_overrides=["*=cpu-ref"])
+    ref_logits = ref.session.eval(tokens, logits_from=0)
+    llm = Llama(path, n_ctx=64, verbose=False, n_npu_layers="all", pipeline=pipeline)
+    assert all(lin.spec.startswith("npu:") and lin.on_npu for lin in llm.model.linears)  # the output matmul too
+    logits = llm.session.eval(tokens, logits_from=0)
+    err = np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits)
+    assert err < E2E[pipeline]
+    out = llm.create_completion("the cat", max_tokens=4, temperature=0)  # decode: M = 1 calls
+    assert out["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen2"])
+def test_float_models_run_w16a16(tiny_models, arch):
+    path = str(tiny_models[arch])
+    tokens = list(range(5, 30))
+    ref = Llama(path, n_ctx=64, verbose=False, tensor_overrides=["*=cpu-ref"]).session.eval(tokens, logits_from=0)
+    llm = Llama(path, n_ctx=64, verbose=False, n_npu_layers="all", pipeline="W8A8_GGUF_HADAMARD")
+    assert {lin.spec for lin in llm.model.linears} == {"npu:W16A16"}  # float weights keep their values
+    logits = llm.session.eval(tokens, logits_from=0)
+    assert np.linalg.norm(logits - ref) < 3e-3 * np.linalg.norm(ref)  # fp16 rounding of x and W
