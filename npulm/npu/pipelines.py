@@ -45,6 +45,7 @@ A chip without INT4 (RK3566/68, RK3562) runs the 4-bit GGUF types as W8A8_GGUF (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,6 +186,21 @@ def realize(chip, act_bits: int, weight_bits: int, int8_first: bool = False) -> 
                                                      f"A{act_bits} x W{weight_bits} ({[r.mm_type for r in cands]})")
 
 
+def quantize_rows(x64: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray | float]:
+    """quant.quantize_rows(x, bits) for one scale per row, with the same codes (float64 division, round half to
+    even) in fewer numpy calls: codes as float64 integers (cast on the copy into A), scales (M, 1), or a float for
+    one row. |x / scale| <= qmax holds by construction, so no clamp is needed."""
+    q = float(qm.qmax(bits))
+    if x64.shape[0] == 1:
+        amax = float(np.abs(x64).max())
+        scale = amax / q if amax > 0 else 1.0
+        return np.rint(x64 / scale), (amax / q if amax > 0 else 0.0)
+    amax = np.abs(x64).max(axis=1, keepdims=True)
+    scale = amax / q
+    safe = np.where(scale == 0, 1.0, scale)
+    return np.rint(x64 / safe), scale
+
+
 def _split_rows(codes: np.ndarray) -> np.ndarray:
     """int8 codes (R, K) -> (2R, K): the hi halves, then the lo halves (codes = 16*hi + lo + 8)."""
     hi, lo = qm.split_int8_to_int4(codes)
@@ -265,9 +281,11 @@ class FloatPrepared(Prepared):
         self._set_max_m(arena, 4 * self.op.n_chunks * self.op.n_pad)
 
     def _call(self, x: np.ndarray) -> np.ndarray:
-        amax = np.abs(x).max(axis=1, keepdims=True)
-        _, e = np.frexp(amax)
-        s = np.ldexp(np.float32(1), e - 14)  # row amax -> [2^13, 2^14): far from fp16's limits, exact
+        # rows scaled by a power of two: amax -> [2^13, 2^14), far from fp16's limits, and exact
+        if x.shape[0] == 1:
+            s = np.float32(2.0 ** (math.frexp(float(np.abs(x).max()))[1] - 14))
+        else:
+            s = np.ldexp(np.float32(1), np.frexp(np.abs(x).max(axis=1, keepdims=True))[1] - 14)
         op = self.op
         c = op.run(_chunked(x / s, op.n_chunks, op.chunk_k), m=x.shape[0])
         y = c[0] if op.n_chunks == 1 else c.sum(axis=0)
@@ -309,15 +327,15 @@ class RowScaledPrepared(Prepared):
         x64 = x.astype(np.float64)
         if self.rotation is not None:
             x64 = qm.rotate_activation(x64, self.rotation)
-        xq, sx = qm.quantize_rows(x64, self.act_bits)
-        a = _split_rows(xq) if real.a_split else xq
+        xq, sx = quantize_rows(x64, self.act_bits)
+        a = _split_rows(xq.astype(np.int8)) if real.a_split else xq
         c = op.run(_chunked(a, op.n_chunks, op.chunk_k), m=m)
-        s = c[0].astype(np.int64) if op.n_chunks == 1 else c.sum(axis=0, dtype=np.int64)
+        s = c[0] if op.n_chunks == 1 else c.sum(axis=0, dtype=np.int64)  # exact
         if real.a_split:
-            s = 16 * s[:m] + s[m:] + qm.INT8_SPLIT_SHIFT * self.colsum
+            s = 16 * s[:m].astype(np.int64) + s[m:] + qm.INT8_SPLIT_SHIFT * self.colsum
         if real.b_split:
             n = self.n_out
-            s = 16 * s[:, :n] + s[:, n:] + qm.INT8_SPLIT_SHIFT * xq.sum(axis=1, dtype=np.int64)[:, None]
+            s = 16 * s[:, :n].astype(np.int64) + s[:, n:] + qm.INT8_SPLIT_SHIFT * xq.sum(axis=1)[:, None]
         return ((s * sx) * self.sw).astype(np.float32)
 
 
@@ -349,6 +367,8 @@ class GgufPrepared(Prepared):
     "gguf" rotation the codes of each group of h inputs are multiplied by the unnormalized Hadamard H(h) (integers:
     still exact, and checked to fit int8), x by the same H(h); (x H)(H^T q) = h x q, so the 1/h goes with the scales.
     """
+
+    NATIVE_MIN_M = 64  # from this many token rows the epilogue reads C in place (fewer copies win over contiguity)
 
     def __init__(self, spec: PipelineSpec, weight, arena: Arena, name: str, chunk_k: int | None = None):
         gc = qm.gguf_codes(weight)
@@ -393,12 +413,63 @@ class GgufPrepared(Prepared):
         gb[: b.shape[0], :k] = b
         colsum = gb.reshape(self.op.n_pad, g_pad, gs).sum(axis=2)  # the x-split shift term, per group
         self.colsum = np.ascontiguousarray(colsum.T.reshape(nch, c, a1, sub).transpose(0, 2, 1, 3)[:, :, None])
+        self.colsum_rows = colsum.T.reshape(nch, 1, c, self.op.n_pad)[..., : self.op.n]  # same, (chunk, -, group, N)
         sw = np.zeros((g_pad, self.n_half), np.float32)  # block scale per group, the rotation's 1/h folded in
         sw[: k // gs, :n] = np.repeat(gc.scale, gc.block // gs, axis=1).T / self.h
         self.sw = np.ascontiguousarray(sw.reshape(nch, c, self.n_half // sub, sub).transpose(0, 2, 1, 3)[:, :, None])
+        self.sw_rows = np.ascontiguousarray(sw[:, :n])  # (group, N)
         self.offset = None if gc.offset is None else gc.offset.T.astype(np.float32)  # (blocks, N)
         c_bytes = 4 if self.real.mm_type != INT4_MM_INT4_TO_INT16 else 2
         self._set_max_m(arena, (c_bytes + 8) * nch * self.op.n_pad * self.op.row_factor)
+
+    def _combine_rows(self, out: np.ndarray, xq: np.ndarray, sx: np.ndarray) -> np.ndarray:
+        """The epilogue from C as (chunk, rows, N): contiguous N, best for few rows."""
+        m, c, nch, n = xq.shape[0], self.c, self.n_chunks, self.n_out
+        v = out.reshape(nch, self.passes, m, c, out.shape[-1])
+        if self.real.a_split:  # x = 16 hi + lo + 8
+            t = 16 * v[:, 0].astype(np.int32) + v[:, 1] + qm.INT8_SPLIT_SHIFT * self.colsum_rows
+        else:
+            t = v[:, 0]
+        if self.real.b_split:  # W = 16 hi + lo + 8
+            rowsum = xq.reshape(m, nch, c, self.gs).sum(axis=3, dtype=np.int32).transpose(1, 0, 2)[..., None]
+            t = 16 * t[..., :n].astype(np.int32) + t[..., self.n_half: self.n_half + n] + \
+                qm.INT8_SPLIT_SHIFT * rowsum
+        else:
+            t = t[..., :n]
+        g = nch * c
+        p = np.ascontiguousarray(t.transpose(1, 0, 2, 3), dtype=np.float32).reshape(m, g, n)
+        p *= self.sw_rows  # exact integer partials times exact group scales
+        if self.act_group is None:
+            return p.sum(axis=1) * sx.astype(np.float32)
+        sxp = np.zeros((m, 1, g), np.float32)
+        sxp[:, 0, : sx.shape[1]] = sx
+        return np.matmul(sxp, p)[:, 0]
+
+    def _combine_native(self, out: np.ndarray, xq: np.ndarray, sx: np.ndarray) -> np.ndarray:
+        """The epilogue from C in its native layout (chunk, N/sub, rows, sub): no transpose copy, best for many rows."""
+        m, c, nch, sub = xq.shape[0], self.c, self.n_chunks, out.shape[3]
+        v = out.reshape(nch, out.shape[1], self.passes, m, c, sub)
+        if self.real.a_split:  # x = 16 hi + lo + 8
+            t = 16 * v[:, :, 0].astype(np.int32) + v[:, :, 1] + qm.INT8_SPLIT_SHIFT * self.colsum
+        else:
+            t = v[:, :, 0]
+        a_h = self.n_half // sub
+        if self.real.b_split:  # W = 16 hi + lo + 8
+            rowsum = xq.reshape(m, nch, c, self.gs).sum(axis=3, dtype=np.int32).transpose(1, 0, 2)[:, None, :, :,
+                                                                                                     None]
+            t = 16 * t[:, :a_h].astype(np.int32) + t[:, a_h: 2 * a_h] + qm.INT8_SPLIT_SHIFT * rowsum
+        else:
+            t = t[:, :a_h]
+        p = t.astype(np.float32)  # exact integer partials (chunk, N/sub, token, group, N % sub)
+        p *= self.sw
+        if self.act_group is None:
+            y = p.sum(axis=(0, 3)) * sx.astype(np.float32)[None]
+        else:
+            sxp = np.zeros((m, nch * c), np.float32)
+            sxp[:, : sx.shape[1]] = sx
+            p *= sxp.reshape(m, nch, c).transpose(1, 0, 2)[:, None, :, :, None]
+            y = p.sum(axis=(0, 3))
+        return y.transpose(1, 0, 2).reshape(m, -1)[:, : self.n_out]
 
     def _npu(self) -> str:
         rot = f", codes x H({self.h})" if self.h > 1 else ""
@@ -417,28 +488,9 @@ class GgufPrepared(Prepared):
         ar = np.arange(c)
         for p in range(self.passes):
             e[:, p][:, :, ar, ar, :] = parts[p].reshape(m, nch, c, gs).transpose(1, 0, 2, 3)
-        out = op.run_native(e.reshape(nch, self.passes * m * c, c * gs), m=m)  # (nch, N/sub, rows, sub)
-        v = out.reshape(nch, out.shape[1], self.passes, m, c, out.shape[3])
-        if self.real.a_split:  # x = 16 hi + lo + 8
-            t = 16 * v[:, :, 0].astype(np.int32) + v[:, :, 1] + qm.INT8_SPLIT_SHIFT * self.colsum
-        else:
-            t = v[:, :, 0]
-        a_h = self.n_half // out.shape[3]
-        if self.real.b_split:  # W = 16 hi + lo + 8
-            rowsum = xq.reshape(m, nch, c, gs).sum(axis=3, dtype=np.int32).transpose(1, 0, 2)[:, None, :, :, None]
-            t = 16 * t[:, :a_h].astype(np.int32) + t[:, a_h: 2 * a_h] + qm.INT8_SPLIT_SHIFT * rowsum
-        else:
-            t = t[:, :a_h]
-        p = t.astype(np.float32)  # exact integer partials (chunk, N/sub, token, group, N % sub)
-        p *= self.sw
-        if self.act_group is None:
-            y = p.sum(axis=(0, 3)) * sx.astype(np.float32)[None]
-        else:
-            sxp = np.zeros((m, nch * c), np.float32)
-            sxp[:, : sx.shape[1]] = sx
-            p *= sxp.reshape(m, nch, c).transpose(1, 0, 2)[:, None, :, :, None]
-            y = p.sum(axis=(0, 3))
-        y = y.transpose(1, 0, 2).reshape(m, -1)[:, : self.n_out]
+        a = e.reshape(nch, self.passes * m * c, c * gs)
+        y = self._combine_native(op.run_native(a, m=m), xq, sx) if m >= self.NATIVE_MIN_M else \
+            self._combine_rows(op.run(a, m=m), xq, sx)
         if self.offset is not None:
             y = y + qm.group_sums(x64, self.offset.shape[0]).astype(np.float32) @ self.offset
         return np.ascontiguousarray(y)

@@ -296,6 +296,7 @@ class NpuMatmul:
         self.n_pad = self.slices[-1][1]
         self.a_sub, _, _, self.c_sub = self.chip.tiles(mm_type)
         self.buckets: dict[int, _Bucket] = {}
+        self._by_m: dict[int, _Bucket] = {}  # token rows -> its bucket
         self.allocs: list[Mem] = []
         self.domain, self.b_bytes = 0, 0
         self._closed = False
@@ -350,12 +351,16 @@ class NpuMatmul:
 
     def bucket(self, m: int) -> _Bucket:
         """The contexts for m token rows (created on first use)."""
+        got = self._by_m.get(m)
+        if got is not None:
+            return got
         rows_m = next((b for b in self.arena.buckets if b >= m), None)
         if rows_m is None:
             raise ValueError(f"{m} rows exceed the largest bucket {self.arena.buckets[-1]}")
         got = self.buckets.get(rows_m)
         if got is None:
             got = self.buckets[rows_m] = self._create(rows_m * self.row_factor)
+        self._by_m[m] = got
         return got
 
     def _create(self, rows: int) -> _Bucket:
@@ -461,6 +466,7 @@ class NpuMatmul:
                     except Exception:
                         pass
         self.buckets.clear()
+        self._by_m.clear()
         for mem in self.allocs:
             try:
                 self.arena.free(self.domain, mem)

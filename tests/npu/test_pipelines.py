@@ -94,19 +94,20 @@ def rotate_groups_f64(a: np.ndarray, h: int) -> np.ndarray:
     return (a.reshape(m, k // h, h) @ qm.hadamard(h, normalize=False)).reshape(m, k)
 
 
-@pytest.mark.parametrize("name", ["W8A8_GGUF_HADAMARD", "W4A4_GGUF_HADAMARD", "W4A8_GGUF_BLOCK"])
+@pytest.mark.parametrize("m", [M, P.GgufPrepared.NATIVE_MIN_M + 3])  # both epilogues: rows, native layout
+@pytest.mark.parametrize("name", ["W8A8_GGUF_HADAMARD", "W4A4_GGUF_HADAMARD", "W4A8_GGUF_BLOCK", "W4A8_GGUF"])
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_0, T.Q5_0, T.Q8_0])
-def test_gguf_pipelines_equal_their_float64_model(arena, name, qtype):
+def test_gguf_pipelines_equal_their_float64_model(arena, name, qtype, m):
     """Independent float64 model: x rotated by H(h) within groups of h, quantized per (row, group), rotated back,
     times the exact GGUF weight (the codes part), plus the offset part on the float x. Only x is approximated."""
-    w, x = make_weight(qtype), activations()
+    w, x = make_weight(qtype), activations(m)
     pr = P.prepare(name, w, arena)
     spec = P.PIPELINES[name]
     gc = qm.gguf_codes(w)
     h = pr.h
     if spec.rotation == "gguf" and qtype in (T.Q4_0, T.Q4_1):
         assert h == 16  # 4-bit codes times H(16) stay within int8
-    group = gc.block if spec.act_group == "block" else spec.act_group
+    group = {"block": gc.block, None: None}.get(spec.act_group, spec.act_group)
     x64 = x.astype(np.float64)
     xq, sx = qm.quantize_rows(rotate_groups_f64(x64, h) if h > 1 else x64, spec.act_bits, group)
     xhat = qm.dequantize_codes(xq, sx)

@@ -1,0 +1,140 @@
+"""Host-side cost of one NPU matmul call: everything npulm does around rknn_matmul_run, without the matmul itself.
+
+    python benchmarks/npu_overhead.py                 # K = N = 2048 and the two models' shapes, M = 1 and 128
+    python benchmarks/npu_overhead.py --pipelines W8A8_CHANNEL,W16A16 --m 1
+
+The runtime is the emulator with `run()` replaced by a no-op: A is written into the shared A buffer, the per-core
+contexts are dispatched (on the core thread pool with --parallel), C is read from its (stale, preallocated) buffer
+and dequantized, exactly as on a board; only the NPU's own work is missing. Phases:
+  quantize   x -> A values: rotation, per-row / per-group scales, rounding (and int4 halves)
+  write A    A values -> the native A layout in NPU memory (one strided copy, nibble packing for int4)
+  dispatch   handing the per-core context lists to the cores and waiting (no-op runs)
+  epilogue   C -> y: per-chunk / per-group scales, shift terms, sums
+`total` is one whole call (Prepared.__call__); the phases are timed separately on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import gguf
+import numpy as np
+from gguf.constants import GGMLQuantizationType as Q
+
+from npulm.linear import Weight
+from npulm.npu import pipelines as P
+from npulm.npu import quant as qm
+from npulm.npu.emulator import EmulatorRuntime
+from npulm.npu.planner import Arena
+
+SHAPES = {  # (K, N): the square reference and the linears of SmolLM2-135M and Gemma-3-270M
+    "square": [(2048, 2048)],
+    "smollm2": [(576, 576), (576, 192), (576, 1536), (1536, 576)],
+    "gemma3": [(640, 1024), (640, 256), (1024, 640), (640, 2048), (2048, 640)],
+}
+DEFAULT = "W16A16,W8A8_CHANNEL,W8A8_HADAMARD,W8A8_GGUF_HADAMARD,W4A8_GGUF_BLOCK,W4A4_HADAMARD,W4A4_GGUF_HADAMARD"
+
+
+class NoopRuntime(EmulatorRuntime):
+    """The emulator without the matmul: run() leaves C as it is."""
+
+    def run(self, ctx: int) -> None:
+        pass
+
+
+def timeit(fn, min_time: float = 0.2, min_reps: int = 20) -> float:
+    """Median seconds per call over batches filling at least min_time."""
+    fn()
+    reps, t = 1, 0.0
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        t = time.perf_counter() - t0
+        if t >= 0.02:
+            break
+        reps *= 4
+    batches = max(5, int(min_time / t))
+    samples = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        samples.append((time.perf_counter() - t0) / reps)
+    return float(np.median(samples))
+
+
+def make_weight(k: int, n: int, pipeline: str) -> Weight:
+    w = (np.random.default_rng(0).standard_normal((n, k)) * 0.05).astype(np.float32)
+    qtype = Q.Q4_0 if P.PIPELINES[pipeline].weights == "gguf" else Q.F16
+    raw = w.astype(np.float16) if qtype == Q.F16 else gguf.quants.quantize(w, qtype)
+    return Weight(f"bench.{k}x{n}", qtype, n, k, raw)
+
+
+def phases(pr: P.Prepared, x: np.ndarray) -> dict[str, float]:
+    """Seconds per call of the whole call and of its phases (re-implemented here step by step, same inputs)."""
+    op = pr.ops[0]
+    m = x.shape[0]
+    out = {"total": timeit(lambda: pr(x))}
+    bk = op.bucket(m)
+    out["dispatch"] = timeit(lambda: op.arena.run_cores(bk.ctxs))
+    rows = m * op.row_factor
+    a = np.zeros((op.n_chunks, rows, op.chunk_k), np.int8 if op.a_dt != "fp16" else np.float16)
+    out["write A"] = timeit(lambda: op._write_a(bk, a, rows))
+    if isinstance(pr, P.FloatPrepared):
+        def quantize():
+            if m == 1:
+                return x / np.float32(2.0 ** (math.frexp(float(np.abs(x).max()))[1] - 14))
+            return x / np.ldexp(np.float32(1), np.frexp(np.abs(x).max(axis=1, keepdims=True))[1] - 14)
+    elif isinstance(pr, P.GgufPrepared):
+        def quantize():
+            x64 = x.astype(np.float64)
+            xr = P._rotate_groups(x64, pr.h) if pr.h > 1 else x64
+            return qm.quantize_rows(xr, pr.act_bits, pr.act_group)
+    else:
+        def quantize():
+            x64 = x.astype(np.float64)
+            if pr.rotation is not None:
+                x64 = qm.rotate_activation(x64, pr.rotation)
+            q, _ = P.quantize_rows(x64, pr.act_bits)
+            return P._split_rows(q.astype(np.int8)) if pr.real.a_split else q
+    out["quantize"] = timeit(quantize)
+    out["epilogue"] = max(0.0, out["total"] - out["dispatch"] - out["write A"] - out["quantize"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pipelines", default=DEFAULT)
+    ap.add_argument("--m", default="1,128", help="token rows per call")
+    ap.add_argument("--shapes", default="square,smollm2,gemma3")
+    ap.add_argument("--parallel", action="store_true", help="dispatch the cores on the thread pool")
+    args = ap.parse_args(argv)
+    arena = Arena(NoopRuntime("rk3588"), parallel=args.parallel)
+    ms = [int(v) for v in args.m.split(",")]
+    print(f"host time per call, microseconds (emulator with no-op run, rk3588 layout, "
+          f"{'thread pool' if args.parallel else 'caller thread'} dispatch)\n")
+    print("| pipeline | K x N | M | total | quantize | write A | dispatch | epilogue | NPU calls |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.pipelines.split(","):
+        for group in args.shapes.split(","):
+            for k, n in SHAPES[group]:
+                w = make_weight(k, n, name)
+                pr = P.prepare(name, w, arena)
+                for m in ms:
+                    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+                    ph = phases(pr, x)
+                    calls = sum(len(c) for c in pr.ops[0].bucket(m).ctxs)
+                    print(f"| {name} | {k} x {n} | {m} | {ph['total'] * 1e6:.1f} | {ph['quantize'] * 1e6:.1f} | "
+                          f"{ph['write A'] * 1e6:.1f} | {ph['dispatch'] * 1e6:.1f} | {ph['epilogue'] * 1e6:.1f} | "
+                          f"{calls} |", flush=True)
+                pr.close()
+    arena.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
