@@ -584,16 +584,6 @@ static int quantize_acts(const float *x, int64_t m, int64_t k, int off, acts *a)
 /* ------------------------------------------------------------------------------------------------------------ */
 /* rows: streaming kernel for small M. MR activation rows at a time, one weight row per step.                  */
 
-/* Software prefetch of the bytes PREFETCH_DIST ahead of a weight row: the hardware prefetchers stop at 4 KB page
- * boundaries, which costs most on the small matrices of a decode step (mmap'd, 4 KB pages). Prefetches never
- * fault, so running past the end of the matrix is harmless. */
-#ifndef PREFETCH_DIST
-#define PREFETCH_DIST 2048
-#endif
-INLINE void prefetch_ahead(const uint8_t *row, int64_t row_bytes) {
-    for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(row + PREFETCH_DIST + o, 0, 0);
-}
-
 typedef struct {
     const nl_mat *w;
     const acts *a;
@@ -743,7 +733,6 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
     const int64_t kb = w->k / 32;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w->data + n * w->row_bytes;
-        prefetch_ahead(row, w->row_bytes);
         __m256 acc0[4], acc1[4], bvec[4]; /* fixed sizes (MR <= 4): a VLA would keep them in memory */
         float bacc[4];
         for (int m = 0; m < MR; m++) {
@@ -1015,7 +1004,6 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
     const uint8x16_t m4 = vdupq_n_u8(15);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w->data + n * w->row_bytes;
-        prefetch_ahead(row, w->row_bytes);
         float32x4_t acc0[4], acc1[4], bvec[4]; /* fixed sizes (MR <= 4): a VLA would keep them in memory */
         float bacc[4];
         for (int m = 0; m < MR; m++) {
