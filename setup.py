@@ -58,5 +58,12 @@ kernels = Extension(
     optional=True,  # a failed build leaves the numpy path
 )
 
+ops = Extension(  # fused small ops of the block (norms, RoPE, decode attention, gated activations)
+    "npulm.cpu._ops",
+    sources=["npulm/cpu/ops.c"],
+    libraries=[] if os.name == "nt" else ["m"],
+    optional=True,
+)
+
 # the header ships as package data: `depends` alone leaves it out of the sdist
-setup(ext_modules=[kernels], cmdclass={"build_ext": BuildExt}, package_data={"npulm.cpu": ["kernels.h"]})
+setup(ext_modules=[kernels, ops], cmdclass={"build_ext": BuildExt}, package_data={"npulm.cpu": ["kernels.h"]})

@@ -1,6 +1,8 @@
 """Pieces shared by the architectures: RMSNorm, RoPE, KV cache, grouped-query attention, gated MLP.
 
 Activations are float32 arrays of shape (M, dim) for M tokens. Every weight matmul is a `Linear` from placement.
+Each piece is written in numpy; where the compiled `npulm.cpu._ops` exists, the same math runs there in one call
+(a decode step otherwise spends as long in ~60 small numpy calls per layer as in its matmuls).
 """
 
 from __future__ import annotations
@@ -12,9 +14,20 @@ import numpy as np
 
 from ..linear import Linear
 
+try:
+    from ..cpu import _ops
+except ImportError:  # not built: numpy only
+    _ops = None
+
+DECODE_ROWS = 8  # up to this many new tokens, attention runs in the fused loop; beyond, batched BLAS wins
+
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x / rms(x) * weight over the last axis (GGUF norm weights already hold Gemma's +1)."""
+    if _ops is not None and x.flags.c_contiguous and x.dtype == np.float32:
+        out = np.empty_like(x)
+        _ops.rms_norm(x, weight, out, x.size // x.shape[-1], x.shape[-1], eps)
+        return out
     ms = np.einsum("...i,...i->...", x, x, dtype=np.float32)[..., None] / np.float32(x.shape[-1])
     return x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight
 
@@ -48,6 +61,9 @@ class Rope:
     def __call__(self, x: np.ndarray, pos: int) -> np.ndarray:
         """x: (M, n_heads, head_dim) for positions pos..pos+M-1; rotated in place and returned."""
         m = x.shape[0]
+        if _ops is not None and x.flags.c_contiguous and x.dtype == np.float32:
+            _ops.rope(x, self.cos, self.sin, m, x.shape[1], x.shape[2], self.n_rot, pos, self.neox)
+            return x
         cos = self.cos[pos:pos + m, None, :]
         sin = self.sin[pos:pos + m, None, :]
         half = self.n_rot // 2
@@ -93,6 +109,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos: 
     end = pos + m
     cache.k[:, pos:end] = k.transpose(1, 0, 2)
     cache.v[:, pos:end] = v.transpose(1, 0, 2)
+    if _ops is not None and m <= DECODE_ROWS and q.flags.c_contiguous and q.dtype == np.float32:
+        out = np.empty((m, s.n_head * s.head_dim_v), np.float32)
+        _ops.attention(q, cache.k, cache.v, out, m, s.n_head, s.n_head_kv, s.head_dim_k, s.head_dim_v, cache.n_ctx,
+                       pos, s.scale, s.window)
+        return out
     start = max(0, pos - s.window + 1) if s.window else 0  # keys no query of this batch can see
     keys, values = cache.k[:, start:end], cache.v[:, start:end]  # (n_kv, T, d)
     group = s.n_head // s.n_head_kv
@@ -116,4 +137,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos: 
 
 def gated_mlp(x: np.ndarray, gate: Linear, up: Linear, down: Linear, act=silu) -> np.ndarray:
     """down(act(gate(x)) * up(x)): SwiGLU for llama/qwen2, GeGLU for gemma."""
-    return down(act(gate(x)) * up(x))
+    g, u = gate(x), up(x)
+    if _ops is not None and act in _FUSED_ACT and g.flags.c_contiguous and g.flags.writeable and u.dtype == g.dtype \
+            == np.float32 and u.flags.c_contiguous:
+        _ops.gated(g, u, g.size, _FUSED_ACT[act])  # g <- act(g) * u in place (g is ours until down() reads it)
+        return down(g)
+    return down(act(g) * u)
+
+
+_FUSED_ACT = {silu: 0, gelu: 1}

@@ -1,0 +1,166 @@
+/* Fused small ops of the transformer block for npulm.models.blocks (float32, C-contiguous).
+ *
+ * Why: a decode step of a small model calls ~60 numpy ops per layer (norms, RoPE, softmax, activations), each
+ * 1-3 us of dispatch and temporaries: several ms per token, as much as the matmuls of a 135M model. One call per
+ * op here does the same math in one pass. Buffers come through the buffer protocol (no numpy headers needed);
+ * the Python side (npulm/models/blocks.py) passes shapes and keeps a numpy path for when this is not built.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <string.h>
+
+static int check(Py_buffer *b, Py_ssize_t n_floats, const char *what) {
+    if (b->len != n_floats * (Py_ssize_t)sizeof(float)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd float32 values, got %zd bytes", what, n_floats, b->len);
+        return 0;
+    }
+    return 1;
+}
+
+/* rms_norm(x, w, out, rows, dim, eps): out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w (out may alias x) */
+static PyObject *rms_norm(PyObject *self, PyObject *args) {
+    Py_buffer x, w, out;
+    Py_ssize_t rows, dim;
+    float eps;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnf", &x, &w, &out, &rows, &dim, &eps)) return NULL;
+    PyObject *ret = NULL;
+    if (check(&x, rows * dim, "x") && check(&w, dim, "w") && check(&out, rows * dim, "out")) {
+        const float *xp = x.buf, *wp = w.buf;
+        float *op = out.buf;
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            const float *xr = xp + r * dim;
+            float *orow = op + r * dim;
+            float ss = 0.0f;
+            for (Py_ssize_t i = 0; i < dim; i++) ss += xr[i] * xr[i];
+            const float scale = 1.0f / sqrtf(ss / (float)dim + eps);
+            for (Py_ssize_t i = 0; i < dim; i++) orow[i] = xr[i] * scale * wp[i];
+        }
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&x); PyBuffer_Release(&w); PyBuffer_Release(&out);
+    return ret;
+}
+
+/* rope(x, cos, sin, rows, heads, head_dim, n_rot, pos, neox): rotate x (rows, heads, head_dim) in place;
+ * cos/sin are (n_ctx, n_rot/2) tables, row r has position pos + r. neox: pairs (i, i + n_rot/2), else (2i, 2i+1). */
+static PyObject *rope(PyObject *self, PyObject *args) {
+    Py_buffer x, c, s;
+    Py_ssize_t rows, heads, hd, n_rot, pos;
+    int neox;
+    if (!PyArg_ParseTuple(args, "w*y*y*nnnnnp", &x, &c, &s, &rows, &heads, &hd, &n_rot, &pos, &neox)) return NULL;
+    PyObject *ret = NULL;
+    const Py_ssize_t half = n_rot / 2, n_pos = c.len / (Py_ssize_t)sizeof(float) / (half ? half : 1);
+    if (check(&x, rows * heads * hd, "x") && check(&s, n_pos * half, "sin")) {
+        if (n_rot > hd || pos < 0 || pos + rows > n_pos) {
+            PyErr_SetString(PyExc_ValueError, "rope: n_rot or positions out of range");
+        } else {
+            float *xp = x.buf;
+            for (Py_ssize_t r = 0; r < rows; r++) {
+                const float *cr = (const float *)c.buf + (pos + r) * half, *sr = (const float *)s.buf + (pos + r) * half;
+                for (Py_ssize_t h = 0; h < heads; h++) {
+                    float *v = xp + (r * heads + h) * hd;
+                    for (Py_ssize_t i = 0; i < half; i++) {
+                        float *a = neox ? v + i : v + 2 * i, *b = neox ? v + i + half : v + 2 * i + 1;
+                        const float a0 = *a, b0 = *b;
+                        *a = a0 * cr[i] - b0 * sr[i];
+                        *b = a0 * sr[i] + b0 * cr[i];
+                    }
+                }
+            }
+            ret = Py_NewRef(Py_None);
+        }
+    }
+    PyBuffer_Release(&x); PyBuffer_Release(&c); PyBuffer_Release(&s);
+    return ret;
+}
+
+/* attention(q, k_cache, v_cache, out, rows, n_head, n_kv, dk, dv, n_ctx, pos, scale, window):
+ * causal grouped-query attention of `rows` queries at positions pos.. against caches (n_kv, n_ctx, d) already
+ * holding their keys; query head h reads kv head h / (n_head / n_kv); window > 0 hides keys with q_pos - k_pos >=
+ * window. out: (rows, n_head * dv). Meant for decode (small rows): one pass, no (rows x T) temporaries. */
+static PyObject *attention(PyObject *self, PyObject *args) {
+    Py_buffer q, kc, vc, out;
+    Py_ssize_t rows, nh, nkv, dk, dv, n_ctx, pos, window;
+    float scale;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*nnnnnnnfn", &q, &kc, &vc, &out, &rows, &nh, &nkv, &dk, &dv, &n_ctx, &pos,
+                          &scale, &window)) return NULL;
+    PyObject *ret = NULL;
+    float *sc = NULL;
+    if (check(&q, rows * nh * dk, "q") && check(&kc, nkv * n_ctx * dk, "k_cache") &&
+        check(&vc, nkv * n_ctx * dv, "v_cache") && check(&out, rows * nh * dv, "out")) {
+        if (nkv <= 0 || nh % nkv || pos < 0 || pos + rows > n_ctx) {
+            PyErr_SetString(PyExc_ValueError, "attention: bad head counts or positions");
+        } else if (!(sc = PyMem_Malloc(sizeof(float) * (size_t)(pos + rows)))) {
+            PyErr_NoMemory();
+        } else {
+            const Py_ssize_t group = nh / nkv;
+            for (Py_ssize_t r = 0; r < rows; r++) {
+                const Py_ssize_t qp = pos + r, t0 = window > 0 && qp - window + 1 > 0 ? qp - window + 1 : 0;
+                for (Py_ssize_t h = 0; h < nh; h++) {
+                    const float *qv = (const float *)q.buf + (r * nh + h) * dk;
+                    const float *kb = (const float *)kc.buf + (h / group) * n_ctx * dk;
+                    const float *vb = (const float *)vc.buf + (h / group) * n_ctx * dv;
+                    float mx = -INFINITY;
+                    for (Py_ssize_t t = t0; t <= qp; t++) {
+                        const float *kv = kb + t * dk;
+                        float d = 0.0f;
+                        for (Py_ssize_t i = 0; i < dk; i++) d += qv[i] * kv[i];
+                        sc[t] = d * scale;
+                        if (sc[t] > mx) mx = sc[t];
+                    }
+                    float sum = 0.0f;
+                    for (Py_ssize_t t = t0; t <= qp; t++) sum += (sc[t] = expf(sc[t] - mx));
+                    float *o = (float *)out.buf + (r * nh + h) * dv;
+                    memset(o, 0, sizeof(float) * (size_t)dv);
+                    for (Py_ssize_t t = t0; t <= qp; t++) {
+                        const float p = sc[t] / sum, *vv = vb + t * dv;
+                        for (Py_ssize_t i = 0; i < dv; i++) o[i] += p * vv[i];
+                    }
+                }
+            }
+            ret = Py_NewRef(Py_None);
+        }
+    }
+    PyMem_Free(sc);
+    PyBuffer_Release(&q); PyBuffer_Release(&kc); PyBuffer_Release(&vc); PyBuffer_Release(&out);
+    return ret;
+}
+
+/* gated(gate, up, n, kind): gate = act(gate) * up in place; kind 0 = SiLU, 1 = GELU (tanh approximation) */
+static PyObject *gated(PyObject *self, PyObject *args) {
+    Py_buffer g, u;
+    Py_ssize_t n;
+    int kind;
+    if (!PyArg_ParseTuple(args, "w*y*ni", &g, &u, &n, &kind)) return NULL;
+    PyObject *ret = NULL;
+    if (check(&g, n, "gate") && check(&u, n, "up")) {
+        float *gp = g.buf;
+        const float *up = u.buf;
+        if (kind == 0) {
+            for (Py_ssize_t i = 0; i < n; i++) gp[i] = gp[i] / (1.0f + expf(-gp[i])) * up[i];
+        } else {
+            const float c = 0.7978845608028654f;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                const float x = gp[i];
+                gp[i] = 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x))) * up[i];
+            }
+        }
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&g); PyBuffer_Release(&u);
+    return ret;
+}
+
+static PyMethodDef methods[] = {
+    {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(x, w, out, rows, dim, eps)"},
+    {"rope", rope, METH_VARARGS, "rope(x, cos, sin, rows, heads, head_dim, n_rot, pos, neox)"},
+    {"attention", attention, METH_VARARGS,
+     "attention(q, k_cache, v_cache, out, rows, n_head, n_kv, dk, dv, n_ctx, pos, scale, window)"},
+    {"gated", gated, METH_VARARGS, "gated(gate, up, n, kind): kind 0 SiLU, 1 GELU-tanh"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ops", "Fused small transformer ops.", -1, methods};
+
+PyMODINIT_FUNC PyInit__ops(void) { return PyModule_Create(&module); }

@@ -1,0 +1,67 @@
+"""The compiled fused ops (npulm.cpu._ops) compute what the numpy path of each block piece computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from npulm.models import blocks
+
+pytestmark = pytest.mark.skipif(blocks._ops is None, reason="npulm.cpu._ops not built")
+rng = np.random.default_rng(0)
+
+
+def both(monkeypatch, fn):
+    fused = fn()
+    with monkeypatch.context() as m:
+        m.setattr(blocks, "_ops", None)
+        plain = fn()
+    return fused, plain
+
+
+def test_rms_norm(monkeypatch):
+    x, w = rng.standard_normal((5, 3, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    fused, plain = both(monkeypatch, lambda: blocks.rms_norm(x, w, 1e-6))
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope(monkeypatch, neox):
+    rope = blocks.Rope(n_rot=32, base=10000.0, n_ctx=64, neox=neox)  # n_rot < head_dim: the tail passes through
+    x = rng.standard_normal((4, 3, 48)).astype(np.float32)
+    fused, plain = both(monkeypatch, lambda: rope(x.copy(), 9))
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(fused[..., 32:], x[..., 32:])
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("m", [1, 3])
+def test_attention(monkeypatch, window, m):
+    shape = blocks.AttentionShape(n_head=6, n_head_kv=2, head_dim_k=16, head_dim_v=24, scale=0.25, window=window)
+    pos = 11
+    q = rng.standard_normal((m, 6, 16)).astype(np.float32)
+    k = rng.standard_normal((m, 2, 16)).astype(np.float32)
+    v = rng.standard_normal((m, 2, 24)).astype(np.float32)
+
+    def run():
+        cache = blocks.KVCache(2, 32, 16, 24)
+        cache.k[:, :pos] = rng.standard_normal((2, pos, 16))
+        cache.v[:, :pos] = rng.standard_normal((2, pos, 24))
+        return blocks.attention(q, k, v, cache, pos, shape)
+
+    state = rng.bit_generator.state
+    fused = run()
+    rng.bit_generator.state = state  # same cache contents for the numpy run
+    with monkeypatch.context() as mp:
+        mp.setattr(blocks, "_ops", None)
+        plain = run()
+    np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", [blocks.silu, blocks.gelu])
+def test_gated_mlp(monkeypatch, act):
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    wg, wu, wd = (rng.standard_normal(s).astype(np.float32) for s in ((16, 8), (16, 8), (8, 16)))
+    fused, plain = both(monkeypatch, lambda: blocks.gated_mlp(x, lambda a: a @ wg.T, lambda a: a @ wu.T,
+                                                              lambda a: a @ wd.T, act))
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
