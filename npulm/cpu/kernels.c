@@ -281,6 +281,7 @@ typedef void (*task_fn)(void *ctx, int64_t task, int tid);
 
 static int g_threads = 0; /* 0 = not yet set: defaults to the CPU count */
 static int g_spin_us = 500;
+#define SPIN_PAUSE_US 50 /* the first part of the polling, without yielding */
 static int g_gemm_min_m = 8;
 
 #ifndef NL_NO_THREADS
@@ -338,12 +339,21 @@ static void *worker(void *arg) {
     for (;;) {
         unsigned g = GEN(atomic_load_explicit(&P.work, memory_order_acquire));
         if (g == seen) {
+            /* poll: first with pause, then yielding the core to any other runnable thread (OpenBLAS workers,
+             * numpy) so that polling costs them nothing; after g_spin_us sleep */
             const double t0 = now_us();
             for (int i = 1;; i++) {
-                cpu_relax();
                 g = GEN(atomic_load_explicit(&P.work, memory_order_acquire));
                 if (g != seen) break;
-                if ((i & 255) == 0 && now_us() - t0 > g_spin_us) break;
+                if ((i & 255) == 0) {
+                    const double dt = now_us() - t0;
+                    if (dt > g_spin_us) break;
+                    if (dt > SPIN_PAUSE_US) {
+                        sched_yield();
+                        continue;
+                    }
+                }
+                cpu_relax();
             }
             if (g == seen) {
                 pthread_mutex_lock(&P.mu);
@@ -1581,23 +1591,48 @@ out:
     return rc;
 }
 
-int nl_dequant(const nl_mat *w, int64_t r0, int64_t r1, float *out) {
-    const type_info *ti = tinfo(w->type);
-    if (!ti || r0 < 0 || r1 > w->n || r0 > r1 || nl_row_bytes(w->type, w->k) < 0) return -1;
-    const int64_t k = w->k, kb = k / 32;
+typedef struct {
+    const nl_mat *w;
+    int64_t r0, r1, rows_per_task;
+    float *out;
+} deq_ctx;
+
+static void deq_task(void *ctx, int64_t t, int tid) {
+    deq_ctx *c = ctx;
+    const nl_mat *w = c->w;
+    const int64_t k = w->k, kb = k / 32, off = tinfo(w->type)->off;
+    const int64_t a = c->r0 + t * c->rows_per_task, b = a + c->rows_per_task < c->r1 ? a + c->rows_per_task : c->r1;
     if (w->type == NL_F16) {
-        for (int64_t r = r0; r < r1; r++)
-            for (int64_t i = 0; i < k; i++) out[(r - r0) * k + i] = h2f(w->data + r * w->row_bytes + 2 * i);
-        return 0;
+        for (int64_t r = a; r < b; r++)
+            for (int64_t i = 0; i < k; i++) c->out[(r - c->r0) * k + i] = h2f(w->data + r * w->row_bytes + 2 * i);
+        return;
     }
-    uint8_t *codes = malloc((size_t)k + (size_t)kb * 12 + 64);
-    if (!codes) return -1;
+    uint8_t *codes = scratch(tid, SCR_ROW, (size_t)k + (size_t)kb * 12 + 64);
+    if (!codes) return; /* allocated up front in nl_dequant */
     float *d16 = (float *)(codes + ((k + 63) & ~(int64_t)63)), *bias = d16 + 2 * kb;
-    for (int64_t r = r0; r < r1; r++) {
-        unpack_row(w->type, w->data + r * w->row_bytes, k, codes, d16, bias);
-        float *o = out + (r - r0) * k;
-        for (int64_t i = 0; i < k; i++) o[i] = d16[i / 16] * (float)((int)codes[i] - ti->off) + bias[i / 32];
+    for (int64_t r = a; r < b; r++) {
+        unpack_row_fast(w->type, w->data + r * w->row_bytes, k, codes, d16, bias);
+        float *o = c->out + (r - c->r0) * k;
+        for (int64_t g = 0; g < k / 16; g++) { /* per 16 values: one scale, one bias (vectorizes) */
+            const float d = d16[g], bi = bias[g / 2];
+            for (int i = 0; i < 16; i++) o[16 * g + i] = d * (float)((int)codes[16 * g + i] - off) + bi;
+        }
     }
-    free(codes);
-    return 0;
+}
+
+int nl_dequant(const nl_mat *w, int64_t r0, int64_t r1, float *out) {
+    if (!tinfo(w->type) || r0 < 0 || r1 > w->n || r0 > r1 || nl_row_bytes(w->type, w->k) < 0) return -1;
+    CALL_LOCK();
+    ensure_pool();
+    int rc = 0;
+    const int64_t k = w->k;
+    for (int t = 0; t < g_threads; t++) /* every thread's row buffer, so that tasks cannot fail */
+        if (!scratch(t, SCR_ROW, (size_t)k + (size_t)(k / 32) * 12 + 64)) rc = -1;
+    if (rc == 0) {
+        deq_ctx c = {w, r0, r1, 0, out};
+        c.rows_per_task = (65536 + k - 1) / k; /* ~64k values per task */
+        parallel(deq_task, &c, (r1 - r0 + c.rows_per_task - 1) / c.rows_per_task);
+    }
+    CALL_UNLOCK();
+    return rc;
 }

@@ -1,13 +1,16 @@
 """QuantLinear: y = x @ W.T computed straight from the GGUF blocks (the zero-copy mmap view), no float32 copy.
 
-Small M (decode) streams the blocks once against int8-quantized activations; M >= the gemm threshold uses a packed
-int8 GEMM where this build has one (AVX512-VNNI, NEON dotprod), else dequantizes tiles of rows into a reusable
-float32 scratch and multiplies with BLAS. Quantizing x per block of 32 to int8 bounds the error of each output by
-sum over blocks of amax(|x_block|) / 254 * sum(|w_block|) (plus float rounding), the same scheme as llama.cpp.
+Small M (decode) streams the blocks once against int8-quantized activations (the "rows" kernel); M >= the gemm
+threshold uses a packed int8 GEMM where this build has one (AVX512-VNNI, NEON dotprod). Builds without it keep the
+rows kernel for every M: each task re-reads its rows from L2 for every 4 activation rows, and on an AVX2 build it
+measured as fast as dequantizing tiles for OpenBLAS at M = 512 (and far steadier when other threads share the
+cores). F16 weights, with no integer kernel, go through dequantized tiles + BLAS at large M. Quantizing x per
+block of 32 to int8 bounds the error of each output by sum over blocks of amax(|x_block|) / 254 * sum(|w_block|)
+(plus float rounding), the same scheme as llama.cpp.
 
-Each call returns a fresh output array. At M = 1 the whole call costs ~0.6 us of Python + binding overhead, of
-which np.empty is ~0.15 us (0.03 ms per 210-matmul token); for large outputs glibc reuses the freed block. That is
-too little to justify handing out a reused buffer that the next call would overwrite.
+Each call returns a fresh output array. At M = 1 the whole call costs ~0.6-1 us of Python + binding overhead, of
+which np.empty is ~0.2-0.4 us (under 0.1 ms per 210-matmul token); for large outputs glibc reuses the freed block.
+That is too little to justify handing out a reused buffer that the next call would overwrite.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ except ImportError:  # reported once by npulm.cpu
     _kernels = None
 
 PATH_AUTO, PATH_ROWS, PATH_GEMM = 0, 1, 2
-TILE_BYTES = 1 << 20  # dequantized tile size for the BLAS fallback: stays in L2
+TILE_BYTES = 4 << 20  # dequantized tile for the BLAS fallback: few dequantize/BLAS alternations
 _scratch = threading.local()
 _F32 = np.float32
 
@@ -53,8 +56,8 @@ class QuantLinear(Linear):
         if not weight.data.flags.c_contiguous:
             raise ValueError(f"{weight.name}: weight data must be C-contiguous")
         self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in)
-        # without a packed gemm for this type, large M goes through dequantized tiles + BLAS
-        self._tiled = not _kernels.gemm_available(int(weight.type))
+        # F16 has no integer kernel: large M goes through dequantized tiles + BLAS
+        self._tiled = weight.type == GGMLQuantizationType.F16
         self._tile_rows = max(16, TILE_BYTES // (4 * weight.n_in))
 
     def __call__(self, x: np.ndarray, path: int = PATH_AUTO) -> np.ndarray:

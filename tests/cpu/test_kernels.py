@@ -105,7 +105,7 @@ def test_f16_and_f32() -> None:
 
 
 def test_blas_tile_fallback() -> None:
-    """Large M where no packed gemm exists (non-AVX512/NEON-dotprod builds): dequantized tiles + BLAS."""
+    """The dequantized tiles + BLAS path (F16 weights at large M), here over several tiles of a quantized type."""
     n, k = 131, 512
     data = random_weight(T.Q4_K, n, k)
     lin = cpu.QuantLinear(as_weight(data, T.Q4_K, n, k))
