@@ -26,6 +26,10 @@
 #define _GNU_SOURCE
 #include "kernels.h"
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#error "GGUF blocks are little-endian; these kernels read them in place"
+#endif
+
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -639,9 +643,9 @@ INLINE __m256i bits32(uint32_t qh) { /* byte i = 16 if bit i of qh is set */
 #endif
 }
 
-/* Accumulate one 32-block of codes into MR activation rows. d0/d1: scales of the two 16-halves. */
-INLINE void rows_step(const int T, const int MR, __m256i codes, float d0, float d1, float bias, const acts *A,
-                      int64_t m0, int64_t b, __m256 *acc, float *bacc) {
+/* Accumulate one 32-block (scale d, bias) into MR activation rows: the tail of the 8-block loop below. */
+INLINE void rows_step(const int T, const int MR, __m256i codes, float d, float bias, const acts *A, int64_t m0,
+                      int64_t b, __m256 *acc, float *bacc) {
     __m256i ucodes = codes;
     if (T == NL_Q8_0) ucodes = _mm256_abs_epi8(codes);
     for (int m = 0; m < MR; m++) {
@@ -652,11 +656,7 @@ INLINE void rows_step(const int T, const int MR, __m256i codes, float d0, float 
             ip = dot_us(codes, a);
             if (T_OFF(T)) ip = _mm256_sub_epi32(ip, dot_us(_mm256_set1_epi8((char)T_OFF(T)), a));
         }
-        const float dx = A->d[(m0 + m) * A->kb + b];
-        __m256 sc;
-        if (T == NL_Q6_K) sc = _mm256_set_m128(_mm_set1_ps(d1 * dx), _mm_set1_ps(d0 * dx));
-        else sc = _mm256_set1_ps(d0 * dx);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ip), sc, acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ip), _mm256_set1_ps(d * A->d[(m0 + m) * A->kb + b]), acc[m]);
         if (T_BIAS(T)) bacc[m] += bias * A->s[(m0 + m) * A->kb + b];
     }
 }
@@ -860,7 +860,7 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
                 __m256i c0;
                 float d0 = 0, bi0 = 0;
                 simple_block(T, row + b * bs, &c0, &d0, &bi0);
-                rows_step(T, MR, c0, d0, d0, bi0, A, m0, b, (b & 1) ? acc1 : acc0, bacc);
+                rows_step(T, MR, c0, d0, bi0, A, m0, b, (b & 1) ? acc1 : acc0, bacc);
             }
         }
         for (int m = 0; m < MR; m++)
@@ -991,19 +991,14 @@ INLINE void simple_codes(const int T, const uint8_t *p, int8x16_t *lo, int8x16_t
     *hi = sgn(h, T_OFF(T));
 }
 
-/* lo/hi: signed codes (code - off) for values 0..15 and 16..31 of the block */
-INLINE void rows_step(const int T, const int MR, int8x16_t lo, int8x16_t hi, float d0, float d1, float bias,
-                      const acts *A, int64_t m0, int64_t b, float32x4_t *acc, float *bacc) {
+/* One 32-block (signed codes lo/hi for values 0..15 / 16..31, scale d, bias) into MR activation rows: the tail of
+ * the 4-block loop below. */
+INLINE void rows_step(const int T, const int MR, int8x16_t lo, int8x16_t hi, float d, float bias, const acts *A,
+                      int64_t m0, int64_t b, float32x4_t *acc, float *bacc) {
     for (int m = 0; m < MR; m++) {
         const int8_t *a = A->q + (m0 + m) * A->k + 32 * b;
-        const int8x16_t a0 = vld1q_s8(a), a1 = vld1q_s8(a + 16);
         const float dx = A->d[(m0 + m) * A->kb + b];
-        if (T == NL_Q6_K) {
-            acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(dot16(lo, a0)), d0 * dx);
-            acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(dot16(hi, a1)), d1 * dx);
-        } else {
-            acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(dot32(lo, hi, a0, a1)), d0 * dx);
-        }
+        acc[m] = vfmaq_n_f32(acc[m], vcvtq_f32_s32(dot32(lo, hi, vld1q_s8(a), vld1q_s8(a + 16))), d * dx);
         if (T_BIAS(T)) bacc[m] += bias * A->s[(m0 + m) * A->kb + b];
     }
 }
@@ -1157,7 +1152,7 @@ INLINE void rows_kernel(const int T, const int MR, const nl_mat *w, const acts *
                 int8x16_t lo, hi;
                 simple_codes(T, p, &lo, &hi);
                 const float d = h2f(p), bias = T_BIAS(T) ? h2f(p + 2) : 0.0f;
-                rows_step(T, MR, lo, hi, d, d, bias, A, m0, b, (b & 1) ? acc1 : acc0, bacc);
+                rows_step(T, MR, lo, hi, d, bias, A, m0, b, (b & 1) ? acc1 : acc0, bacc);
             }
         }
         for (int m = 0; m < MR; m++)

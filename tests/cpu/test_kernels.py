@@ -75,8 +75,11 @@ def check(y: np.ndarray, x: np.ndarray, w: np.ndarray, quantized: bool = True) -
 PATHS = [cpu.PATH_AUTO, cpu.PATH_ROWS, cpu.PATH_GEMM]
 
 
-@pytest.mark.parametrize("t", SIMPLE + KQUANT, ids=lambda t: t.name)
-@pytest.mark.parametrize("n,k", [(37, 512), (67, 768)])
+CASES = [(t, n, k) for t in SIMPLE + KQUANT for n, k in [(37, 512), (67, 768)]]
+CASES += [(t, 29, 544) for t in SIMPLE]  # 17 blocks: the kernels' tails after groups of 8 (x86) / 4 (NEON) blocks
+
+
+@pytest.mark.parametrize("t,n,k", CASES, ids=lambda v: getattr(v, "name", str(v)))
 def test_random_blocks(t: T, n: int, k: int) -> None:
     data = random_weight(t, n, k)
     w = quants.dequantize(data, t)
