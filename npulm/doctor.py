@@ -265,7 +265,7 @@ def _pipelines(rt, rep: Report) -> None:
     arena = Arena(rt)
     bounds: dict[str, float] = {"W16A16": 1e-3, "W8A8_STANDARD": 0.08, "W8A8_CHANNEL": 0.08, "W8A8_HADAMARD": 0.03,
                                 "W8A8_GGUF_HADAMARD": 0.02, "W4A4_HADAMARD": 0.3, "W4A4_CHANNEL": 0.25,
-                                "W4A8_CHANNEL": 0.15, "W4A8_GGUF": 0.08, "W4A8_GGUF_BLOCK": 0.02,
+                                "W4A8_CHANNEL": 0.15, "W4A8_GGUF_BLOCK": 0.02,
                                 "W4A4_GGUF_BLOCK": 0.25, "W4A4_GGUF_HADAMARD": 0.12}
     try:
         for name in P.PIPELINES:

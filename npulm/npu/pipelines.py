@@ -6,20 +6,18 @@ and dequantizes. Selectable per tensor: "npu:<NAME>" specs, `--pipeline NAME`, `
   W8A8_STANDARD       int8, one absmax scale per tensor   int8 per row            none          INT8xINT8->INT32 rkllama
   W8A8_CHANNEL        int8, absmax scale per out channel  int8 per row            none          INT8xINT8->INT32
   W8A8_HADAMARD       int8 per channel, after rotation    int8 per row            block Hadam.  INT8xINT8->INT32
-  W8A8_GGUF_HADAMARD  GGUF codes x integer H(<=16), exact int8 per (row, block)   H(h) in block INT8xINT8->INT32 npulm
+  W8A8_GGUF_HADAMARD  GGUF codes x integer H(h), exact    int8 per (row, block)   H(h) in block INT8xINT8->INT32 npulm
   W4A4_HADAMARD       int4 per tensor, KL-calibrated clip int4 per row            pad to 2^n    INT4xINT4->INT16 rkllama
   W4A4_CHANNEL        int4 per channel, MSE clip          int4 per row            pad to 2^n    INT4xINT4->INT16
   W4A8_CHANNEL        int4 per channel, MSE clip          int8 per row            pad to 2^n    2 x INT4xINT4
-  W4A8_GGUF           GGUF codes (exact)                  int8 per row            none          2 x INT4xINT4    npulm
   W4A8_GGUF_BLOCK     GGUF codes (exact)                  int8 per (row, block)   none          2 x INT4xINT4    npulm
   W4A4_GGUF_BLOCK     GGUF codes (exact)                  int4 per (row, block)   none          INT4xINT4->INT16 npulm
-  W4A4_GGUF_HADAMARD  GGUF codes x integer H(<=16), exact int4 per (row, 8 inputs) H(h) in block 2 x INT4xINT4    npulm
+  W4A4_GGUF_HADAMARD  GGUF codes x integer H(h), exact    int4 per (row, 16)      H(h) in block INT8xINT8->INT32 npulm
 
-(rkllama: rk-llama.cpp's recipes, the anchors.)
-Block Hadamard: block = the largest power of two dividing K, at most 512, random signs: K is not padded. Pad to 2^n:
-K zero-padded to the next power of two and one randomized Hadamard (rk-llama.cpp's rotation). The weight-side
-quantization and the rotations are `npulm.npu.quant` (`quant.prepare`), so `quant.simulate(NAME, x, weight)` is the
-float64 reference of every pipeline that has a quant recipe of the same name.
+(rkllama: rk-llama.cpp's recipes, the anchors.) Block Hadamard: block = the largest power of two dividing K, at most
+512, random signs: K is not padded. Pad to 2^n: K zero-padded to the next power of two and one randomized Hadamard
+(rk-llama.cpp's rotation). The weight-side quantization and the rotations are `npulm.npu.quant` (`quant.prepare`),
+so `quant.simulate(NAME, x, weight)` is the float64 reference of every pipeline with a quant recipe of that name.
 
 Integer products run on the NPU; scales, offsets and sums of partial results are applied on the CPU in float32:
   * per-row pipelines: y = C * scale_x[row] * scale_w[col], C summed over the K-chunks (exact, int64).
@@ -28,19 +26,26 @@ Integer products run on the NPU; scales, offsets and sums of partial results are
     come from K-chunks of a few blocks each, with A rows expanded so that row (m, b) holds only block b of token m:
     one matmul per chunk gives every block's partial sum. Then y = sum_b sx[m, b] d[n, b] P[m, b, n] +
     sum_b o[n, b] sum_{k in b} x[m, k] (the offset term takes the float x: only the code part is quantized).
-    A per-(row, block) activation scale costs nothing more than a per-row one here; it matches the CPU path
-    (llama.cpp's Q8 activation blocks), so W4A8_GGUF_BLOCK / W8A8_GGUF track the CPU path closely.
+    A per-(row, block) activation scale costs nothing more than a per-row one here, and matches the CPU path
+    (llama.cpp's int8 activation blocks), so W4A8_GGUF_BLOCK tracks the CPU path. The price is output volume: the
+    NPU returns K/32 partial sums per output instead of one (more C traffic at prefill), and K/chunk calls per core.
+  * integer Hadamard ("GGUF codes x H(h)"): the codes of each group of h inputs are multiplied by the unnormalized
+    Sylvester H(h), h the largest power of two <= 16 for which the products still fit int8 (checked on the weight:
+    16 for 4-bit codes, 8 for Q5, 4 for Q6_K, 1 for Q8_0): still integers, so still exact. x is rotated by the same
+    H(h) and (x H)(H^T q) = h x q: outlier channels are spread over h inputs before x is quantized.
   * 8-bit values on an INT4xINT4-only path are split exactly: v = 16*hi + lo + 8 with hi, lo in [-8, 7]; x halves
     become extra A rows, weight halves extra B columns, and the shift terms (8 * column sums of the weight codes,
-    8 * row sums of x's codes) are added on the CPU. "2 x INT4xINT4" above; one INT8xINT8 pass where INT4 is missing.
+    8 * row sums of x's codes) are small matmuls on the CPU. "2 x INT4xINT4" above; INT8xINT8 where INT4 is missing.
   * INT4xINT4 -> INT16 partials cannot overflow: K-chunks are sized from the weights so that
     max|x code| * sum_k |w code| <= 32767 for every column (`planner.int16_safe_chunk`); in the GGUF pipelines each
     expanded row touches one block, so |partial| <= 8 * 8 * 32 by construction.
 "W4" in the GGUF names means "the file's codes": Q5_x, Q6_K and Q8_0 codes need int8 (INT8xINT8, or weight halves).
+quant's W4A8_GGUF recipe (one x scale per row) is not offered: at the same cost as W4A8_GGUF_BLOCK it measured ten
+times the KLD on SmolLM2.
 
 Defaults ("npu:auto", `auto_pipeline`): F32/F16/BF16 -> W16A16; 4-bit GGUF types (Q4_0, Q4_1, Q4_K, Q2_K, Q3_K) ->
-W4A8_GGUF_BLOCK; other types with exact codes (Q5_x, Q6_K, Q8_0, IQ4_*) -> W8A8_GGUF; any other type -> W8A8_HADAMARD.
-A chip without INT4 (RK3566/68, RK3562) runs the 4-bit GGUF types as W8A8_GGUF (the same numbers).
+BEST_4BIT; other types with exact codes (Q5_x, Q6_K, Q8_0, IQ4_*) -> BEST_W8A8; any other type -> W8A8_HADAMARD.
+A chip without INT4 (RK3566/68, RK3562) runs the 4-bit GGUF types with BEST_W8A8.
 """
 
 from __future__ import annotations
@@ -97,15 +102,14 @@ PIPELINES: dict[str, PipelineSpec] = {p.name: p for p in [
                  "pad-to-2^n Hadamard, int4 W per channel (MSE clip), int4 x per token"),
     PipelineSpec("W4A8_CHANNEL", "channel-mse", 8, None, "pad", "",
                  "pad-to-2^n Hadamard, int4 W per channel (MSE clip), int8 x per token as two int4 passes"),
-    PipelineSpec("W4A8_GGUF", "gguf", 8, None, "none", "npulm",
-                 "the GGUF's codes exactly, int8 x per token (two int4 passes), block scales on the CPU"),
     PipelineSpec("W4A8_GGUF_BLOCK", "gguf", 8, "block", "none", "npulm",
                  "the GGUF's codes exactly, int8 x per (token, block) (two int4 passes), block scales on the CPU"),
     PipelineSpec("W4A4_GGUF_BLOCK", "gguf", 4, "block", "none", "npulm",
                  "the GGUF's codes exactly, int4 x per (token, block), block scales on the CPU"),
-    PipelineSpec("W4A4_GGUF_HADAMARD", "gguf", 4, 8, "gguf", "npulm",
+    PipelineSpec("W4A4_GGUF_HADAMARD", "gguf", 4, 16, "gguf", "npulm",
                  "the GGUF's codes times an integer Hadamard (exact, int8), x rotated the same, int4 per "
-                 "(token, 8 inputs)"),
+                 "(token, 16 inputs); INT8xINT8 (INT4xINT4 would need weight halves: twice the MACs)",
+                 int8_first=True),
 ]}
 
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
@@ -368,8 +372,6 @@ class GgufPrepared(Prepared):
     still exact, and checked to fit int8), x by the same H(h); (x H)(H^T q) = h x q, so the 1/h goes with the scales.
     """
 
-    NATIVE_MIN_M = 64  # from this many token rows the epilogue reads C in place (fewer copies win over contiguity)
-
     def __init__(self, spec: PipelineSpec, weight, arena: Arena, name: str, chunk_k: int | None = None):
         gc = qm.gguf_codes(weight)
         n, k = gc.codes.shape
@@ -407,69 +409,47 @@ class GgufPrepared(Prepared):
             b = codes
         self.op = NpuMatmul(arena, b, self.real.mm_type, self.chunk_k, row_factor=c * self.passes, name=name)
         self.ops = [self.op]
-        a1 = self.op.n_pad // sub
-        # Epilogue constants in C's native layout (chunk, N/sub, token, group in chunk, N % sub):
-        gb = np.zeros((self.op.n_pad, g_pad * gs), np.int32)
-        gb[: b.shape[0], :k] = b
-        colsum = gb.reshape(self.op.n_pad, g_pad, gs).sum(axis=2)  # the x-split shift term, per group
-        self.colsum = np.ascontiguousarray(colsum.T.reshape(nch, c, a1, sub).transpose(0, 2, 1, 3)[:, :, None])
-        self.colsum_rows = colsum.T.reshape(nch, 1, c, self.op.n_pad)[..., : self.op.n]  # same, (chunk, -, group, N)
-        sw = np.zeros((g_pad, self.n_half), np.float32)  # block scale per group, the rotation's 1/h folded in
-        sw[: k // gs, :n] = np.repeat(gc.scale, gc.block // gs, axis=1).T / self.h
-        self.sw = np.ascontiguousarray(sw.reshape(nch, c, self.n_half // sub, sub).transpose(0, 2, 1, 3)[:, :, None])
-        self.sw_rows = np.ascontiguousarray(sw[:, :n])  # (group, N)
+        # epilogue constants: group scales (the rotation's 1/h folded in) and the column sums of the codes
+        self.sw_g = np.zeros((g_pad, n), np.float32)
+        self.sw_g[: k // gs] = np.repeat(gc.scale, gc.block // gs, axis=1).T / self.h
+        cols = self.n_half if self.real.b_split else self.op.n_pad
+        sw_main = np.zeros((g_pad, cols), np.float32)
+        sw_main[:, :n] = self.sw_g
+        self.sw_main = sw_main.reshape(1, 1, nch, c, cols)
+        colsum = np.zeros((n, g_pad * gs), np.int32)
+        colsum[:, :k] = codes
+        self.sw_colsum = self.sw_g * colsum.reshape(n, g_pad, gs).sum(axis=2).T
         self.offset = None if gc.offset is None else gc.offset.T.astype(np.float32)  # (blocks, N)
         c_bytes = 4 if self.real.mm_type != INT4_MM_INT4_TO_INT16 else 2
         self._set_max_m(arena, (c_bytes + 8) * nch * self.op.n_pad * self.op.row_factor)
 
-    def _combine_rows(self, out: np.ndarray, xq: np.ndarray, sx: np.ndarray) -> np.ndarray:
-        """The epilogue from C as (chunk, rows, N): contiguous N, best for few rows."""
-        m, c, nch, n = xq.shape[0], self.c, self.n_chunks, self.n_out
-        v = out.reshape(nch, self.passes, m, c, out.shape[-1])
-        if self.real.a_split:  # x = 16 hi + lo + 8
-            t = 16 * v[:, 0].astype(np.int32) + v[:, 1] + qm.INT8_SPLIT_SHIFT * self.colsum_rows
-        else:
-            t = v[:, 0]
-        if self.real.b_split:  # W = 16 hi + lo + 8
-            rowsum = xq.reshape(m, nch, c, self.gs).sum(axis=3, dtype=np.int32).transpose(1, 0, 2)[..., None]
-            t = 16 * t[..., :n].astype(np.int32) + t[..., self.n_half: self.n_half + n] + \
-                qm.INT8_SPLIT_SHIFT * rowsum
-        else:
-            t = t[..., :n]
-        g = nch * c
-        p = np.ascontiguousarray(t.transpose(1, 0, 2, 3), dtype=np.float32).reshape(m, g, n)
-        p *= self.sw_rows  # exact integer partials times exact group scales
-        if self.act_group is None:
-            return p.sum(axis=1) * sx.astype(np.float32)
-        sxp = np.zeros((m, 1, g), np.float32)
-        sxp[:, 0, : sx.shape[1]] = sx
-        return np.matmul(sxp, p)[:, 0]
+    def _combine(self, out: np.ndarray, xq: np.ndarray, sx: np.ndarray) -> np.ndarray:
+        """y from C in its native layout (chunk, N/sub, (pass, token, group), sub).
 
-    def _combine_native(self, out: np.ndarray, xq: np.ndarray, sx: np.ndarray) -> np.ndarray:
-        """The epilogue from C in its native layout (chunk, N/sub, rows, sub): no transpose copy, best for many rows."""
-        m, c, nch, sub = xq.shape[0], self.c, self.n_chunks, out.shape[3]
-        v = out.reshape(nch, out.shape[1], self.passes, m, c, sub)
-        if self.real.a_split:  # x = 16 hi + lo + 8
-            t = 16 * v[:, :, 0].astype(np.int32) + v[:, :, 1] + qm.INT8_SPLIT_SHIFT * self.colsum
-        else:
-            t = v[:, :, 0]
-        a_h = self.n_half // sub
-        if self.real.b_split:  # W = 16 hi + lo + 8
-            rowsum = xq.reshape(m, nch, c, self.gs).sum(axis=3, dtype=np.int32).transpose(1, 0, 2)[:, None, :, :,
-                                                                                                     None]
-            t = 16 * t[:, :a_h].astype(np.int32) + t[:, a_h: 2 * a_h] + qm.INT8_SPLIT_SHIFT * rowsum
-        else:
-            t = t[:, :a_h]
-        p = t.astype(np.float32)  # exact integer partials (chunk, N/sub, token, group, N % sub)
-        p *= self.sw
-        if self.act_group is None:
-            y = p.sum(axis=(0, 3)) * sx.astype(np.float32)[None]
-        else:
-            sxp = np.zeros((m, nch * c), np.float32)
-            sxp[:, : sx.shape[1]] = sx
-            p *= sxp.reshape(m, nch, c).transpose(1, 0, 2)[:, None, :, :, None]
-            y = p.sum(axis=(0, 3))
-        return y.transpose(1, 0, 2).reshape(m, -1)[:, : self.n_out]
+        With x = 16 hi + lo + 8 (x halves) and W = 16 hi + lo + 8 (weight halves), sum_k x W over a group is
+        sum_passes f_pass sum_halves f_half P + 8 R + 8 colsum(W), R = sum_k (x - 8 [x halves]) over the group:
+        the integer combination is folded into the scales (f = 16 or 1), the shift terms are two small matmuls.
+        One strided copy brings C to (token, group x pass, N); a batched GEMV weights the groups by x's scales."""
+        m, c, nch, passes, n = xq.shape[0], self.c, self.n_chunks, self.passes, self.n_out
+        a1, sub = out.shape[1], out.shape[3]
+        v = out.reshape(nch, a1, passes, m, c, sub)
+        # (token, pass, group, N): the group order, hence the float sums, do not depend on the chunking
+        q = np.ascontiguousarray(v.transpose(3, 2, 0, 4, 1, 5), dtype=np.float32).reshape(m, passes, nch, c, a1 * sub)
+        if self.real.b_split:
+            q = 16 * q[..., : self.n_half] + q[..., self.n_half: 2 * self.n_half]
+        q *= self.sw_main  # (1, 1, chunk, group, cols): exact partials times exact group scales
+        g = nch * c
+        sxg = np.zeros((m, g), np.float32)
+        sxg[:, : self.n_in // self.gs] = sx  # per group, or (M, 1) per row broadcast
+        f = np.array([16.0, 1.0] if passes == 2 else [1.0], np.float32)
+        sxp = (f[None, :, None] * sxg[:, None, :]).reshape(m, 1, -1)
+        y = np.matmul(sxp, q.reshape(m, passes * g, -1))[:, 0, :n]
+        if self.real.b_split:  # 8 * sum_k (x - 8 [x halves]) per group
+            r = xq.reshape(m, g, self.gs).sum(axis=2) - (qm.INT8_SPLIT_SHIFT * self.gs if self.real.a_split else 0)
+            y += qm.INT8_SPLIT_SHIFT * ((sxg * r) @ self.sw_g)
+        if self.real.a_split:  # 8 * colsum(W) per group
+            y += qm.INT8_SPLIT_SHIFT * (sxg @ self.sw_colsum)
+        return y
 
     def _npu(self) -> str:
         rot = f", codes x H({self.h})" if self.h > 1 else ""
@@ -488,9 +468,7 @@ class GgufPrepared(Prepared):
         ar = np.arange(c)
         for p in range(self.passes):
             e[:, p][:, :, ar, ar, :] = parts[p].reshape(m, nch, c, gs).transpose(1, 0, 2, 3)
-        a = e.reshape(nch, self.passes * m * c, c * gs)
-        y = self._combine_native(op.run_native(a, m=m), xq, sx) if m >= self.NATIVE_MIN_M else \
-            self._combine_rows(op.run(a, m=m), xq, sx)
+        y = self._combine(op.run_native(e.reshape(nch, self.passes * m * c, c * gs), m=m), xq, sx)
         if self.offset is not None:
             y = y + qm.group_sums(x64, self.offset.shape[0]).astype(np.float32) @ self.offset
         return np.ascontiguousarray(y)

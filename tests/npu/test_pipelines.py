@@ -23,7 +23,7 @@ N, K, M = 192, 576, 6
 # dequantized weight: the stated bound for each pipeline (measured values are about 2/3 of these).
 BOUNDS = {
     "W16A16": 1e-3, "W8A8_STANDARD": 0.07, "W8A8_CHANNEL": 0.07, "W8A8_HADAMARD": 0.02, "W8A8_GGUF_HADAMARD": 0.015,
-    "W4A4_HADAMARD": 0.25, "W4A4_CHANNEL": 0.2, "W4A8_CHANNEL": 0.14, "W4A8_GGUF": 0.06, "W4A8_GGUF_BLOCK": 0.015,
+    "W4A4_HADAMARD": 0.25, "W4A4_CHANNEL": 0.2, "W4A8_CHANNEL": 0.14, "W4A8_GGUF_BLOCK": 0.015,
     "W4A4_GGUF_BLOCK": 0.22, "W4A4_GGUF_HADAMARD": 0.11,
 }
 
@@ -94,8 +94,8 @@ def rotate_groups_f64(a: np.ndarray, h: int) -> np.ndarray:
     return (a.reshape(m, k // h, h) @ qm.hadamard(h, normalize=False)).reshape(m, k)
 
 
-@pytest.mark.parametrize("m", [M, P.GgufPrepared.NATIVE_MIN_M + 3])  # both epilogues: rows, native layout
-@pytest.mark.parametrize("name", ["W8A8_GGUF_HADAMARD", "W4A4_GGUF_HADAMARD", "W4A8_GGUF_BLOCK", "W4A8_GGUF"])
+@pytest.mark.parametrize("m", [1, M, 70])
+@pytest.mark.parametrize("name", ["W8A8_GGUF_HADAMARD", "W4A4_GGUF_HADAMARD", "W4A8_GGUF_BLOCK", "W4A4_GGUF_BLOCK"])
 @pytest.mark.parametrize("qtype", [T.Q4_1, T.Q4_0, T.Q5_0, T.Q8_0])
 def test_gguf_pipelines_equal_their_float64_model(arena, name, qtype, m):
     """Independent float64 model: x rotated by H(h) within groups of h, quantized per (row, group), rotated back,

@@ -1,0 +1,258 @@
+"""Accuracy of every NPU pipeline on real models, on the emulator: regenerates docs/accuracy.md and docs/accuracy.png.
+
+    python benchmarks/accuracy.py                  # both models, every pipeline, 8 chunks (about half an hour)
+    python benchmarks/accuracy.py --chunks 2 --models smollm2-135m --pipelines W16A16,W8A8_GGUF_HADAMARD
+
+For SmolLM2-135M (Q4_1) and Gemma-3-270M (Q4_K_M) on lee_background (-c 512, 8 chunks, llama-perplexity's method:
+the second half of each chunk scored): perplexity, mean KL divergence against the model's dequantized float32 CPU
+reference ("cpu-ref" for every tensor), and top-1 agreement with it, for the CPU paths and for every pipeline with
+every linear weight of every block on the NPU (emulated RK3588). The output matmul stays on "cpu-ref" in the NPU
+rows, so they measure the pipelines alone. For SmolLM2 also: how many of 10 prompts give the same 32 greedy tokens
+as the CPU path with --npu-layers all (the output matmul on the NPU too) and the best W8A8 pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The emulator runs many small sgemms; OpenBLAS's threads cost more than they give on a 2-core machine for those.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from npulm import Llama, assets  # noqa: E402
+from npulm.evaluate import divergence, log_softmax  # noqa: E402
+from npulm.npu import pipelines as P  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+MODELS = (assets.SMOLLM2, assets.GEMMA3)
+N_CTX = 512
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "To make a cup of tea, you first",
+    "The largest planet in the solar system",
+    "In 1969, astronauts landed on",
+    "A good night's sleep is important because",
+    "The recipe calls for two cups of flour and",
+    "Python is a programming language that",
+    "The river flowed quietly through the",
+]
+TARGETS = {  # ΔPPL vs the CPU path, mean KLD vs cpu-ref
+    "W16A16": "ΔPPL within ±0.05 % of the CPU reference",
+    "best W8A8": "ΔPPL <= +0.1 %, KLD <= 0.002",
+    "best 4-bit weights": "ΔPPL <= +5 %",
+    "best pure W4A4": "ΔPPL <= +30 %",
+}
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # "cpu" | "anchor" | "npulm" | "variant"
+    npu: str
+    ppl: float
+    kld: float
+    top1: float
+    seconds: float  # per chunk
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def evaluate(path: str, n_chunks: int, label: str, **kw) -> tuple[np.ndarray, np.ndarray, float, Llama]:
+    """Logits of the scored positions of n_chunks chunks, their targets, seconds per chunk."""
+    llm = Llama(path, n_ctx=N_CTX, verbose=False, **kw)
+    text = assets.lee_background().read_text(encoding="utf-8", errors="replace")
+    tokens = llm.tokenize(text, add_bos=True)
+    bos = llm.token_bos() if llm.tokenizer.add_bos else None
+    first = N_CTX // 2
+    logits, targets = [], []
+    t0 = time.perf_counter()
+    for i in range(n_chunks):
+        chunk = list(tokens[i * N_CTX:(i + 1) * N_CTX])
+        if bos is not None:
+            chunk[0] = bos
+        llm.reset()
+        logits.append(llm.session.eval(chunk, logits_from=first)[: N_CTX - 1 - first])
+        targets.append(np.asarray(chunk[first + 1:]))
+        say(f"  {label}: chunk {i + 1}/{n_chunks} ({time.perf_counter() - t0:.0f} s)")
+    return np.concatenate(logits), np.concatenate(targets), (time.perf_counter() - t0) / n_chunks, llm
+
+
+def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
+    lp = log_softmax(logits)
+    return float(np.exp(-lp[np.arange(len(targets)), targets].mean()))
+
+
+def npu_description(llm: Llama) -> str:
+    """The NPU realization of the block linears (from the first one placed on the NPU)."""
+    for lin in llm.model.linears:
+        if lin.spec.startswith("npu:") and getattr(lin, "on_npu", False):
+            text = lin.describe()
+            return text.split(": ", 1)[1].split(", K ")[0] if ": " in text else text
+    return "CPU fallback"
+
+
+def run_model(model: str, pipelines: list[str], n_chunks: int) -> tuple[list[Row], dict]:
+    path = str(assets.model_path(model))
+    say(f"{model}: {path}")
+    ref, targets, secs, llm = evaluate(path, n_chunks, "cpu-ref", tensor_overrides=["*=cpu-ref"])
+    n_layer = len(llm.model.blocks)
+    del llm
+    rows = [Row("cpu-ref", "cpu", "float32 (dequantized weights, BLAS)", perplexity(ref, targets), 0.0, 1.0, secs)]
+    lg, _, secs, llm = evaluate(path, n_chunks, "cpu")
+    del llm
+    d = divergence(ref, lg)
+    rows.append(Row("cpu", "cpu", "GGUF blocks in place, int8 x per 32 (llama.cpp's scheme)",
+                    perplexity(lg, targets), d.mean_kl, d.top1_rate, secs))
+    for name in pipelines:
+        spec = P.PIPELINES[name]
+        kind = "anchor" if spec.origin == "rk-llama.cpp" and name != "W16A16" else (spec.origin or "variant")
+        lg, _, secs, llm = evaluate(path, n_chunks, name, n_npu_layers=n_layer, pipeline=name,
+                                    tensor_overrides=["output.weight=cpu-ref", "token_embd.weight=cpu-ref"])
+        npu = npu_description(llm)
+        del llm
+        d = divergence(ref, lg)
+        rows.append(Row(name, kind, npu, perplexity(lg, targets), d.mean_kl, d.top1_rate, secs))
+        r = rows[-1]
+        say(f"  -> {name}: PPL {r.ppl:.4f} ({100 * (r.ppl / rows[1].ppl - 1):+.2f} % vs cpu), KLD {r.kld:.5f}, "
+            f"top-1 {100 * r.top1:.1f} %")
+    return rows, {"n_layer": n_layer, "tokens": len(targets)}
+
+
+def continuations(model: str, pipeline: str | None, n_tokens: int = 32) -> tuple[int, list[tuple[str, str, str]]]:
+    path = str(assets.model_path(model))
+    cpu = Llama(path, n_ctx=256, verbose=False)
+    npu = Llama(path, n_ctx=256, verbose=False, n_npu_layers="all", pipeline=pipeline)
+    same, samples = 0, []
+    for i, prompt in enumerate(PROMPTS):
+        a = cpu.create_completion(prompt, max_tokens=n_tokens, temperature=0)["choices"][0]["text"]
+        b = npu.create_completion(prompt, max_tokens=n_tokens, temperature=0)["choices"][0]["text"]
+        same += a == b
+        samples.append((prompt, a, b))
+        say(f"  continuation {i + 1}/{len(PROMPTS)}: {'same' if a == b else 'differs'}")
+    return same, samples
+
+
+def best(rows: list[Row], pred) -> Row | None:
+    cands = [r for r in rows if pred(r)]
+    return min(cands, key=lambda r: r.kld) if cands else None
+
+
+def markdown(results: dict[str, tuple[list[Row], dict]], conts: dict, n_chunks: int, elapsed: float) -> str:
+    out = ["# NPU pipeline accuracy", "",
+           f"Generated by `python benchmarks/accuracy.py` on {datetime.date.today().isoformat()} in "
+           f"{elapsed / 60:.0f} min, on the **emulator** of the RKNPU2 matmul API (rk3588 rules; integer products "
+           "exact, fp16 products summed in float32): the numbers a board gives if the hardware matches the emulator's "
+           "documented assumptions (`npulm doctor` checks them on a board).", "",
+           f"Method: lee_background.cor, -c {N_CTX}, {n_chunks} chunks, llama-perplexity's scoring (second half of "
+           "each chunk). KLD = mean KL(cpu-ref ‖ row) over the scored tokens, top-1 = argmax agreement with cpu-ref. "
+           "`cpu-ref` = every weight dequantized to float32 (the reference); `cpu` = npulm's CPU path (GGUF blocks "
+           "in place, x quantized to int8 per 32 like llama.cpp). NPU rows: every linear weight of every block on "
+           "the NPU through the pipeline (`--npu-layers <n_layer> --pipeline NAME`); the output matmul stays on "
+           "`cpu-ref`, so the rows measure the pipelines alone. ΔPPL is relative to the `cpu` row (the CPU path "
+           "of the same GGUF); the Δ vs cpu-ref column is relative to the float reference.", "",
+           "Kinds: **anchor** = rk-llama.cpp's recipes (the prior art), **npulm** = pipelines of our own, "
+           "variant = intermediate recipes.", ""]
+    for model, (rows, meta) in results.items():
+        cpu, ref = rows[1], rows[0]
+        out += [f"## {model} ({meta['n_layer']} blocks, {meta['tokens']} scored tokens)", "",
+                "| pipeline | kind | NPU realization (RK3588) | PPL | ΔPPL vs cpu | ΔPPL vs cpu-ref | mean KLD | "
+                "top-1 % | s / chunk |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append(f"| {r.name} | {r.kind} | {r.npu} | {r.ppl:.4f} | {100 * (r.ppl / cpu.ppl - 1):+.2f} % | "
+                       f"{100 * (r.ppl / ref.ppl - 1):+.2f} % | {r.kld:.5f} | {100 * r.top1:.1f} | "
+                       f"{r.seconds:.1f} |")
+        npu_rows = [r for r in rows if r.kind != "cpu"]
+        w8 = best(npu_rows, lambda r: r.name.startswith("W8A8"))
+        w4 = best(npu_rows, lambda r: r.name.startswith("W4"))
+        a4 = best(npu_rows, lambda r: r.name.startswith("W4A4"))
+        w16 = next((r for r in npu_rows if r.name == "W16A16"), None)
+        out += ["", "Targets:", ""]
+        for label, r in (("W16A16", w16), ("best W8A8", w8), ("best 4-bit weights", w4), ("best pure W4A4", a4)):
+            if r is None:
+                continue
+            base = ref if label == "W16A16" else cpu
+            out.append(f"- {label} ({TARGETS[label]}): **{r.name}** ΔPPL {100 * (r.ppl / base.ppl - 1):+.2f} % "
+                       f"vs {'cpu-ref' if label == 'W16A16' else 'cpu'}, KLD {r.kld:.5f}")
+        out.append("")
+        if model in conts:
+            pipe, same, samples = conts[model]
+            out += [f"### Greedy continuations: {same}/10 prompts give the same 32 tokens", "",
+                    f"CPU path vs `--npu-layers all --pipeline {pipe}` (every linear, the output matmul "
+                    "too, on the NPU), temperature 0.", "", "| prompt | CPU | NPU |", "|---|---|---|"]
+            for prompt, a, b in samples[:4]:
+                out.append(f"| {prompt} | {_md(a)} | {_md(b)} |")
+            out.append("")
+    out += ["## The pipelines", "", P.table_markdown(), "",
+            "![PPL and KLD per pipeline](accuracy.png)", ""]
+    return "\n".join(out)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ⏎ ").strip()
+
+
+def plot(results: dict[str, tuple[list[Row], dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"cpu": "#777777", "anchor": "#d62728", "npulm": "#2ca02c", "variant": "#1f77b4", "": "#1f77b4",
+              "rk-llama.cpp": "#9467bd"}
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 6), squeeze=False)
+    for ax, (model, (rows, _)) in zip(axes[0], results.items()):
+        rs = [r for r in rows if r.name != "cpu-ref"]
+        y = np.arange(len(rs))
+        ax.barh(y, [max(r.kld, 1e-6) for r in rs], color=[colors.get(r.kind, "#1f77b4") for r in rs])
+        ax.set_xscale("log")
+        ax.set_yticks(y, [f"{r.name}  ({100 * (r.ppl / rows[1].ppl - 1):+.1f} %)" for r in rs])
+        ax.invert_yaxis()
+        ax.axvline(0.002, color="k", ls=":", lw=1)
+        ax.set_xlabel("mean KL divergence vs cpu-ref (log); label: ΔPPL vs the CPU path")
+        ax.set_title(f"{model}")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in (colors["cpu"], colors["anchor"], colors["npulm"],
+                                                                colors["variant"])]
+    fig.legend(handles, ["CPU", "anchor (rk-llama.cpp)", "npulm", "variant"], loc="lower center", ncol=4)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--pipelines", default=",".join(P.PIPELINES))
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--no-continuations", action="store_true")
+    ap.add_argument("--out", default=str(DOCS), help="directory for accuracy.md and accuracy.png")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    pipelines = [P.pipeline_spec(p).name for p in args.pipelines.split(",") if p]
+    results, conts = {}, {}
+    for model in args.models.split(","):
+        results[model] = run_model(model, pipelines, args.chunks)
+        if model == assets.SMOLLM2 and not args.no_continuations:
+            say(f"{model}: greedy continuations")
+            same, samples = continuations(model, P.BEST_W8A8)
+            conts[model] = (P.BEST_W8A8, same, samples)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.md").write_text(markdown(results, conts, args.chunks, time.perf_counter() - t0))
+    plot(results, out / "accuracy.png")
+    say(f"wrote {out / 'accuracy.md'} and {out / 'accuracy.png'} in {(time.perf_counter() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
