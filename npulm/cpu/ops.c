@@ -139,11 +139,11 @@ static PyObject *gated(PyObject *self, PyObject *args) {
         const float *up = u.buf;
         if (kind == 0) {
             for (Py_ssize_t i = 0; i < n; i++) gp[i] = gp[i] / (1.0f + expf(-gp[i])) * up[i];
-        } else {
-            const float c = 0.7978845608028654f;
+        } else {  /* 0.5 (1 + tanh z) = sigmoid(2 z): one expf instead of a (slow, scalar) tanhf */
+            const float c2 = 2.0f * 0.7978845608028654f;
             for (Py_ssize_t i = 0; i < n; i++) {
                 const float x = gp[i];
-                gp[i] = 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x))) * up[i];
+                gp[i] = x / (1.0f + expf(-c2 * (x + 0.044715f * x * x * x))) * up[i];
             }
         }
         ret = Py_NewRef(Py_None);

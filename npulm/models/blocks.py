@@ -114,6 +114,17 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos: 
         _ops.attention(q, cache.k, cache.v, out, m, s.n_head, s.n_head_kv, s.head_dim_k, s.head_dim_v, cache.n_ctx,
                        pos, s.scale, s.window)
         return out
+    # prefill: query chunks only read the keys up to their own end (causal), halving the work of long batches
+    return np.concatenate([_attend(q[c:c + ATTN_CHUNK], cache, pos + c, s) for c in range(0, m, ATTN_CHUNK)])
+
+
+ATTN_CHUNK = 256
+
+
+def _attend(q: np.ndarray, cache: KVCache, pos: int, s: AttentionShape) -> np.ndarray:
+    """Queries at positions pos..pos+M-1 over the cached keys up to pos+M-1 (batched BLAS, masked)."""
+    m = q.shape[0]
+    end = pos + m
     start = max(0, pos - s.window + 1) if s.window else 0  # keys no query of this batch can see
     keys, values = cache.k[:, start:end], cache.v[:, start:end]  # (n_kv, T, d)
     group = s.n_head // s.n_head_kv
@@ -138,11 +149,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos: 
 def gated_mlp(x: np.ndarray, gate: Linear, up: Linear, down: Linear, act=silu) -> np.ndarray:
     """down(act(gate(x)) * up(x)): SwiGLU for llama/qwen2, GeGLU for gemma."""
     g, u = gate(x), up(x)
-    if _ops is not None and act in _FUSED_ACT and g.flags.c_contiguous and g.flags.writeable and u.dtype == g.dtype \
-            == np.float32 and u.flags.c_contiguous:
+    fusable = g.dtype == u.dtype == np.float32 and g.flags.c_contiguous and g.flags.writeable and u.flags.c_contiguous
+    if _ops is not None and act in _FUSED_ACT and g.size <= FUSED_ACT_MAX and fusable:
         _ops.gated(g, u, g.size, _FUSED_ACT[act])  # g <- act(g) * u in place (g is ours until down() reads it)
         return down(g)
     return down(act(g) * u)
 
 
 _FUSED_ACT = {silu: 0, gelu: 1}
+FUSED_ACT_MAX = 1 << 15  # larger (prefill) batches: numpy's vectorized exp/tanh beat the scalar C loop
