@@ -132,3 +132,14 @@ def test_unsupported_architecture(tmp_path):
     w.close()
     with pytest.raises(GGUFError, match="architecture 'mamba' is not supported"):
         load_model(GGUFFile(tmp_path / "x.gguf"), 8)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_prefill_in_query_chunks(tiny_models, name, monkeypatch):
+    from npulm.models import blocks
+
+    g = GGUFFile(tiny_models[name])
+    whole = load_model(g, 32).forward(TOKENS, 0, logits_from=0)
+    monkeypatch.setattr(blocks, "ATTN_CHUNK", 5)  # 18 tokens in chunks of 5, across the sliding window of 8
+    chunked = load_model(g, 32).forward(TOKENS, 0, logits_from=0)
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
