@@ -44,15 +44,19 @@ class _State:
 _state = _State()
 
 
+_KEEP = object()
+
+
 def configure(chip: Chip | str | None = None, runtime: Runtime | str | None = None, *,
-              gguf_chunk: int | None = None, emulator_options: dict | None = None,
+              gguf_chunk: int | None | object = _KEEP, emulator_options: dict | None = None,
               parallel: bool | None = None) -> Runtime:
     """Select the chip and the matmul runtime for the weights placed from now on.
 
     chip: a Chip or name; default: $NPULM_CHIP, else the board's device tree, else rk3588 (for the emulator).
     runtime: a Runtime, or "auto" (default: librknnrt when found, else the emulator), "rknn", "emulator".
-    gguf_chunk: K per NPU call of the GGUF pipelines (default: the smallest aligned chunk; larger = fewer calls, more
-    rows). The runtime in use is said once on stderr. Calling it again starts a new model's fallback warning."""
+    gguf_chunk: K per NPU call of the GGUF pipelines (None: the smallest aligned chunk; larger = fewer calls, more
+    rows; kept from the previous call when not given). parallel: run the cores on threads (default: on librknnrt).
+    The runtime in use is said once on stderr. Each call starts a new model's fallback warning."""
     with _state.lock:
         if isinstance(runtime, Runtime):
             rt = runtime
@@ -74,7 +78,8 @@ def configure(chip: Chip | str | None = None, runtime: Runtime | str | None = No
             _state.runtime, _state.arena = rt, Arena(rt, parallel=parallel)
             where = "" if rt.kind == "rknn" else " (no librknnrt: results are the emulator's, not a board's)"
             print(f"npulm: NPU {rt.describe()}{where}", file=sys.stderr)
-        _state.gguf_chunk = gguf_chunk
+        if gguf_chunk is not _KEEP:
+            _state.gguf_chunk = gguf_chunk
         _state.warned = False
         _state.fallbacks = []
         return rt

@@ -11,10 +11,11 @@ and dequantizes. Selectable per tensor: "npu:<NAME>" specs, `--pipeline NAME`, `
   W4A4_CHANNEL        int4 per channel, MSE clip          int4 per row            pad to 2^n    INT4xINT4->INT16
   W4A8_CHANNEL        int4 per channel, MSE clip          int8 per row            pad to 2^n    2 x INT4xINT4
   W4A8_GGUF_BLOCK     GGUF codes (exact)                  int8 per (row, block)   none          2 x INT4xINT4    npulm
-  W4A4_GGUF_BLOCK     GGUF codes (exact)                  int4 per (row, block)   none          INT4xINT4->INT16 npulm
+  W4A4_GGUF_BLOCK     GGUF codes (exact)                  int4 per (row, block)   none          INT4xINT4->INT16*npulm
   W4A4_GGUF_HADAMARD  GGUF codes x integer H(h), exact    int4 per (row, 16)      H(h) in block INT8xINT8->INT32 npulm
 
-(rkllama: rk-llama.cpp's recipes, the anchors.) Block Hadamard: block = the largest power of two dividing K, at most
+(rkllama: rk-llama.cpp's recipes, the anchors. *: for 4-bit codes; 8-bit codes under 4-bit x run on INT8xINT8.)
+Block Hadamard: block = the largest power of two dividing K, at most
 512, random signs: K is not padded. Pad to 2^n: K zero-padded to the next power of two and one randomized Hadamard
 (rk-llama.cpp's rotation). The weight-side quantization and the rotations are `npulm.npu.quant` (`quant.prepare`),
 so `quant.simulate(NAME, x, weight)` is the float64 reference of every pipeline with a quant recipe of that name.
@@ -78,7 +79,6 @@ class PipelineSpec:
     rotation: str  # "none" | "block" | "pad" | "gguf" (integer Hadamard on the codes)
     origin: str  # "rk-llama.cpp" (the anchor recipes), "npulm" or "" (variants)
     summary: str
-    int8_first: bool = False  # run on INT8xINT8 even where INT4xINT4 exists
 
     @property
     def recipe(self) -> qm.Recipe | None:
@@ -108,8 +108,7 @@ PIPELINES: dict[str, PipelineSpec] = {p.name: p for p in [
                  "the GGUF's codes exactly, int4 x per (token, block), block scales on the CPU"),
     PipelineSpec("W4A4_GGUF_HADAMARD", "gguf", 4, 16, "gguf", "npulm",
                  "the GGUF's codes times an integer Hadamard (exact, int8), x rotated the same, int4 per "
-                 "(token, 16 inputs); INT8xINT8 (INT4xINT4 would need weight halves: twice the MACs)",
-                 int8_first=True),
+                 "(token, 16 inputs)"),
 ]}
 
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
@@ -170,19 +169,19 @@ class Realization:
         return name + (f" ({', '.join(splits)})" if splits else "")
 
 
-def realize(chip, act_bits: int, weight_bits: int, int8_first: bool = False) -> Realization:
-    """The first realization the chip accepts, INT4 paths first unless `int8_first`."""
+def realize(chip, act_bits: int, weight_bits: int) -> Realization:
+    """The first realization the chip accepts. INT4xINT4 where it saves something: 4-bit on both sides (one pass),
+    or 4-bit weights under 8-bit x (two x passes, but int4 weights: half the NPU memory). 8-bit weights under 4-bit
+    x would need weight halves, twice the MACs at twice the rate: no gain, so INT8xINT8 comes first there."""
     R = Realization
     if act_bits <= 4 and weight_bits <= 4:
         cands = [R(INT4_MM_INT4_TO_INT16), R(INT8_MM_INT8_TO_INT32)]
     elif weight_bits <= 4:
         cands = [R(INT8_MM_INT4_TO_INT32), R(INT4_MM_INT4_TO_INT16, a_split=True), R(INT8_MM_INT8_TO_INT32)]
     elif act_bits <= 4:
-        cands = [R(INT4_MM_INT4_TO_INT16, b_split=True), R(INT8_MM_INT8_TO_INT32)]
+        cands = [R(INT8_MM_INT8_TO_INT32), R(INT4_MM_INT4_TO_INT16, b_split=True)]
     else:
         cands = [R(INT8_MM_INT8_TO_INT32), R(INT4_MM_INT4_TO_INT16, a_split=True, b_split=True)]
-    if int8_first:
-        cands.sort(key=lambda r: r.mm_type != INT8_MM_INT8_TO_INT32)
     for r in cands:
         if chip.supports(r.mm_type):
             return r
@@ -305,7 +304,7 @@ class RowScaledPrepared(Prepared):
         self.rotation = pw.rotation
         self.act_bits = spec.act_bits
         w_bits = pw.recipe.weight_bits
-        self.real = realize(arena.chip, self.act_bits, w_bits, spec.int8_first)
+        self.real = realize(arena.chip, self.act_bits, w_bits)
         codes = pw.codes  # (N, K') int8, K' = rotated/padded K
         self.sw = pw.scale[:, 0][None, :] if pw.scale.shape[0] > 1 else pw.scale[0, 0]
         b = _split_rows(codes) if self.real.b_split else codes
@@ -390,7 +389,7 @@ class GgufPrepared(Prepared):
             self.act_group = gs
         self.gs = gs  # inputs per partial sum
         w_bits = 4 if int(codes.min()) >= -8 and int(codes.max()) <= 7 else 8
-        self.real = realize(arena.chip, self.act_bits, w_bits, spec.int8_first)
+        self.real = realize(arena.chip, self.act_bits, w_bits)
         k_al, _ = arena.chip.padded_align(self.real.mm_type)
         unit = int(np.lcm(k_al, gs))
         want = unit if chunk_k is None else max(unit, chunk_k // unit * unit)

@@ -13,7 +13,8 @@ At load (`NpuMatmul(arena, b, mm_type, chunk_k)`):
 
 Per call (`run(a)`, a = (n_chunks, R, chunk_k) values, R <= the largest bucket of rows):
   * A is written once per chunk into an A scratch shared by the chunk's per-core contexts (native layout
-    (chunk_k/sk, R_bucket, sk); rows beyond R are zeroed), in one strided copy that also casts to the element type.
+    (chunk_k/sk, R_bucket, sk); rows beyond R are zeroed), in one strided copy that also casts to the element type,
+    and synced to the device (cacheable memory); C is synced back after the runs.
   * the cores run in parallel: core i runs all its chunks' contexts in turn, cores 1.. on the pool's threads and
     core 0 on the caller's, then C is read for every chunk at once: the per-core C regions of a chunk are
     consecutive tiles of one native (N/s, R_bucket, s) array, so one transpose gives (n_chunks, R, N).
@@ -32,7 +33,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from . import layout as L
-from .rknn import CORE_0, CORE_1, CORE_2, LAYOUT_NATIVE, MATMUL_TYPES, SYNC_TO_DEVICE
+from .rknn import CORE_0, CORE_1, CORE_2, LAYOUT_NATIVE, MATMUL_TYPES, SYNC_FROM_DEVICE, SYNC_TO_DEVICE
 from .runtime import MatmulInfo, Mem, Runtime
 
 log = logging.getLogger("npulm.npu")
@@ -425,7 +426,10 @@ class NpuMatmul:
             raise ValueError(f"A must be ({self.n_chunks}, R, {self.chunk_k}), got {a.shape}")
         bk = self.bucket(-(-r // self.row_factor) if m is None else m)
         self._write_a(bk, a, r)
+        rt, anchor = self.rt, bk.ctxs[0][0]
+        rt.mem_sync(anchor, bk.a.mem, SYNC_TO_DEVICE)  # A was written through the CPU cache: flush it
         self.arena.run_cores(bk.ctxs)
+        rt.mem_sync(anchor, bk.c.mem, SYNC_FROM_DEVICE)
         return bk.c_arr[:, :, :r, :]
 
     def _write_a(self, bk: _Bucket, a: np.ndarray, r: int) -> None:

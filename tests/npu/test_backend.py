@@ -186,3 +186,12 @@ def test_float_models_run_w16a16(tiny_models, arch):
     assert {lin.spec for lin in llm.model.linears} == {"npu:W16A16"}  # float weights keep their values
     logits = llm.session.eval(tokens, logits_from=0)
     assert np.linalg.norm(logits - ref) < 3e-3 * np.linalg.norm(ref)  # fp16 rounding of x and W
+
+
+def test_configure_keeps_options_unless_given(tiny_models):
+    configure(gguf_chunk=128)
+    (w,) = weights(tiny_models["llama-q4_0"], "blk.1.ffn_down.weight")
+    Llama(str(tiny_models["llama-q4_0"]), n_ctx=32, verbose=False, n_npu_layers=1)  # configures again, no options
+    assert make_linear(w, "npu:W4A8_GGUF_BLOCK")._impl.chunk_k == 128
+    configure(gguf_chunk=None)
+    assert make_linear(w, "npu:W4A8_GGUF_BLOCK")._impl.chunk_k == 64

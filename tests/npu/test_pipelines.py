@@ -135,6 +135,8 @@ def _arena_for(chip) -> Arena:
     return Arena(EmulatorRuntime(chip, int16_overflow="raise"))
 
 
+# a chip with INT4xINT4 but no INT8xINT8: every 8-bit value goes through the exact int4 halves
+INT4_ONLY = dataclasses.replace(get_chip("rk3588"), name="rk3588-int4only", matmul_types=frozenset({1, 10}))
 ONE_CORE = dataclasses.replace(get_chip("rk3588"), name="rk3588-1core", core_masks=frozenset(), n_cores=1)
 SMALL_K = dataclasses.replace(get_chip("rk3588"), name="rk3588-k128", max_k=128)
 
@@ -155,6 +157,20 @@ def test_n_split_and_k_split_are_exact_for_integer_pipelines(name):
         chunked = P.prepare(name, w, _arena_for(SMALL_K))
         assert chunked.ops[0].n_chunks > split.ops[0].n_chunks
     assert np.array_equal(chunked(x), y0)
+
+
+@pytest.mark.parametrize("name", ["W8A8_CHANNEL", "W8A8_GGUF_HADAMARD", "W4A4_GGUF_HADAMARD", "W4A4_GGUF_BLOCK",
+                                  "W4A8_GGUF_BLOCK"])
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_1])
+def test_int4_halves_equal_int8(name, qtype):
+    """On an INT4-only chip, x halves and weight halves give exactly the INT8xINT8 results."""
+    w, x = make_weight(qtype), activations(m=9)
+    halves = P.prepare(name, w, _arena_for(INT4_ONLY))
+    assert halves.real.mm_type == 10
+    whole = P.prepare(name, w, _arena_for(dataclasses.replace(get_chip("rk3588"), name="rk3588-int8only",
+                                                              matmul_types=frozenset({1, 2}))))
+    assert whole.real.mm_type == 2
+    assert qm.relative_error(halves(x), whole(x)) < 1e-6  # float sums over more groups: rounding only
 
 
 def test_n_split_and_k_split_w16a16():
@@ -220,8 +236,11 @@ def test_realization_follows_the_chip():
     r = P.realize(rk3588, 8, 4)
     assert (r.mm_type, r.a_split, r.b_split) == (10, True, False)  # two INT4 passes: INT8xINT4 is not accepted
     assert P.realize(rk3588, 4, 4).mm_type == 10
-    r = P.realize(rk3588, 4, 8)
-    assert (r.mm_type, r.b_split) == (10, True)
+    assert P.realize(rk3588, 4, 8).mm_type == 2  # weight halves would double the MACs: no INT4 gain
     assert P.realize(rk3588, 8, 8).mm_type == 2
+    r = P.realize(INT4_ONLY, 4, 8)
+    assert (r.mm_type, r.a_split, r.b_split) == (10, False, True)
+    r = P.realize(INT4_ONLY, 8, 8)
+    assert (r.mm_type, r.a_split, r.b_split) == (10, True, True)
     assert P.realize(rk3568, 4, 4).mm_type == 2  # int4 values in int8: same numbers, no INT4 on this chip
     assert P.realize(rk3576, 8, 4).mm_type == 2
