@@ -220,6 +220,7 @@ def _probes(rt, rep: Report, accepted: set[int]) -> None:
         except RknnError as e:
             got.append(f"{mask:#x} refused ({e.code})")
     rep.line("core masks", ", ".join(got) if rt.chip.core_masks else "single core (set_core_mask not used)")
+    rep.line("A/B/C as views at offsets", *_views_probe(rt, t))
     ok = _creates(rt, MatmulInfo(1, 64, 32, t, 1, AC_layout=1, iommu_domain_id=1))
     rep.line("IOMMU domain 1", "usable" if ok else "refused: models must fit one 4 GB domain")
     try:
@@ -230,6 +231,31 @@ def _probes(rt, rep: Report, accepted: set[int]) -> None:
         rep.line("dynamic shapes", f"not supported ({e.code}); npulm uses one context per M bucket anyway")
     tiles = ", ".join(f"type {t}: {rt.chip.tiles(t)}" for t in sorted(accepted))
     rep.line("native tiles (A sk, B sn, B sk, C sn)", tiles)
+
+
+def _views_probe(rt, t: int) -> tuple[str, bool]:
+    """The planner binds A, B and C as views (rknn_create_mem_from_fd + offset) into shared allocations: run one
+    context that way, at 64-byte offsets, and compare with numpy."""
+    from .npu.planner import Arena, NpuMatmul
+    from .npu.rknn import RknnError
+
+    arena = Arena(rt, parallel=False)
+    rng = np.random.default_rng(2)
+    try:
+        k, n = rt.chip.padded_align(t)
+        a_dt = "fp16" if t in (1, 4) else "int8"
+        b = _operand(rng, a_dt, (3 * n, 2 * k))
+        op = NpuMatmul(arena, b, t, chunk_k=k)
+        a = _operand(rng, a_dt, (2, 2 * k))
+        c = op.run(a.reshape(2, 2, k).transpose(1, 0, 2)).astype(np.float64).sum(axis=0)
+        ref = a.astype(np.float64) @ b.T.astype(np.float64)
+        ok = np.allclose(c, ref, rtol=1e-3, atol=1e-2 * np.abs(ref).max())
+        op.close()
+        return ("work (2 K-chunks x core slices read their slices)" if ok else "WRONG results: planner unusable"), ok
+    except RknnError as e:
+        return f"refused ({e}): the planner needs them", False
+    finally:
+        arena.close()
 
 
 def _creates(rt, info) -> bool:

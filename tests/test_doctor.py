@@ -24,6 +24,7 @@ def test_doctor_on_the_emulator(capsys):
     assert "types rknn_matmul_create accepts   1, 2, 4, 10" in out
     assert "INT4 A nibble order (even element) low nibble" in out
     assert "INT16 overflow (7*7*1024)          saturates" in out
+    assert "ok   A/B/C as views at offsets" in out
     for name in P.PIPELINES:
         line = next(ln for ln in out.splitlines() if f" {name} " in ln)
         assert line.startswith("  ok") and "WRONG" not in line
