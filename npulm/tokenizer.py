@@ -1,11 +1,11 @@
 """Tokenizers built from GGUF metadata alone, matching llama.cpp's `llama_tokenize` / `llama_token_to_piece`.
 
-The heavy lifting is done by the Rust `tokenizers` library; this module translates llama.cpp's vocabulary semantics:
+* `llama` (SentencePiece): llama.cpp's own algorithm, written here (spm_encode): adjacent symbols are merged by the
+  *score* of the merged token, with `<0xXX>` byte fallback. Spaces become `▁`; `▁` is prepended to the text and to
+  every fragment after a special token when `tokenizer.ggml.add_space_prefix` (default true).
 
-* `llama` (SentencePiece-BPE): llama.cpp merges adjacent symbols by the *score* of the merged token. That is BPE with
-  one merge rule per way of splitting a token into two vocabulary pieces, ranked by the merged token's score
-  (or the file's own merges when present), with `<0xXX>` byte fallback. Spaces become `▁`; `▁` is prepended to
-  every text fragment when `tokenizer.ggml.add_space_prefix` (default true).
+The other vocabularies use the Rust `tokenizers` library, translating llama.cpp's semantics:
+
 * `gemma4`: SentencePiece-style BPE with file merges, no space prefix, text split at newline runs.
 * `gpt2`: byte-level BPE; the text is first split by llama.cpp's list of regexes for `tokenizer.ggml.pre` (each
   regex splits every piece of the previous one, matches and gaps alike), and llama3-family vocabularies emit a piece
@@ -24,9 +24,11 @@ llama.cpp (kimi-k2, afmoe, tiny_aya, superbpe, chameleon, youtu, whitespace).
 from __future__ import annotations
 
 import codecs
+import heapq
 import os
 import re
 import threading
+from array import array
 from collections.abc import Iterable, Iterator
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -180,22 +182,80 @@ def _gpt2_byte_decoder() -> dict[str, int]:
 _BYTE_DECODER = _gpt2_byte_decoder()
 
 
-def spm_merges(tokens: list[str], scores: list[float], vocab: dict[str, int] | None = None) -> list[tuple[str, str]]:
-    """BPE merges equivalent to llama.cpp's SPM tokenizer: every split of a token into two vocabulary pieces,
-    ranked by the merged token's score (higher first; ties in file order)."""
-    if vocab is None:
-        vocab = dict.fromkeys(tokens)
-    order = sorted(range(len(tokens)), key=scores.__getitem__, reverse=True)  # stable: ties keep file order
-    merges: list[tuple[str, str]] = []
-    add = merges.append
-    for tok in map(tokens.__getitem__, order):  # hot loop for 262k-token vocabularies: keep it plain
-        for i in range(1, len(tok)):
-            right = tok[i:]
-            if right in vocab:
-                left = tok[:i]
-                if left in vocab:
-                    add((left, right))
-    return merges
+def spm_encode(text: str, vocab: dict[str, int], scores: array, byte_ids: list[int | None], out: list[int]) -> None:
+    """llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm) on one text fragment: start from single characters,
+    repeatedly merge the adjacent pair whose joined text is the highest-scoring vocabulary token (ties: leftmost),
+    then emit each symbol's token, or its UTF-8 bytes as <0xXX> tokens.
+
+    Written here instead of the `tokenizers` library's BPE (one merge rule per split of every token): for a 262k
+    vocabulary that library held ~110 MB and took ~1 s to build; this needs only the vocabulary dict."""
+    n = len(text)
+    if n == 0:
+        return
+    get = vocab.get
+    # Symbols are contiguous runs of characters named by their start index; size 0 = merged into its left neighbour.
+    size = [1] * n
+    prev = list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        t = get(text[i:i + 2])
+        if t is not None:
+            heap.append((-scores[t], i, i + 1, 2))
+    heapq.heapify(heap)
+    push, pop = heapq.heappush, heapq.heappop
+    while heap:
+        _, left, right, joined = pop(heap)
+        a, b = size[left], size[right]
+        if not a or not b or a + b != joined:  # a side changed since this pair was queued
+            continue
+        size[left], size[right] = joined, 0
+        end = left + joined
+        if end < n:
+            prev[end] = left
+            t = get(text[left:end + size[end]])
+            if t is not None:
+                push(heap, (-scores[t], left, end, joined + size[end]))
+        p = prev[left]
+        if p >= 0:
+            t = get(text[p:end])
+            if t is not None:
+                push(heap, (-scores[t], p, left, end - p))
+    # A merged symbol is always a vocabulary token, so llama.cpp's rev_merge re-split never applies: only single
+    # characters can miss the vocabulary, and they fall back to bytes.
+    i = 0
+    while i < n:
+        piece = text[i:i + size[i]]
+        t = get(piece)
+        if t is not None:
+            out.append(t)
+        else:
+            for byte in piece.encode("utf-8", "surrogatepass"):
+                if (t := byte_ids[byte]) is None:
+                    raise ValueError(f"the vocabulary has no byte token for 0x{byte:02X} (in {piece!r})")
+                out.append(t)
+        i += size[i]
+
+
+def split_special(text: str, specials: list[tuple[str, int]]) -> list[str | int]:
+    """llama.cpp's tokenizer_st_partition: cut the text at every occurrence of each special token, longest tokens
+    first; returns text fragments and token ids in order."""
+    parts: list[str | int] = [text] if text else []
+    for name, tid in specials:
+        if not any(isinstance(p, str) and name in p for p in parts):
+            continue
+        out: list[str | int] = []
+        for p in parts:
+            if isinstance(p, int) or name not in p:
+                out.append(p)
+                continue
+            pieces = p.split(name)
+            for k, piece in enumerate(pieces):
+                if k:
+                    out.append(tid)
+                if piece:
+                    out.append(piece)
+        parts = out
+    return parts
 
 
 def _split_merge(m: str) -> tuple[str, str]:
@@ -254,7 +314,9 @@ class Tokenizer:
         self._detect_special(kv, types)
         self.types = types
 
-        self._tk = self._build(kv, types)
+        self._tk = None if spm else self._build(kv, types)
+        if spm:
+            self._init_spm(kv, types)
         self._rstrip = self._rstrip_patterns(kv, self.tokens, types)
         self._lock = threading.Lock()
         self._pieces: dict[int, bytes] = {}
@@ -316,12 +378,9 @@ class Tokenizer:
     def _build(self, kv: dict, types: list[int]) -> _HFTokenizer:
         tokens, vocab = self.tokens, self._index
         merges = [_split_merge(m) for m in kv.get("tokenizer.ggml.merges") or []]
-        if self.model in ("llama", "gemma4"):
+        if self.model == "gemma4":
             if not merges:
-                scores = kv.get("tokenizer.ggml.scores")
-                if scores is None:
-                    raise GGUFError(f"{self.model} tokenizer has neither merges nor scores")
-                merges = spm_merges(tokens, scores, vocab)
+                raise GGUFError("gemma4 tokenizer without tokenizer.ggml.merges")
             unk = tokens[self.unk_id] if self.unk_id is not None else None
             tk = _HFTokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
             space = normalizers.Replace(" ", SPACE)
@@ -348,6 +407,41 @@ class Tokenizer:
                        for t, ty in zip(tokens, types) if ty == USER_DEFINED])
         return tk
 
+    def _init_spm(self, kv: dict, types: list[int]) -> None:
+        """What spm_encode needs: scores, byte tokens, and the special tokens cut out first (llama.cpp's
+        cache_special_tokens: longest first; control/unknown ones only when parsing special text)."""
+        scores = kv.get("tokenizer.ggml.scores")
+        if scores is None:
+            raise GGUFError("llama (SentencePiece) tokenizer without tokenizer.ggml.scores")
+        if len(scores) < len(self.tokens):
+            raise GGUFError(f"tokenizer.ggml.scores has {len(scores)} entries for {len(self.tokens)} tokens")
+        self._scores = array("f", scores)  # 4 bytes a token instead of a Python float's 32
+        index = self._index
+        self._byte_ids = [index.get(f"<0x{b:02X}>", index.get(chr(b)) if b < 128 else None) for b in range(256)]
+        if self.unk_id is not None:
+            self._byte_ids = [self.unk_id if t is None else t for t in self._byte_ids]
+        order = sorted((i for i, ty in enumerate(types) if ty in (CONTROL, UNKNOWN, USER_DEFINED)),
+                       key=lambda i: -len(self.tokens[i].encode()))
+        self._specials = {
+            True: [(self.tokens[i], i) for i in order],
+            False: [(self.tokens[i], i) for i in order if types[i] == USER_DEFINED]}
+
+    def _encode_spm(self, text: str, special: bool) -> list[int]:
+        """llama.cpp's SPM path: special tokens cut out, a space prefixed to text at the start or after a special
+        token (add_space_prefix), spaces escaped as "▁", then spm_encode on each fragment."""
+        out: list[int] = []
+        prev_special = True
+        for part in split_special(text, self._specials[special]):
+            if isinstance(part, int):
+                out.append(part)
+                prev_special = True
+                continue
+            if self.add_space_prefix and prev_special:
+                part = " " + part
+            spm_encode(part.replace(" ", SPACE), self._index, self._scores, self._byte_ids, out)
+            prev_special = False
+        return out
+
     @staticmethod
     def _rstrip_patterns(kv: dict, tokens: list[str], types: list[int]) -> dict[bool, re.Pattern | None]:
         """llama.cpp gives phi-3's special tokens RSTRIP (by model name): ASCII whitespace after them is dropped.
@@ -373,9 +467,12 @@ class Tokenizer:
         as llama.cpp does with parse_special=false. add_bos/add_eos None: the GGUF's defaults."""
         if (strip := self._rstrip[special]) is not None:
             text = strip.sub(r"\1", text)
-        with self._lock:
-            self._tk.encode_special_tokens = not special
-            ids = self._tk.encode(text, add_special_tokens=False).ids
+        if self._tk is None:
+            ids = self._encode_spm(text, special)
+        else:
+            with self._lock:
+                self._tk.encode_special_tokens = not special
+                ids = self._tk.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if (self.add_eos if add_eos is None else add_eos) and self.eos_id is not None:
@@ -386,6 +483,8 @@ class Tokenizer:
         """Token ids of several texts without BOS/EOS (parallel in the Rust library)."""
         if (strip := self._rstrip[special]) is not None:
             texts = [strip.sub(r"\1", t) for t in texts]
+        if self._tk is None:
+            return [self._encode_spm(t, special) for t in texts]
         with self._lock:
             self._tk.encode_special_tokens = not special
             return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=False)]
