@@ -31,7 +31,8 @@ def test_eval_scores_match_one_shot_forward(tiny_models):
     assert a.n_tokens == len(toks)
     b = Llama(str(tiny_models["llama"]), n_ctx=32, n_batch=512, logits_all=True, verbose=False)
     b.eval(toks)
-    np.testing.assert_allclose(a.scores[:len(toks)], b.scores[:len(toks)], atol=1e-4)
+    want = b.scores[:len(toks)]  # batch sizes change summation order, and 8-bit activations can round either way
+    np.testing.assert_allclose(a.scores[:len(toks)], want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
 def test_completion_shape_and_greedy_determinism(llm):

@@ -4,11 +4,16 @@
  * 1-3 us of dispatch and temporaries: several ms per token, as much as the matmuls of a 135M model. One call per
  * op here does the same math in one pass. Buffers come through the buffer protocol (no numpy headers needed);
  * the Python side (npulm/models/blocks.py) passes shapes and keeps a numpy path for when this is not built.
+ * The KV cache is float16, as llama.cpp's default cache type.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 static int check(Py_buffer *b, Py_ssize_t n_floats, const char *what) {
     if (b->len != n_floats * (Py_ssize_t)sizeof(float)) {
@@ -75,10 +80,38 @@ static PyObject *rope(PyObject *self, PyObject *args) {
     return ret;
 }
 
+/* float16 -> float32 for a row of cached keys or values: F16C / aarch64 hardware where present, else bit math */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);            /* inf / nan */
+    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);       /* normal: rebias 15 -> 127 */
+    else if (!man) bits = sign;                                          /* zero */
+    else {                                                               /* subnormal: normalize */
+        uint32_t e = 113, m = man;
+        while (!(m & 0x400)) { m <<= 1; e--; }
+        bits = sign | (e << 23) | ((m & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static void half_row(const uint16_t *h, float *f, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#elif defined(__aarch64__)
+    for (; i < n; i++) f[i] = (float)((const __fp16 *)h)[i];
+#endif
+    for (; i < n; i++) f[i] = half_to_float(h[i]);
+}
+
 /* attention(q, k_cache, v_cache, out, rows, n_head, n_kv, dk, dv, n_ctx, pos, scale, window):
- * causal grouped-query attention of `rows` queries at positions pos.. against caches (n_kv, n_ctx, d) already
- * holding their keys; query head h reads kv head h / (n_head / n_kv); window > 0 hides keys with q_pos - k_pos >=
- * window. out: (rows, n_head * dv). Meant for decode (small rows): one pass, no (rows x T) temporaries. */
+ * causal grouped-query attention of `rows` float32 queries at positions pos.. against float16 caches
+ * (n_kv, n_ctx, d) already holding their keys; query head h reads kv head h / (n_head / n_kv); window > 0 hides
+ * keys with q_pos - k_pos >= window. out: (rows, n_head * dv) float32. Meant for decode (small rows): one pass
+ * over the cache per kv head (each cached row converted once for all its query heads), no (rows x T) temporaries. */
 static PyObject *attention(PyObject *self, PyObject *args) {
     Py_buffer q, kc, vc, out;
     Py_ssize_t rows, nh, nkv, dk, dv, n_ctx, pos, window;
@@ -87,35 +120,46 @@ static PyObject *attention(PyObject *self, PyObject *args) {
                           &scale, &window)) return NULL;
     PyObject *ret = NULL;
     float *sc = NULL;
-    if (check(&q, rows * nh * dk, "q") && check(&kc, nkv * n_ctx * dk, "k_cache") &&
-        check(&vc, nkv * n_ctx * dv, "v_cache") && check(&out, rows * nh * dv, "out")) {
-        if (nkv <= 0 || nh % nkv || pos < 0 || pos + rows > n_ctx) {
+    if (check(&q, rows * nh * dk, "q") && check(&out, rows * nh * dv, "out")) {
+        const Py_ssize_t group = nkv > 0 ? nh / nkv : 0, n_t = pos + rows;
+        if (kc.len != nkv * n_ctx * dk * 2 || vc.len != nkv * n_ctx * dv * 2) {
+            PyErr_SetString(PyExc_ValueError, "attention: caches must be float16 (n_kv, n_ctx, d)");
+        } else if (nkv <= 0 || nh % nkv || pos < 0 || pos + rows > n_ctx) {
             PyErr_SetString(PyExc_ValueError, "attention: bad head counts or positions");
-        } else if (!(sc = PyMem_Malloc(sizeof(float) * (size_t)(pos + rows)))) {
+        } else if (!(sc = PyMem_Malloc(sizeof(float) * (size_t)(group * n_t + dk + dv)))) {
             PyErr_NoMemory();
         } else {
-            const Py_ssize_t group = nh / nkv;
+            float *row = sc + group * n_t;  /* one converted cache row (dk or dv floats) */
             for (Py_ssize_t r = 0; r < rows; r++) {
                 const Py_ssize_t qp = pos + r, t0 = window > 0 && qp - window + 1 > 0 ? qp - window + 1 : 0;
-                for (Py_ssize_t h = 0; h < nh; h++) {
-                    const float *qv = (const float *)q.buf + (r * nh + h) * dk;
-                    const float *kb = (const float *)kc.buf + (h / group) * n_ctx * dk;
-                    const float *vb = (const float *)vc.buf + (h / group) * n_ctx * dv;
-                    float mx = -INFINITY;
+                for (Py_ssize_t j = 0; j < nkv; j++) {
+                    const uint16_t *kb = (const uint16_t *)kc.buf + j * n_ctx * dk;
+                    const uint16_t *vb = (const uint16_t *)vc.buf + j * n_ctx * dv;
+                    const float *qj = (const float *)q.buf + (r * nh + j * group) * dk;
                     for (Py_ssize_t t = t0; t <= qp; t++) {
-                        const float *kv = kb + t * dk;
-                        float d = 0.0f;
-                        for (Py_ssize_t i = 0; i < dk; i++) d += qv[i] * kv[i];
-                        sc[t] = d * scale;
-                        if (sc[t] > mx) mx = sc[t];
+                        half_row(kb + t * dk, row, dk);
+                        for (Py_ssize_t g = 0; g < group; g++) {
+                            const float *qv = qj + g * dk;
+                            float d = 0.0f;
+                            for (Py_ssize_t i = 0; i < dk; i++) d += qv[i] * row[i];
+                            sc[g * n_t + t] = d * scale;
+                        }
                     }
-                    float sum = 0.0f;
-                    for (Py_ssize_t t = t0; t <= qp; t++) sum += (sc[t] = expf(sc[t] - mx));
-                    float *o = (float *)out.buf + (r * nh + h) * dv;
-                    memset(o, 0, sizeof(float) * (size_t)dv);
+                    float *oj = (float *)out.buf + (r * nh + j * group) * dv;
+                    for (Py_ssize_t g = 0; g < group; g++) {  /* softmax; probabilities pre-divided by the sum */
+                        float *s = sc + g * n_t, mx = -INFINITY, sum = 0.0f;
+                        for (Py_ssize_t t = t0; t <= qp; t++) mx = s[t] > mx ? s[t] : mx;
+                        for (Py_ssize_t t = t0; t <= qp; t++) sum += (s[t] = expf(s[t] - mx));
+                        for (Py_ssize_t t = t0; t <= qp; t++) s[t] /= sum;
+                        memset(oj + g * dv, 0, sizeof(float) * (size_t)dv);
+                    }
                     for (Py_ssize_t t = t0; t <= qp; t++) {
-                        const float p = sc[t] / sum, *vv = vb + t * dv;
-                        for (Py_ssize_t i = 0; i < dv; i++) o[i] += p * vv[i];
+                        half_row(vb + t * dv, row, dv);
+                        for (Py_ssize_t g = 0; g < group; g++) {
+                            const float p = sc[g * n_t + t];
+                            float *o = oj + g * dv;
+                            for (Py_ssize_t i = 0; i < dv; i++) o[i] += p * row[i];
+                        }
                     }
                 }
             }

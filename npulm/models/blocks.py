@@ -78,11 +78,12 @@ class Rope:
 
 
 class KVCache:
-    """Preallocated keys and values of one layer: (n_kv_heads, n_ctx, head_dim) each."""
+    """Preallocated keys and values of one layer: (n_kv_heads, n_ctx, head_dim) each, float16 like llama.cpp's
+    default cache type (half the memory of float32; on long contexts the cache outgrows a small model)."""
 
     def __init__(self, n_kv_heads: int, n_ctx: int, head_dim_k: int, head_dim_v: int):
-        self.k = np.zeros((n_kv_heads, n_ctx, head_dim_k), np.float32)
-        self.v = np.zeros((n_kv_heads, n_ctx, head_dim_v), np.float32)
+        self.k = np.zeros((n_kv_heads, n_ctx, head_dim_k), np.float16)
+        self.v = np.zeros((n_kv_heads, n_ctx, head_dim_v), np.float16)
 
     @property
     def n_ctx(self) -> int:
@@ -126,7 +127,7 @@ def _attend(q: np.ndarray, cache: KVCache, pos: int, s: AttentionShape) -> np.nd
     m = q.shape[0]
     end = pos + m
     start = max(0, pos - s.window + 1) if s.window else 0  # keys no query of this batch can see
-    keys, values = cache.k[:, start:end], cache.v[:, start:end]  # (n_kv, T, d)
+    keys, values = cache.k[:, start:end].astype(np.float32), cache.v[:, start:end].astype(np.float32)  # (n_kv, T, d)
     group = s.n_head // s.n_head_kv
     # query head h uses kv head h // group (as llama.cpp): (n_kv, group*M, dk)
     qg = q.transpose(1, 0, 2).reshape(s.n_head_kv, group * m, s.head_dim_k)

@@ -58,6 +58,30 @@ def test_attention(monkeypatch, window, m):
     np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-5)
 
 
+def test_attention_reads_float16_edge_values(monkeypatch):
+    """Head sizes off the 8-lane conversion (so the scalar float16 decoder runs too) and cached values that are
+    subnormal, zero, negative zero or near float16's largest: the C path decodes them as numpy does."""
+    shape = blocks.AttentionShape(n_head=2, n_head_kv=1, head_dim_k=12, head_dim_v=13, scale=0.5)
+    special = np.array([0.0, -0.0, 6e-8, -6e-8, 3e-5, 65504.0, -65504.0, 1e-3, 1.0, -2.5], np.float16)
+    q = rng.standard_normal((1, 2, 12)).astype(np.float32) * 1e-4  # scores stay finite next to 65504
+    k = rng.standard_normal((1, 1, 12)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 13)).astype(np.float32)
+
+    def run():
+        cache = blocks.KVCache(1, 16, 12, 13)
+        cache.k[0, :10] = rng.choice(special, (10, 12))
+        cache.v[0, :10] = rng.choice(special, (10, 13))
+        return blocks.attention(q, k, v, cache, 10, shape)
+
+    state = rng.bit_generator.state
+    fused = run()
+    rng.bit_generator.state = state
+    with monkeypatch.context() as mp:
+        mp.setattr(blocks, "_ops", None)
+        plain = run()
+    np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("act", [blocks.silu, blocks.gelu])
 def test_gated_mlp(monkeypatch, act):
     x = rng.standard_normal((2, 8)).astype(np.float32)

@@ -1,5 +1,6 @@
 """Every architecture against an independent float64 reference forward written here with per-position loops
-(no KV cache, no batching), and batched prefill against token-by-token decode."""
+(no KV cache, no batching; keys and values rounded to float16 as the cache stores them), and batched prefill
+against token-by-token decode."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def reference_logits(path, tokens: list[int]) -> np.ndarray:
             q, k = _norm(q, W(p + "attn_q_norm.weight"), eps), _norm(k, W(p + "attn_k_norm.weight"), eps)
         q = np.array([[_rope(q[t, i], t, base, neox) for i in range(H)] for t in range(T)])
         k = np.array([[_rope(k[t, i], t, base, neox) for i in range(Hkv)] for t in range(T)])
+        k, v = (a.astype(np.float16).astype(np.float64) for a in (k, v))  # the KV cache holds float16
         att = np.zeros((T, H, d))
         for t in range(T):
             for i in range(H):
