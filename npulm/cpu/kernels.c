@@ -1,9 +1,8 @@
 /* npulm CPU matmul kernels: y = x @ W.T with W in GGUF blocks, read in place (no dequantized copy of the model).
  *
- * Every product quantizes x to int8 (scale dx = amax/127 per block of 32, or per 256 values for the K-quants;
- * round to nearest) and does integer dot products with the weight codes, as llama.cpp does with its Q8_0 / Q8_K
- * activations; the result differs from the exact product by at most sum over blocks of (dx/2) * sum|w| (plus
- * float rounding). Weights are written as
+ * Every product quantizes x per block of 32 to int8 (scale dx = amax/127, round to nearest) and does integer dot
+ * products with the weight codes, as llama.cpp does with its Q8_0 activations; the result differs from the exact
+ * product by at most sum over blocks of (dx/2) * sum|w| (plus float rounding). Weights are written as
  *     w = d16 * (code - off) + bias32
  * with code an unsigned byte, d16 a float scale per 16 values, bias32 per 32 values and off a per-type constant
  * (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q8_0: 128 with code = q + 128, others 0).
@@ -496,92 +495,69 @@ typedef struct {
     int64_t k, kb;
 } acts;
 
-INLINE float block_amax(const float *xb) { /* max |x| over 32 values */
-#if defined(NL_X86)
-    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 mx = _mm256_setzero_ps();
-    for (int i = 0; i < 4; i++) mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(xb + 8 * i), absm));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    return _mm_cvtss_f32(m4);
-#elif defined(NL_NEON)
-    float32x4_t mx = vdupq_n_f32(0);
-    for (int i = 0; i < 8; i++) mx = vmaxq_f32(mx, vabsq_f32(vld1q_f32(xb + 4 * i)));
-    return vmaxvq_f32(mx);
-#else
-    float amax = 0.0f;
-    for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
-    return amax;
-#endif
-}
-
-INLINE void quant_block(const float *xb, float id, int8_t *qb, int *sum0, int *sum1) { /* q = rint(x * id) */
-#if defined(NL_X86)
-    const __m256 vid = _mm256_set1_ps(id);
-    __m256i iv[4];
-    for (int i = 0; i < 4; i++) iv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * i), vid));
-    __m256i s01 = _mm256_add_epi32(iv[0], iv[1]), s23 = _mm256_add_epi32(iv[2], iv[3]);
-    __m128i h0 = _mm_add_epi32(_mm256_castsi256_si128(s01), _mm256_extracti128_si256(s01, 1));
-    __m128i h1 = _mm_add_epi32(_mm256_castsi256_si128(s23), _mm256_extracti128_si256(s23, 1));
-    h0 = _mm_hadd_epi32(h0, h1);
-    h0 = _mm_hadd_epi32(h0, h0);
-    *sum0 = _mm_cvtsi128_si32(h0);
-    *sum1 = _mm_extract_epi32(h0, 1);
-    __m256i p16 = _mm256_packs_epi32(iv[0], iv[1]), p16b = _mm256_packs_epi32(iv[2], iv[3]);
-    __m256i p8 = _mm256_packs_epi16(p16, p16b);
-    p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256((__m256i *)qb, p8);
-#elif defined(NL_NEON)
-    int32x4_t iv[8];
-    for (int i = 0; i < 8; i++) iv[i] = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(xb + 4 * i), id));
-    *sum0 = vaddvq_s32(vaddq_s32(vaddq_s32(iv[0], iv[1]), vaddq_s32(iv[2], iv[3])));
-    *sum1 = vaddvq_s32(vaddq_s32(vaddq_s32(iv[4], iv[5]), vaddq_s32(iv[6], iv[7])));
-    for (int i = 0; i < 4; i++) {
-        int16x8_t h = vcombine_s16(vmovn_s32(iv[2 * i]), vmovn_s32(iv[2 * i + 1]));
-        vst1_s8(qb + 8 * i, vmovn_s16(h));
-    }
-#else
-    int a = 0, b = 0;
-    for (int i = 0; i < 32; i++) {
-        const int v = (int)lrintf(xb[i] * id);
-        qb[i] = (int8_t)v;
-        if (i < 16) a += v;
-        else b += v;
-    }
-    *sum0 = a;
-    *sum1 = b;
-#endif
-}
-
-/* One activation row to int8, q = rint(x * id): one scale per block of 32 (d = amax/127, as llama.cpp's Q8_0/Q8_1)
- * or, for the K-quants, one per 256 values as llama.cpp's Q8_K (id = 127/amax, d = 1/id). Following llama.cpp's
- * grouping keeps our rounding errors where its are (Gemma-3 KL against it 0.0071 -> 0.0068); storing the 32-block
- * scales as float16 as it does was measured too, and moved the KL the other way. */
-static void quant_row(const float *x, int64_t k, int off, int group, int8_t *q, float *d, float *s, int32_t *c16,
+static void quant_row(const float *x, int64_t k, int off, int8_t *q, float *d, float *s, int32_t *c16,
                       int32_t *c32) {
-    const int64_t kb = k / 32;
-    for (int64_t g = 0; g < kb; g += group) {
-        const int64_t g1 = g + group < kb ? g + group : kb;
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float *xb = x + 32 * b;
+        int8_t *qb = q + 32 * b;
+        int sum0 = 0, sum1 = 0;
+#if defined(NL_X86)
+        __m256 v[4], mx = _mm256_setzero_ps();
+        const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absm));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4), db = amax / 127.0f, id = amax > 0 ? 1.0f / db : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i iv[4];
+        for (int i = 0; i < 4; i++) iv[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));
+        __m256i s01 = _mm256_add_epi32(iv[0], iv[1]), s23 = _mm256_add_epi32(iv[2], iv[3]);
+        __m128i h0 = _mm_add_epi32(_mm256_castsi256_si128(s01), _mm256_extracti128_si256(s01, 1));
+        __m128i h1 = _mm_add_epi32(_mm256_castsi256_si128(s23), _mm256_extracti128_si256(s23, 1));
+        h0 = _mm_hadd_epi32(h0, h1);
+        h0 = _mm_hadd_epi32(h0, h0);
+        sum0 = _mm_cvtsi128_si32(h0);
+        sum1 = _mm_extract_epi32(h0, 1);
+        __m256i p16 = _mm256_packs_epi32(iv[0], iv[1]), p16b = _mm256_packs_epi32(iv[2], iv[3]);
+        __m256i p8 = _mm256_packs_epi16(p16, p16b);
+        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)qb, p8);
+#elif defined(NL_NEON)
+        float32x4_t v[8];
+        float32x4_t mx = vdupq_n_f32(0);
+        for (int i = 0; i < 8; i++) {
+            v[i] = vld1q_f32(xb + 4 * i);
+            mx = vmaxq_f32(mx, vabsq_f32(v[i]));
+        }
+        const float amax = vmaxvq_f32(mx), db = amax / 127.0f, id = amax > 0 ? 1.0f / db : 0.0f;
+        int32x4_t iv[8];
+        for (int i = 0; i < 8; i++) iv[i] = vcvtnq_s32_f32(vmulq_n_f32(v[i], id));
+        sum0 = vaddvq_s32(vaddq_s32(vaddq_s32(iv[0], iv[1]), vaddq_s32(iv[2], iv[3])));
+        sum1 = vaddvq_s32(vaddq_s32(vaddq_s32(iv[4], iv[5]), vaddq_s32(iv[6], iv[7])));
+        for (int i = 0; i < 4; i++) {
+            int16x8_t h = vcombine_s16(vmovn_s32(iv[2 * i]), vmovn_s32(iv[2 * i + 1]));
+            vst1_s8(qb + 8 * i, vmovn_s16(h));
+        }
+#else
         float amax = 0.0f;
-        for (int64_t b = g; b < g1; b++) amax = fmaxf(amax, block_amax(x + 32 * b));
-        float db, id;
-        if (group > 1) { /* Q8_K */
-            id = amax > 0 ? 127.0f / amax : 0.0f;
-            db = amax > 0 ? 1.0f / id : 0.0f;
-        } else {
-            db = amax / 127.0f;
-            id = amax > 0 ? 1.0f / db : 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        const float db = amax / 127.0f, id = amax > 0 ? 1.0f / db : 0.0f;
+        for (int i = 0; i < 32; i++) {
+            const int v = (int)lrintf(xb[i] * id);
+            qb[i] = (int8_t)v;
+            if (i < 16) sum0 += v;
+            else sum1 += v;
         }
-        for (int64_t b = g; b < g1; b++) {
-            int sum0, sum1;
-            quant_block(x + 32 * b, id, q + 32 * b, &sum0, &sum1);
-            d[b] = db;
-            s[b] = db * (float)(sum0 + sum1);
-            c16[2 * b] = -off * sum0;
-            c16[2 * b + 1] = -off * sum1;
-            c32[b] = -off * (sum0 + sum1);
-        }
+#endif
+        d[b] = db;
+        s[b] = db * (float)(sum0 + sum1);
+        c16[2 * b] = -off * sum0;
+        c16[2 * b + 1] = -off * sum1;
+        c32[b] = -off * (sum0 + sum1);
     }
 }
 
@@ -589,7 +565,7 @@ typedef struct {
     const float *x;
     acts *a;
     int64_t rows_per_task, m;
-    int off, group;
+    int off;
 } quant_ctx;
 
 static void quant_task(void *ctx, int64_t t, int tid) {
@@ -598,11 +574,11 @@ static void quant_task(void *ctx, int64_t t, int tid) {
     acts *a = c->a;
     const int64_t r0 = t * c->rows_per_task, r1 = r0 + c->rows_per_task < c->m ? r0 + c->rows_per_task : c->m;
     for (int64_t r = r0; r < r1; r++)
-        quant_row(c->x + r * a->k, a->k, c->off, c->group, a->q + r * a->k, a->d + r * a->kb, a->s + r * a->kb,
+        quant_row(c->x + r * a->k, a->k, c->off, a->q + r * a->k, a->d + r * a->kb, a->s + r * a->kb,
                   a->c16 + 2 * r * a->kb, a->c32 + r * a->kb);
 }
 
-static int quantize_acts(const float *x, int64_t m, int64_t k, int off, int group, acts *a) {
+static int quantize_acts(const float *x, int64_t m, int64_t k, int off, acts *a) {
     const int64_t kb = k / 32;
     const size_t qbytes = ((size_t)(m * k) + ALIGN - 1) & ~(size_t)(ALIGN - 1);
     char *p = scratch(0, SCR_ACT, qbytes + (size_t)(m * kb) * 4 * 5 + ALIGN);
@@ -614,7 +590,7 @@ static int quantize_acts(const float *x, int64_t m, int64_t k, int off, int grou
     a->s = a->d + m * kb;
     a->c16 = (int32_t *)(a->s + m * kb);
     a->c32 = a->c16 + 2 * m * kb;
-    quant_ctx c = {x, a, m >= 64 ? 16 : m, m, off, group};
+    quant_ctx c = {x, a, m >= 64 ? 16 : m, m, off};
     parallel(quant_task, &c, (m + c.rows_per_task - 1) / c.rows_per_task);
     return 0;
 }
@@ -1574,7 +1550,7 @@ int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path) {
     int rc = 0;
     const int64_t k = w->k;
     acts A;
-    if (w->type != NL_F16 && quantize_acts(x, m, k, ti->off, ti->block == 256 ? 8 : 1, &A)) {
+    if (w->type != NL_F16 && quantize_acts(x, m, k, ti->off, &A)) {
         rc = -1;
         goto out;
     }

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from gguf import quants
 from gguf.constants import GGMLQuantizationType as T
-from test_kernels import KQUANT, SIMPLE, act_group, quantize_like_kernels, random_weight  # tests/cpu is on sys.path
+from test_kernels import KQUANT, SIMPLE, quantize_like_kernels, random_weight  # tests/cpu is on sys.path
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "npulm" / "cpu"
@@ -70,7 +70,7 @@ def test_isa_variant(variant: tuple[str, list[str], list[str], str], tmp_path: P
             w = (data.view(np.float16) if t == T.F16 else quants.dequantize(data, t)).astype(np.float64)
             for m in (1, 6, 13):
                 x = rng.standard_normal((m, k)).astype(np.float32)
-                xq = x.astype(np.float64) if t == T.F16 else quantize_like_kernels(x, act_group(t))
+                xq = x.astype(np.float64) if t == T.F16 else quantize_like_kernels(x)
                 for path in (1, 2):
                     for threads in (1, 3):
                         f.write(np.array([int(t), n, k, m, path, threads, data.nbytes], np.int64).tobytes())

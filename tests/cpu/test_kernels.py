@@ -1,9 +1,8 @@
 """npulm.cpu kernels against gguf.quants.dequantize + a float64 matmul.
 
 Bounds (per output element y[m, n]):
-  * exact:  |y - x @ W.T| <= sum over blocks b of amax(|x_b|) / 254 * sum(|W[n, b]|)  (x rounded to int8 per
-    block of 32, or of 256 for the K-quants: each value moves by at most half a step, amax/127/2),
-    + 1e-5 * (|x| @ |W|.T) for float rounding;
+  * exact:  |y - x @ W.T| <= sum over 32-blocks b of amax(|x_b|) / 254 * sum(|W[n, b]|)  (x rounded to int8 per
+    block: each value moves by at most half a step, amax/127/2), + 1e-5 * (|x| @ |W|.T) for float rounding;
   * tight:  |y - xq @ W.T| <= 1e-5 * (|xq| @ |W|.T), with xq = x quantized exactly as the kernels do (scale
     amax/127 in float32, round half to even): the integer dot products are exact, only float sums round.
 The tight check is what catches a wrong nibble or scale; the exact bound is the error a user sees.
@@ -47,26 +46,17 @@ def as_weight(data: np.ndarray, t: T, n: int, k: int, name: str = "w") -> Weight
     return Weight(name, t, n, k, data)
 
 
-def act_group(t: T) -> int:
-    """Values sharing one activation scale: 256 for the K-quants (llama.cpp's Q8_K), else 32 (Q8_0)."""
-    return 256 if t in KQUANT else 32
-
-
-def quantize_like_kernels(x: np.ndarray, group: int = 32) -> np.ndarray:
+def quantize_like_kernels(x: np.ndarray) -> np.ndarray:
     m, k = x.shape
-    xb = x.reshape(m, k // group, group)
+    xb = x.reshape(m, k // 32, 32)
     amax = np.abs(xb).max(-1, keepdims=True)
+    d = (amax / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):
-        if group == 32:
-            d = (amax / np.float32(127)).astype(np.float32)
-            inv = np.where(amax > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-        else:
-            inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-            d = np.where(amax > 0, np.float32(1) / inv, np.float32(0)).astype(np.float32)
+        inv = np.where(amax > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
     return (np.rint(xb * inv) * d).reshape(m, k).astype(np.float64)
 
 
-def check(y: np.ndarray, x: np.ndarray, w: np.ndarray, quantized: bool = True, group: int = 32) -> None:
+def check(y: np.ndarray, x: np.ndarray, w: np.ndarray, quantized: bool = True) -> None:
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     rounding = 1e-5 * (np.abs(x64) @ np.abs(w64).T)
     err = np.abs(y - x64 @ w64.T)
@@ -74,10 +64,10 @@ def check(y: np.ndarray, x: np.ndarray, w: np.ndarray, quantized: bool = True, g
         assert np.all(err <= rounding + 1e-30)
         return
     m, k = x.shape
-    step = np.abs(x64).reshape(m, k // group, group).max(-1) / 254
-    bound = step @ np.abs(w64).reshape(w.shape[0], k // group, group).sum(-1).T + rounding
+    step = np.abs(x64).reshape(m, k // 32, 32).max(-1) / 254
+    bound = step @ np.abs(w64).reshape(w.shape[0], k // 32, 32).sum(-1).T + rounding
     assert np.all(err <= bound), f"worst err/bound {np.max(err / bound):.3g}"
-    xq = quantize_like_kernels(x, group)
+    xq = quantize_like_kernels(x)
     tight = np.abs(y - xq @ w64.T)
     assert np.all(tight <= 1e-5 * (np.abs(xq) @ np.abs(w64).T) + 1e-30), "differs from exact int8 emulation"
 
@@ -100,7 +90,7 @@ def test_random_blocks(t: T, n: int, k: int) -> None:
         for path in PATHS:
             y = lin(x, path=path)
             assert y.shape == (m, n) and y.dtype == np.float32
-            check(y, x, w, group=act_group(t))
+            check(y, x, w)
 
 
 def test_f16_and_f32() -> None:
@@ -202,7 +192,7 @@ def test_real_tensors(model: str, names: list[str]) -> None:
         w = weight.dequantize(rows)
         for m in (1, 32):
             x = RNG.standard_normal((m, weight.n_in)).astype(np.float32)
-            check(lin(x)[:, rows], x, w, group=act_group(weight.type))
+            check(lin(x)[:, rows], x, w)
 
 
 def test_without_extension_numpy_path_and_one_warning() -> None:
