@@ -107,6 +107,19 @@ static void half_row(const uint16_t *h, float *f, Py_ssize_t n) {
     for (; i < n; i++) f[i] = half_to_float(h[i]);
 }
 
+/* a . b with 16 independent partial sums: the compiler turns them into SIMD FMAs (one strict left-to-right sum
+ * cannot be vectorized without -ffast-math); ~8x the scalar loop on long contexts */
+static inline float dot(const float *a, const float *b, Py_ssize_t n) {
+    float acc[16] = {0};
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0.0f;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 /* attention(q, k_cache, v_cache, out, rows, n_head, n_kv, dk, dv, n_ctx, pos, scale, window):
  * causal grouped-query attention of `rows` float32 queries at positions pos.. against float16 caches
  * (n_kv, n_ctx, d) already holding their keys; query head h reads kv head h / (n_head / n_kv); window > 0 hides
@@ -138,12 +151,7 @@ static PyObject *attention(PyObject *self, PyObject *args) {
                     const float *qj = (const float *)q.buf + (r * nh + j * group) * dk;
                     for (Py_ssize_t t = t0; t <= qp; t++) {
                         half_row(kb + t * dk, row, dk);
-                        for (Py_ssize_t g = 0; g < group; g++) {
-                            const float *qv = qj + g * dk;
-                            float d = 0.0f;
-                            for (Py_ssize_t i = 0; i < dk; i++) d += qv[i] * row[i];
-                            sc[g * n_t + t] = d * scale;
-                        }
+                        for (Py_ssize_t g = 0; g < group; g++) sc[g * n_t + t] = dot(qj + g * dk, row, dk) * scale;
                     }
                     float *oj = (float *)out.buf + (r * nh + j * group) * dv;
                     for (Py_ssize_t g = 0; g < group; g++) {  /* softmax; probabilities pre-divided by the sum */
