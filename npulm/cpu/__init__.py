@@ -13,10 +13,10 @@ import warnings
 from gguf.constants import GGMLQuantizationType
 
 from ..linear import DenseLinear, Linear, Weight
-from .quant import PATH_AUTO, PATH_GEMM, PATH_ROWS, F32Linear, QuantLinear, _kernels
+from .quant import PATH_AUTO, PATH_GEMM, PATH_ROWS, F32Linear, QuantLinear, RowReader, _kernels
 
-__all__ = ["QuantLinear", "F32Linear", "make_cpu_linear", "available", "isa", "set_num_threads", "get_num_threads",
-           "set_spin_us", "PATH_AUTO", "PATH_ROWS", "PATH_GEMM"]
+__all__ = ["QuantLinear", "F32Linear", "RowReader", "row_reader", "make_cpu_linear", "available", "isa",
+           "set_num_threads", "get_num_threads", "set_spin_us", "PATH_AUTO", "PATH_ROWS", "PATH_GEMM"]
 
 if _kernels is None:
     warnings.warn("npulm: the C kernels (npulm.cpu._kernels) are not built; CPU matmuls use float32 numpy, "
@@ -58,3 +58,8 @@ def make_cpu_linear(weight: Weight) -> Linear:
     if QuantLinear.supports(weight):
         return QuantLinear(weight)
     return DenseLinear(weight)
+
+
+def row_reader(weight: Weight) -> RowReader | None:
+    """Fast float32 rows of a weight (embedding lookups) where a kernel reads its type, else None."""
+    return RowReader(weight) if QuantLinear.supports(weight) else None

@@ -70,8 +70,13 @@ class Embedding:
     weight: Weight
     scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        from ..cpu import row_reader
+
+        self._rows = row_reader(self.weight)  # C dequantizer where it reads the type, else gguf.quants
+
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
-        x = self.weight.dequantize(tokens)
+        x = self._rows(tokens) if self._rows is not None else self.weight.dequantize(tokens)
         if self.scale != 1.0:
             x *= np.float32(self.scale)
         return x

@@ -147,6 +147,20 @@ def test_dequantize_matches_gguf() -> None:
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max(), err_msg=t.name)
 
 
+def test_row_reader_matches_gguf() -> None:
+    """Embedding lookups through the C dequantizer: any rows, repeated, in any order; ids out of range raise."""
+    for t in SIMPLE + KQUANT:
+        n, k = 7, 512
+        data = random_weight(t, n, k)
+        read = cpu.row_reader(as_weight(data, t, n, k))
+        rows = np.array([3, 0, 3, 6])
+        ref = quants.dequantize(data, t)[rows]
+        np.testing.assert_allclose(read(rows), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max(), err_msg=t.name)
+        with pytest.raises(IndexError):
+            read(np.array([n]))
+    assert cpu.row_reader(as_weight(RNG.standard_normal((4, 32)).astype(np.float32), T.F32, 4, 32)) is None
+
+
 def test_shapes_and_errors() -> None:
     n, k = 10, 64
     lin = cpu.QuantLinear(as_weight(random_weight(T.Q8_0, n, k), T.Q8_0, n, k))
