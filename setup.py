@@ -1,4 +1,5 @@
-"""Build the optional C extension npulm.cpu._kernels (CPU matmuls over GGUF blocks); metadata is in pyproject.toml.
+"""Build the optional C extension npulm.cpu._kernels (CPU matmuls over GGUF blocks, fused block ops); metadata is in
+pyproject.toml.
 
 The package is built on the machine that runs it, so the kernels are compiled with -march=native (or -mcpu=native)
 when the compiler accepts it; set NPULM_NATIVE=0 to build portable code (then only baseline SIMD, e.g. SSE2 on
@@ -50,20 +51,13 @@ class BuildExt(build_ext):
         return True
 
 
-kernels = Extension(
+kernels = Extension(  # matmuls over GGUF blocks + the fused small ops of the block (one thread pool for both)
     "npulm.cpu._kernels",
-    sources=["npulm/cpu/module.c", "npulm/cpu/kernels.c"],
+    sources=["npulm/cpu/module.c", "npulm/cpu/kernels.c", "npulm/cpu/ops.c"],
     depends=["npulm/cpu/kernels.h"],
     libraries=[] if os.name == "nt" else ["pthread", "m"],
     optional=True,  # a failed build leaves the numpy path
 )
 
-ops = Extension(  # fused small ops of the block (norms, RoPE, decode attention, gated activations)
-    "npulm.cpu._ops",
-    sources=["npulm/cpu/ops.c"],
-    libraries=[] if os.name == "nt" else ["m"],
-    optional=True,
-)
-
 # the header ships as package data: `depends` alone leaves it out of the sdist
-setup(ext_modules=[kernels, ops], cmdclass={"build_ext": BuildExt}, package_data={"npulm.cpu": ["kernels.h"]})
+setup(ext_modules=[kernels], cmdclass={"build_ext": BuildExt}, package_data={"npulm.cpu": ["kernels.h"]})

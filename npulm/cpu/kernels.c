@@ -471,6 +471,13 @@ void nl_set_threads(int n) { (void)n; g_threads = 1; }
 #define CALL_UNLOCK() ((void)0)
 #endif
 
+void nl_parallel(task_fn fn, void *ctx, int64_t ntasks) {
+    CALL_LOCK();
+    ensure_pool();
+    parallel(fn, ctx, ntasks);
+    CALL_UNLOCK();
+}
+
 int nl_get_threads(void) {
     CALL_LOCK();
     ensure_pool();

@@ -31,6 +31,9 @@ int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path);
 /* out (r1 - r0, k) float32 = rows r0..r1 of W, dequantized. Returns 0 or -1. */
 int nl_dequant(const nl_mat *w, int64_t r0, int64_t r1, float *out);
 
+/* Run fn(ctx, task, tid) for every task in [0, ntasks) on the matmul thread pool (tid < nl_get_threads()). */
+void nl_parallel(void (*fn)(void *ctx, int64_t task, int tid), void *ctx, int64_t ntasks);
+
 void nl_set_threads(int n);
 int nl_get_threads(void);
 /* Workers poll for new work this long after a job before sleeping (microseconds). */

@@ -235,4 +235,10 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_kernels", "npulm CPU matmul kernels over GGUF blocks",
                                     -1, methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&moddef); }
+extern PyMethodDef nl_ops_methods[]; /* ops.c: the fused small ops of the transformer block */
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+    PyObject *m = PyModule_Create(&moddef);
+    if (m && PyModule_AddFunctions(m, nl_ops_methods) < 0) Py_CLEAR(m);
+    return m;
+}

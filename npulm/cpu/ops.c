@@ -4,12 +4,14 @@
  * 1-3 us of dispatch and temporaries: several ms per token, as much as the matmuls of a 135M model. One call per
  * op here does the same math in one pass. Buffers come through the buffer protocol (no numpy headers needed);
  * the Python side (npulm/models/blocks.py) passes shapes and keeps a numpy path for when this is not built.
- * The KV cache is float16, as llama.cpp's default cache type.
+ * The KV cache is float16, as llama.cpp's default cache type. Built into npulm.cpu._kernels (module.c adds these
+ * functions) so that decode attention runs on the matmul thread pool instead of a second pool fighting for cores.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include "kernels.h"
 #include <string.h>
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -120,11 +122,61 @@ static inline float dot(const float *a, const float *b, Py_ssize_t n) {
     return s;
 }
 
+/* Decode attention, split like flash-decoding: a task is (query row r, kv head j, slice s of the visible keys).
+ * It converts each cached row once for the kv head's `group` query heads and leaves, per query head, the slice's
+ * score max m, its sum l of exp(score - m) and o = sum exp(score - m) v; the caller merges the slices. Slices
+ * keep both cores busy on long contexts, where attention is most of a token. */
+typedef struct {
+    const float *q;
+    const uint16_t *kc, *vc;
+    float *part;    /* per task: group x (2 + dv): m, l, o */
+    float *scratch; /* per thread: group x span scores, then one converted cache row (dk + dv) */
+    Py_ssize_t nh, nkv, group, dk, dv, n_ctx, pos, window, nsplit, span, stride;
+    float scale;
+} attention_job;
+
+static Py_ssize_t first_key(const attention_job *c, Py_ssize_t qp) {
+    return c->window > 0 && qp - c->window + 1 > 0 ? qp - c->window + 1 : 0;
+}
+
+static void attention_task(void *ctx, int64_t task, int tid) {
+    const attention_job *c = ctx;
+    const Py_ssize_t s = task % c->nsplit, j = task / c->nsplit % c->nkv, r = task / (c->nsplit * c->nkv);
+    const Py_ssize_t dk = c->dk, dv = c->dv, group = c->group, span = c->span, qp = c->pos + r;
+    const Py_ssize_t lo = first_key(c, qp), per = (qp + 1 - lo + c->nsplit - 1) / c->nsplit;
+    const Py_ssize_t a = lo + s * per, b = a + per < qp + 1 ? a + per : qp + 1; /* keys [a, b), maybe none */
+    float *sc = c->scratch + tid * c->stride, *row = sc + group * span;
+    const uint16_t *kb = c->kc + j * c->n_ctx * dk, *vb = c->vc + j * c->n_ctx * dv;
+    const float *qj = c->q + (r * c->nh + j * group) * dk;
+    for (Py_ssize_t t = a; t < b; t++) {
+        half_row(kb + t * dk, row, dk);
+        for (Py_ssize_t g = 0; g < group; g++) sc[g * span + t - a] = dot(qj + g * dk, row, dk) * c->scale;
+    }
+    float *part = c->part + task * group * (2 + dv);
+    for (Py_ssize_t g = 0; g < group; g++) {
+        float *sg = sc + g * span, *pg = part + g * (2 + dv), mx = -INFINITY, sum = 0.0f;
+        for (Py_ssize_t t = 0; t < b - a; t++) mx = sg[t] > mx ? sg[t] : mx;
+        for (Py_ssize_t t = 0; t < b - a; t++) sum += (sg[t] = expf(sg[t] - mx));
+        pg[0] = mx;
+        pg[1] = sum;
+        memset(pg + 2, 0, sizeof(float) * (size_t)dv);
+    }
+    for (Py_ssize_t t = a; t < b; t++) {
+        half_row(vb + t * dv, row, dv);
+        for (Py_ssize_t g = 0; g < group; g++) {
+            const float p = sc[g * span + t - a];
+            float *o = part + g * (2 + dv) + 2;
+            for (Py_ssize_t i = 0; i < dv; i++) o[i] += p * row[i];
+        }
+    }
+}
+
+#define ATTN_MIN_SLICE 256 /* keys per slice below which splitting costs more than it saves */
+
 /* attention(q, k_cache, v_cache, out, rows, n_head, n_kv, dk, dv, n_ctx, pos, scale, window):
  * causal grouped-query attention of `rows` float32 queries at positions pos.. against float16 caches
  * (n_kv, n_ctx, d) already holding their keys; query head h reads kv head h / (n_head / n_kv); window > 0 hides
- * keys with q_pos - k_pos >= window. out: (rows, n_head * dv) float32. Meant for decode (small rows): one pass
- * over the cache per kv head (each cached row converted once for all its query heads), no (rows x T) temporaries. */
+ * keys with q_pos - k_pos >= window. out: (rows, n_head * dv) float32. Meant for decode (small rows). */
 static PyObject *attention(PyObject *self, PyObject *args) {
     Py_buffer q, kc, vc, out;
     Py_ssize_t rows, nh, nkv, dk, dv, n_ctx, pos, window;
@@ -132,49 +184,54 @@ static PyObject *attention(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*y*y*w*nnnnnnnfn", &q, &kc, &vc, &out, &rows, &nh, &nkv, &dk, &dv, &n_ctx, &pos,
                           &scale, &window)) return NULL;
     PyObject *ret = NULL;
-    float *sc = NULL;
+    float *buf = NULL;
     if (check(&q, rows * nh * dk, "q") && check(&out, rows * nh * dv, "out")) {
-        const Py_ssize_t group = nkv > 0 ? nh / nkv : 0, n_t = pos + rows;
         if (kc.len != nkv * n_ctx * dk * 2 || vc.len != nkv * n_ctx * dv * 2) {
             PyErr_SetString(PyExc_ValueError, "attention: caches must be float16 (n_kv, n_ctx, d)");
-        } else if (nkv <= 0 || nh % nkv || pos < 0 || pos + rows > n_ctx) {
+        } else if (nkv <= 0 || nh % nkv || rows <= 0 || pos < 0 || pos + rows > n_ctx) {
             PyErr_SetString(PyExc_ValueError, "attention: bad head counts or positions");
-        } else if (!(sc = PyMem_Malloc(sizeof(float) * (size_t)(group * n_t + dk + dv)))) {
-            PyErr_NoMemory();
         } else {
-            float *row = sc + group * n_t;  /* one converted cache row (dk or dv floats) */
+            const int threads = nl_get_threads();
+            attention_job c = {q.buf, kc.buf, vc.buf, NULL, NULL, nh, nkv, nh / nkv, dk, dv, n_ctx, pos, window,
+                               1, 0, 0, scale};
+            const Py_ssize_t longest = pos + rows - first_key(&c, pos + rows - 1); /* keys of the last row */
+            c.nsplit = longest / ATTN_MIN_SLICE < threads ? longest / ATTN_MIN_SLICE : threads;
+            if (c.nsplit < 1) c.nsplit = 1;
+            Py_ssize_t most = 0; /* the most keys one row sees (windows can make earlier rows see more) */
             for (Py_ssize_t r = 0; r < rows; r++) {
-                const Py_ssize_t qp = pos + r, t0 = window > 0 && qp - window + 1 > 0 ? qp - window + 1 : 0;
-                for (Py_ssize_t j = 0; j < nkv; j++) {
-                    const uint16_t *kb = (const uint16_t *)kc.buf + j * n_ctx * dk;
-                    const uint16_t *vb = (const uint16_t *)vc.buf + j * n_ctx * dv;
-                    const float *qj = (const float *)q.buf + (r * nh + j * group) * dk;
-                    for (Py_ssize_t t = t0; t <= qp; t++) {
-                        half_row(kb + t * dk, row, dk);
-                        for (Py_ssize_t g = 0; g < group; g++) sc[g * n_t + t] = dot(qj + g * dk, row, dk) * scale;
-                    }
-                    float *oj = (float *)out.buf + (r * nh + j * group) * dv;
-                    for (Py_ssize_t g = 0; g < group; g++) {  /* softmax; probabilities pre-divided by the sum */
-                        float *s = sc + g * n_t, mx = -INFINITY, sum = 0.0f;
-                        for (Py_ssize_t t = t0; t <= qp; t++) mx = s[t] > mx ? s[t] : mx;
-                        for (Py_ssize_t t = t0; t <= qp; t++) sum += (s[t] = expf(s[t] - mx));
-                        for (Py_ssize_t t = t0; t <= qp; t++) s[t] /= sum;
-                        memset(oj + g * dv, 0, sizeof(float) * (size_t)dv);
-                    }
-                    for (Py_ssize_t t = t0; t <= qp; t++) {
-                        half_row(vb + t * dv, row, dv);
-                        for (Py_ssize_t g = 0; g < group; g++) {
-                            const float p = sc[g * n_t + t];
-                            float *o = oj + g * dv;
-                            for (Py_ssize_t i = 0; i < dv; i++) o[i] += p * row[i];
-                        }
-                    }
-                }
+                const Py_ssize_t n = pos + r + 1 - first_key(&c, pos + r);
+                most = n > most ? n : most;
             }
-            ret = Py_NewRef(Py_None);
+            c.span = (most + c.nsplit - 1) / c.nsplit;
+            c.stride = c.group * c.span + dk + dv;
+            const Py_ssize_t ntasks = rows * nkv * c.nsplit, part = ntasks * c.group * (2 + dv);
+            if (!(buf = PyMem_Malloc(sizeof(float) * (size_t)(part + threads * c.stride)))) {
+                PyErr_NoMemory();
+            } else {
+                c.part = buf;
+                c.scratch = buf + part;
+                nl_parallel(attention_task, &c, ntasks);
+                for (Py_ssize_t r = 0; r < rows; r++)  /* merge the slices of each query head */
+                    for (Py_ssize_t h = 0; h < nh; h++) {
+                        const Py_ssize_t j = h / c.group, g = h % c.group;
+                        const float *p0 = c.part + ((r * nkv + j) * c.nsplit * c.group + g) * (2 + dv);
+                        const Py_ssize_t step = c.group * (2 + dv); /* next slice, same head */
+                        float mx = -INFINITY, sum = 0.0f;
+                        for (Py_ssize_t s = 0; s < c.nsplit; s++) mx = p0[s * step] > mx ? p0[s * step] : mx;
+                        float *o = (float *)out.buf + (r * nh + h) * dv;
+                        memset(o, 0, sizeof(float) * (size_t)dv);
+                        for (Py_ssize_t s = 0; s < c.nsplit; s++) {
+                            const float *ps = p0 + s * step, w = ps[1] > 0 ? expf(ps[0] - mx) : 0.0f;
+                            sum += w * ps[1];
+                            for (Py_ssize_t i = 0; i < dv; i++) o[i] += w * ps[2 + i];
+                        }
+                        for (Py_ssize_t i = 0; i < dv; i++) o[i] /= sum;
+                    }
+                ret = Py_NewRef(Py_None);
+            }
         }
     }
-    PyMem_Free(sc);
+    PyMem_Free(buf);
     PyBuffer_Release(&q); PyBuffer_Release(&kc); PyBuffer_Release(&vc); PyBuffer_Release(&out);
     return ret;
 }
@@ -204,7 +261,7 @@ static PyObject *gated(PyObject *self, PyObject *args) {
     return ret;
 }
 
-static PyMethodDef methods[] = {
+PyMethodDef nl_ops_methods[] = { /* added to npulm.cpu._kernels by module.c */
     {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(x, w, out, rows, dim, eps)"},
     {"rope", rope, METH_VARARGS, "rope(x, cos, sin, rows, heads, head_dim, n_rot, pos, neox)"},
     {"attention", attention, METH_VARARGS,
@@ -212,7 +269,3 @@ static PyMethodDef methods[] = {
     {"gated", gated, METH_VARARGS, "gated(gate, up, n, kind): kind 0 SiLU, 1 GELU-tanh"},
     {NULL, NULL, 0, NULL},
 };
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ops", "Fused small transformer ops.", -1, methods};
-
-PyMODINIT_FUNC PyInit__ops(void) { return PyModule_Create(&module); }

@@ -1,7 +1,7 @@
 """Pieces shared by the architectures: RMSNorm, RoPE, KV cache, grouped-query attention, gated MLP.
 
 Activations are float32 arrays of shape (M, dim) for M tokens. Every weight matmul is a `Linear` from placement.
-Each piece is written in numpy; where the compiled `npulm.cpu._ops` exists, the same math runs there in one call
+Each piece is written in numpy; where the compiled `npulm.cpu._kernels` exists, the same math runs there in one call
 (a decode step otherwise spends as long in ~60 small numpy calls per layer as in its matmuls).
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 from ..linear import Linear
 
 try:
-    from ..cpu import _ops
+    from ..cpu import _kernels as _ops  # the fused ops live in the kernels extension (one thread pool)
 except ImportError:  # not built: numpy only
     _ops = None
 

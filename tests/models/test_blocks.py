@@ -1,4 +1,4 @@
-"""The compiled fused ops (npulm.cpu._ops) compute what the numpy path of each block piece computes."""
+"""The compiled fused ops (in npulm.cpu._kernels) compute what the numpy path of each block piece computes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from npulm.models import blocks
 
-pytestmark = pytest.mark.skipif(blocks._ops is None, reason="npulm.cpu._ops not built")
+pytestmark = pytest.mark.skipif(blocks._ops is None, reason="npulm.cpu._kernels not built")
 rng = np.random.default_rng(0)
 
 
@@ -56,6 +56,35 @@ def test_attention(monkeypatch, window, m):
         mp.setattr(blocks, "_ops", None)
         plain = run()
     np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 700])
+@pytest.mark.parametrize("m", [1, 3])
+def test_attention_long_context_slices(monkeypatch, window, m):
+    """Past ATTN_MIN_SLICE keys per thread the C path splits the keys into slices and merges their softmaxes."""
+    from npulm import cpu
+
+    shape = blocks.AttentionShape(n_head=4, n_head_kv=2, head_dim_k=32, head_dim_v=40, scale=0.2, window=window)
+    pos = 1100
+    q = rng.standard_normal((m, 4, 32)).astype(np.float32)
+    k = rng.standard_normal((m, 2, 32)).astype(np.float32)
+    v = rng.standard_normal((m, 2, 40)).astype(np.float32)
+    cached_k = rng.standard_normal((2, pos, 32)) * 2
+    cached_v = rng.standard_normal((2, pos, 40))
+
+    def run():
+        cache = blocks.KVCache(2, 1200, 32, 40)
+        cache.k[:, :pos], cache.v[:, :pos] = cached_k, cached_v
+        return blocks.attention(q, k, v, cache, pos, shape)
+
+    before = cpu.get_num_threads()
+    try:
+        for threads in (1, 3):  # one slice, then three
+            cpu.set_num_threads(threads)
+            fused, plain = both(monkeypatch, run)
+            np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-5)
+    finally:
+        cpu.set_num_threads(before)
 
 
 def test_attention_reads_float16_edge_values(monkeypatch):
