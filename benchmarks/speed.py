@@ -1,6 +1,6 @@
 """npulm vs llama.cpp on the same GGUF files, in one run: prompt (pp) and generation (tg) tok/s, load time, RSS.
 
-    python benchmarks/speed.py [-p 512] [-n 128] [-t 2] [-r 3] [--models smollm2-135m gemma3-270m]
+    python benchmarks/speed.py [-p 512] [-n 128] [-d 0] [-t 2] [-r 3] [--models smollm2-135m gemma3-270m]
                                [--llama-cpp auto|bench|python|none]
 
 Each engine runs in its own subprocess, so load time and peak RSS are per engine (peak RSS from wait4 on the child).
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from npulm import assets  # noqa: E402
+from npulm.bench import int_list, test_name  # noqa: E402
 
 MODELS = {"smollm2-135m": "SmolLM2-135M Q4_1", "gemma3-270m": "Gemma-3-270M Q4_K_M"}
 RSS_GOAL = 1.3  # npulm's target: peak RSS once loaded and running <= 1.3x the GGUF file size
@@ -72,7 +73,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> Proc:
 
 
 def row_test(row: dict) -> str:
-    return f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
+    return test_name(row["n_prompt"], row["n_gen"], row.get("n_depth", 0))
 
 
 def failure(p: Proc, what: str) -> str:
@@ -91,7 +92,8 @@ def run_npulm(path: Path, args: argparse.Namespace) -> Run:
     env = thread_env(args.threads)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "npulm.cli", "bench", "-m", str(path), "-p", str(args.n_prompt),
-           "-n", str(args.n_gen), "-t", str(args.threads), "-r", str(args.repetitions), "-o", "json"]
+           "-n", str(args.n_gen), "-d", args.n_depth, "-t", str(args.threads), "-r", str(args.repetitions),
+           "-o", "json"]
     p = run_measured(cmd, env)
     run = Run("npulm")
     if p.returncode != 0:
@@ -107,7 +109,7 @@ def run_llama_bench(binary: str, path: Path, args: argparse.Namespace) -> Run:
     env = thread_env(args.threads)
     run = Run("llama.cpp (llama-bench)")
     cmd = [binary, "-m", str(path), "-p", str(args.n_prompt), "-n", str(args.n_gen), "-t", str(args.threads),
-           "-r", str(args.repetitions), "-o", "json"]
+           "-r", str(args.repetitions), "-o", "json"] + (["-d", args.n_depth] if args.n_depth != "0" else [])
     p = run_measured(cmd, env)
     if p.returncode != 0:
         run.error = failure(p, "llama-bench")
@@ -128,7 +130,7 @@ def run_llama_bench(binary: str, path: Path, args: argparse.Namespace) -> Run:
 
 def run_llama_cpp_python(path: Path, args: argparse.Namespace) -> Run:
     cmd = [sys.executable, __file__, "--llama-cpp-python-worker", str(path), "-p", str(args.n_prompt),
-           "-n", str(args.n_gen), "-t", str(args.threads), "-r", str(args.repetitions)]
+           "-n", str(args.n_gen), "-d", args.n_depth, "-t", str(args.threads), "-r", str(args.repetitions)]
     p = run_measured(cmd, thread_env(args.threads))
     run = Run("llama.cpp (llama-cpp-python)")
     if p.returncode != 0:
@@ -152,7 +154,8 @@ def llama_cpp_python_worker(args: argparse.Namespace) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(args.worker_model, n_ctx=args.n_prompt + args.n_gen + 8, n_batch=512,
+    depths = int_list(args.n_depth)
+    llm = llama_cpp.Llama(args.worker_model, n_ctx=max(depths) + args.n_prompt + args.n_gen + 8, n_batch=512,
                           n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     load_s, load_rss = time.perf_counter() - t0, rss_mb()
     rng = random.Random(0)
@@ -164,9 +167,11 @@ def llama_cpp_python_worker(args: argparse.Namespace) -> int:
             t[0] = bos
         return t
 
-    def once(n: int, one_by_one: bool) -> float:
+    def once(n: int, one_by_one: bool, depth: int) -> float:
         tokens = ids(n)
         llm.reset()
+        if depth:
+            llm.eval(ids(depth))  # context, untimed (llama-bench's -d)
         t = time.perf_counter()
         if one_by_one:
             for tok in tokens:
@@ -176,12 +181,14 @@ def llama_cpp_python_worker(args: argparse.Namespace) -> int:
         return time.perf_counter() - t
 
     rates = {}
-    for name, n, one_by_one in ((f"pp{args.n_prompt}", args.n_prompt, False), (f"tg{args.n_gen}", args.n_gen, True)):
-        if n <= 0:
-            continue
-        once(n, one_by_one)  # warm-up
-        ts = [n / once(n, one_by_one) for _ in range(args.repetitions)]
-        rates[name] = (statistics.fmean(ts), statistics.stdev(ts) if len(ts) > 1 else 0.0)
+    for p_n, g_n in ((args.n_prompt, 0), (0, args.n_gen)):
+        for d in depths:
+            n, one_by_one = (p_n, False) if p_n else (g_n, True)
+            if n <= 0:
+                continue
+            once(n, one_by_one, d)  # warm-up
+            ts = [n / once(n, one_by_one, d) for _ in range(args.repetitions)]
+            rates[test_name(p_n, g_n, d)] = (statistics.fmean(ts), statistics.stdev(ts) if len(ts) > 1 else 0.0)
     json.dump({"version": llama_cpp.__version__, "rates": rates, "load_s": load_s, "load_rss_mb": load_rss},
               sys.stdout)
     return 0
@@ -257,6 +264,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0 = no pp test)")
     ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0 = no tg test)")
+    ap.add_argument("-d", "--n-depth", default="0",
+                    help="context tokens before each test, untimed (comma list, as llama-bench's -d); default 0")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("--models", nargs="+", default=list(MODELS), help="known names or GGUF paths")
@@ -273,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_prompt <= 0 and args.n_gen <= 0:
         sys.exit("speed.py: nothing to run (-p 0 -n 0)")
     kind, binary = llama_cpp_engine(args.llama_cpp)
-    tests = [t for t, n in ((f"pp{args.n_prompt}", args.n_prompt), (f"tg{args.n_gen}", args.n_gen)) if n > 0]
+    tests = [test_name(p, n, d) for p, n in ((args.n_prompt, 0), (0, args.n_gen)) if p + n > 0
+             for d in int_list(args.n_depth)]
     load_start = os.getloadavg()
     started = datetime.now().strftime("%Y-%m-%d %H:%M")
     results = []
@@ -289,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = {"bench": "llama.cpp: llama-bench", "python": "llama.cpp: llama-cpp-python (Llama.eval, timed as npulm)",
               "none": "llama.cpp: not found (no llama-bench, no llama-cpp-python): npulm alone"}[kind]
-    print(f"# npulm {git_commit()} vs llama.cpp, {started}: -p {args.n_prompt} -n {args.n_gen} -t {args.threads} "
+    print(f"# npulm {git_commit()} vs llama.cpp, {started}: -p {args.n_prompt} -n {args.n_gen} -d {args.n_depth} "
+          f"-t {args.threads} "
           f"-r {args.repetitions}, {os.cpu_count()} CPUs")
     print(f"# {engine}")
     print("# load average (1/5/15 min): start " + " / ".join(f"{x:.2f}" for x in load_start)

@@ -1,10 +1,11 @@
 """`npulm bench`: prompt-processing and generation speed in llama-bench's shape.
 
-    npulm bench [-m MODEL ...] [-p 512] [-n 128] [-r 3] [-t 2] [-o md|json|csv] [-ngl N] [--pipeline P] [-ot ...]
+    npulm bench [-m MODEL ...] [-p 512] [-n 128] [-d 0] [-r 3] [-t 2] [-o md|json|csv] [-ngl N] [--pipeline P]
 
 Every option that takes numbers takes a comma list; runs form the cartesian product (model x placement x threads x
-test). "ppN" is one prefill of N random token ids from an empty cache; "tgN" is N single-token steps from an empty
-cache, feeding random token ids (sampling excluded). Each test runs once unrecorded (warm-up), then -r times; t/s is
+test x depth). "ppN" is one prefill of N random token ids from an empty cache; "tgN" is N single-token steps from an
+empty cache, feeding random token ids (sampling excluded); "@ dD" means after D context tokens, evaluated untimed
+(llama-bench's -d: long-context speed). Each test runs once unrecorded (warm-up), then -r times; t/s is
 the mean of the per-run rates +/- their sample standard deviation, as llama-bench reports it. JSON and CSV carry
 llama-bench's field names where they apply, plus load_s (model load), load_rss_mb and peak_rss_mb (the process's
 maximum resident set, MiB, after load and after the row).
@@ -32,7 +33,7 @@ from . import assets
 
 MD_COLUMNS = ("model", "size", "params", "backend", "threads", "test", "t/s")
 CSV_FIELDS = ("model_filename", "model_type", "model_size", "model_n_params", "backends", "n_npu_layers", "pipeline",
-              "npu_matmuls", "n_batch", "n_threads", "n_prompt", "n_gen", "test_time", "avg_ns", "stddev_ns",
+              "npu_matmuls", "n_batch", "n_threads", "n_prompt", "n_gen", "n_depth", "test_time", "avg_ns", "stddev_ns",
               "avg_ts", "stddev_ts", "load_s", "load_rss_mb", "peak_rss_mb")
 
 
@@ -127,17 +128,21 @@ def random_tokens(rng: np.random.Generator, n: int, n_vocab: int, bos: int | Non
     return tokens
 
 
-def time_prompt(llm, tokens: list[int]) -> float:
-    """Seconds for one prefill of `tokens` from an empty cache."""
+def time_prompt(llm, tokens: list[int], context: list[int] = ()) -> float:
+    """Seconds for one prefill of `tokens` after `context` (evaluated first, untimed: llama-bench's depth)."""
     llm.reset()
+    if context:
+        llm.session.eval(list(context))
     t0 = time.perf_counter()
     llm.session.eval(tokens)
     return time.perf_counter() - t0
 
 
-def time_gen(llm, tokens: list[int]) -> float:
-    """Seconds for len(tokens) single-token steps from an empty cache."""
+def time_gen(llm, tokens: list[int], context: list[int] = ()) -> float:
+    """Seconds for len(tokens) single-token steps after `context` (evaluated first, untimed)."""
     llm.reset()
+    if context:
+        llm.session.eval(list(context))
     t0 = time.perf_counter()
     for tok in tokens:
         llm.session.eval([tok])
@@ -167,9 +172,11 @@ def set_threads(n: int) -> None:
 
 def run_bench(models: Sequence[str | None], n_prompt: Sequence[int], n_gen: Sequence[int], repetitions: int = 3,
               threads: Sequence[int] = (2,), places: Sequence[Placement] = (Placement(),), n_batch: int = 512,
-              seed: int = 0, progress: Callable[[str], None] | None = None) -> list[dict]:
-    """One row per (model, placement, threads, test); tests are pp<n> for n in n_prompt, then tg<n> for n in n_gen
-    (zeros skipped). The model is loaded once per placement, with room for the longest test."""
+              seed: int = 0, progress: Callable[[str], None] | None = None, n_depth: Sequence[int] = (0,)
+              ) -> list[dict]:
+    """One row per (model, placement, threads, test, depth); tests are pp<n> for n in n_prompt, then tg<n> for n in
+    n_gen (zeros skipped), each after `depth` context tokens (untimed, as llama-bench's -d). The model is loaded
+    once per placement, with room for the longest test."""
     from .api import Llama
 
     tests = [(p, 0) for p in n_prompt if p > 0] + [(0, n) for n in n_gen if n > 0]
@@ -177,7 +184,9 @@ def run_bench(models: Sequence[str | None], n_prompt: Sequence[int], n_gen: Sequ
         raise ValueError("nothing to run: every -p and -n value is 0")
     if repetitions < 1:
         raise ValueError("repetitions (-r) must be >= 1")
-    n_ctx = max(p for p, _ in tests) + max(n for _, n in tests) + 8
+    if any(d < 0 for d in n_depth):
+        raise ValueError("depth (-d) must be >= 0")
+    n_ctx = max(n_depth) + max(p for p, _ in tests) + max(n for _, n in tests) + 8
     rows = []
     for model in models:
         path = str(assets.resolve_model(model))
@@ -194,17 +203,20 @@ def run_bench(models: Sequence[str | None], n_prompt: Sequence[int], n_gen: Sequ
             rng = np.random.default_rng(seed)
             for t in threads:
                 set_threads(t)
-                for p, n in tests:
-                    name = f"pp{p}" if p else f"tg{n}"
+                for (p, n), d in ((test, d) for test in tests for d in n_depth):
+                    name = test_name(p, n, d)
                     if progress:
                         progress(f"{desc['model_type']} {backend} t={t} {name}")
                     timer = time_prompt if p else time_gen
-                    timer(llm, random_tokens(rng, p or n, llm.n_vocab(), bos))  # warm-up, not counted
-                    seconds = [timer(llm, random_tokens(rng, p or n, llm.n_vocab(), bos)) for _ in range(repetitions)]
+                    context = random_tokens(rng, d, llm.n_vocab(), bos)
+                    timer(llm, random_tokens(rng, p or n, llm.n_vocab(), None if d else bos), context)  # warm-up
+                    seconds = [timer(llm, random_tokens(rng, p or n, llm.n_vocab(), None if d else bos), context)
+                               for _ in range(repetitions)]
                     rows.append({
                         "model_filename": path, **desc, "backends": backend, "n_npu_layers": place.npu_layers,
                         "pipeline": place.pipeline or ("auto" if backend != "CPU" else ""),
                         "npu_matmuls": npu_matmuls, "n_batch": n_batch, "n_threads": t, "n_prompt": p, "n_gen": n,
+                        "n_depth": d,
                         "test_time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                         **summarize(p or n, seconds), "load_s": round(load_s, 4),
                         "load_rss_mb": round(load_rss, 2), "peak_rss_mb": round(peak_rss_mb(), 2)})
@@ -213,8 +225,13 @@ def run_bench(models: Sequence[str | None], n_prompt: Sequence[int], n_gen: Sequ
     return rows
 
 
+def test_name(n_prompt: int, n_gen: int, n_depth: int = 0) -> str:
+    """llama-bench's test label: pp512, tg128, tg128 @ d2000."""
+    return (f"pp{n_prompt}" if n_prompt else f"tg{n_gen}") + (f" @ d{n_depth}" if n_depth else "")
+
+
 def row_test_name(row: dict) -> str:
-    return f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
+    return test_name(row["n_prompt"], row["n_gen"], row.get("n_depth", 0))
 
 
 def _size(nbytes: int) -> str:
@@ -252,7 +269,8 @@ def format_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-DEFAULTS = {"n_prompt": "512", "n_gen": "128", "threads": "2"}  # llama-bench's, with -t 2 for a 2-core board
+# llama-bench's, with -t 2 for a 2-core board
+DEFAULTS = {"n_prompt": "512", "n_gen": "128", "threads": "2", "n_depth": "0"}
 FORMATS = {"md": format_md, "json": format_json, "csv": format_csv}
 
 
@@ -267,7 +285,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = run_bench(models, int_list(args.n_prompt or DEFAULTS["n_prompt"]),
                      int_list(args.n_gen or DEFAULTS["n_gen"]), args.repetitions,
                      int_list(args.threads or DEFAULTS["threads"]), places, args.batch_size, args.seed,
-                     progress if args.progress else None)
+                     progress if args.progress else None, int_list(args.n_depth or DEFAULTS["n_depth"]))
     sys.stdout.write(FORMATS[args.output](rows))
     return 0
 
@@ -282,6 +300,8 @@ def add_parser(subparsers) -> None:
                    help="prompt tokens (comma list; 0 = no pp); default 512")
     p.add_argument("-n", "--n-gen", action="append", default=None,
                    help="generated tokens (comma list; 0 = no tg); default 128")
+    p.add_argument("-d", "--n-depth", action="append", default=None,
+                   help="context tokens evaluated (untimed) before each test (comma list); default 0")
     p.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs per test (after one warm-up)")
     p.add_argument("-t", "--threads", action="append", default=None, help="CPU threads (comma list); default 2")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass")

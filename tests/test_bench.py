@@ -83,3 +83,25 @@ def test_list_parsing():
     # with nothing on the NPU the pipeline list collapses to one CPU placement
     assert len(placements(["0"], ["W16A16", "W8A8_HADAMARD"], [], None)) == 1
     assert len(placements(["0", "2"], ["W16A16", "W8A8_HADAMARD"], [], None)) == 3
+
+
+def test_depth_runs_after_untimed_context(tiny_models, capsys, monkeypatch):
+    """-d D: every test starts from D context tokens (llama-bench's n_depth); the context is not timed."""
+    from npulm import bench as bench_mod
+
+    contexts = []
+    real_gen = bench_mod.time_gen
+
+    def spy(llm, tokens, context=()):
+        seconds = real_gen(llm, tokens, context)
+        contexts.append((len(context), llm.n_tokens))
+        return seconds
+
+    monkeypatch.setattr(bench_mod, "time_gen", spy)
+    out = bench(capsys, "-m", str(tiny_models["llama"]), "-p", "0", "-n", "3", "-d", "0,10", "-r", "1", "-o", "md")
+    assert [line.split("|")[6].strip() for line in out.splitlines()[2:]] == ["tg3", "tg3 @ d10"]
+    assert contexts == [(0, 3), (0, 3), (10, 13), (10, 13)]  # warm-up and timed run per depth
+    rows = json.loads(bench(capsys, "-m", str(tiny_models["llama"]), "-p", "4", "-n", "0", "-d", "6", "-r", "1",
+                            "-o", "json"))
+    assert [(r["n_prompt"], r["n_depth"]) for r in rows] == [(4, 6)]
+    assert main(["bench", "-m", str(tiny_models["llama"]), "-d", "-1"]) == 1
