@@ -99,7 +99,7 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
-static void half_row(const uint16_t *h, float *f, Py_ssize_t n) {
+static inline void half_row(const uint16_t *h, float *f, Py_ssize_t n) {
     Py_ssize_t i = 0;
 #if defined(__F16C__)
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
@@ -107,6 +107,37 @@ static void half_row(const uint16_t *h, float *f, Py_ssize_t n) {
     for (; i < n; i++) f[i] = (float)((const __fp16 *)h)[i];
 #endif
     for (; i < n; i++) f[i] = half_to_float(h[i]);
+}
+
+/* exp(x) for x <= 0 (softmax after subtracting the max), in plain float / int steps the compiler vectorizes:
+ * x = n ln2 + f with |f| <= ln2/2, exp(f) by its degree-6 Taylor polynomial (relative error < 3e-7), 2^n built
+ * in the exponent bits. glibc's expf is a scalar call (~10 ns): at a 2000-token context a SmolLM2 token spends
+ * ~3 ms in it. Below -87 the result is flushed to 0. */
+static inline float exp_neg(float x) {
+    const float t = x * 1.44269504088896341f, r = t + 12582912.0f; /* 1.5 * 2^23: round to nearest */
+    int32_t n;
+    memcpy(&n, &r, 4);
+    n -= 0x4B400000;
+    const float nf = r - 12582912.0f;
+    const float f = (x - nf * 0.693145751953125f) - nf * 1.428606765330187e-06f; /* ln2 split in two parts */
+    const float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666668e-2f
+                      + f * (8.3333338e-3f + f * 1.3888889e-3f)))));
+    const int32_t bits = (n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+/* sum of x[0..n) with 16 partial sums (vectorizable, like dot) */
+static inline float sum16(const float *x, Py_ssize_t n) {
+    float acc[16] = {0};
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += x[i + j];
+    float s = 0.0f;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < n; i++) s += x[i];
+    return s;
 }
 
 /* a . b with 16 independent partial sums: the compiler turns them into SIMD FMAs (one strict left-to-right sum
@@ -156,7 +187,8 @@ static void attention_task(void *ctx, int64_t task, int tid) {
     for (Py_ssize_t g = 0; g < group; g++) {
         float *sg = sc + g * span, *pg = part + g * (2 + dv), mx = -INFINITY, sum = 0.0f;
         for (Py_ssize_t t = 0; t < b - a; t++) mx = sg[t] > mx ? sg[t] : mx;
-        for (Py_ssize_t t = 0; t < b - a; t++) sum += (sg[t] = expf(sg[t] - mx));
+        for (Py_ssize_t t = 0; t < b - a; t++) sg[t] = exp_neg(sg[t] - mx);
+        sum = sum16(sg, b - a);
         pg[0] = mx;
         pg[1] = sum;
         memset(pg + 2, 0, sizeof(float) * (size_t)dv);
