@@ -32,7 +32,7 @@ class Llama:
         self.verbose = verbose
         t0 = time.perf_counter()
         self.gguf = GGUFFile(self.model_path)
-        self.metadata = {k: v for k, v in self.gguf.kv.items() if not isinstance(v, list)}
+        self.metadata = {k: v for k, v in self.gguf.kv.items() if not isinstance(v, (list, np.ndarray))}
         self.tokenizer = Tokenizer.from_gguf(self.gguf.kv)
         arch = self.gguf.architecture
         n_ctx_train = int(self.gguf.kv.get(f"{arch}.context_length", 4096))

@@ -90,6 +90,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .gguf import GGUFFile
 
     path = assets.resolve_model(args.model_pos or args.model)
@@ -97,8 +99,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"file: {path} ({g.size / 2**20:.1f} MiB, GGUF, {len(g.tensors)} tensors, alignment {g.alignment})")
     print("metadata:")
     for k, v in g.kv.items():
-        if isinstance(v, list):
-            v = f"[{len(v)} items] {v[:4]!r}{' ...' if len(v) > 4 else ''}"
+        if isinstance(v, (list, np.ndarray)):
+            v = f"[{len(v)} items] {[x.item() if isinstance(x, np.generic) else x for x in v[:4]]!r}" + (
+                " ..." if len(v) > 4 else "")
         elif isinstance(v, str) and len(v) > 100:
             v = repr(v[:100]) + f"... ({len(v)} chars)"
         print(f"  {k} = {v}")

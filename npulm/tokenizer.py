@@ -31,6 +31,7 @@ import threading
 from array import array
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -289,7 +290,8 @@ class Tokenizer:
             tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
         self.tokens: list[str] = tokens
         n = len(tokens)
-        types = list(kv.get("tokenizer.ggml.token_type") or [NORMAL] * n)
+        raw_types = kv.get("tokenizer.ggml.token_type")
+        types = [NORMAL] * n if raw_types is None or len(raw_types) == 0 else list(map(int, raw_types))
         if len(types) < n:
             raise GGUFError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
 
@@ -415,7 +417,7 @@ class Tokenizer:
             raise GGUFError("llama (SentencePiece) tokenizer without tokenizer.ggml.scores")
         if len(scores) < len(self.tokens):
             raise GGUFError(f"tokenizer.ggml.scores has {len(scores)} entries for {len(self.tokens)} tokens")
-        self._scores = array("f", scores)  # 4 bytes a token instead of a Python float's 32
+        self._scores = array("f", np.asarray(scores, np.float32).tobytes())  # indexing gives Python floats
         index = self._index
         self._byte_ids = [index.get(f"<0x{b:02X}>", index.get(chr(b)) if b < 128 else None) for b in range(256)]
         if self.unk_id is not None:

@@ -436,7 +436,7 @@ def test_pre_tokenizer_matches_live_llama_cpp(vocab_dir, tmp_path, pre):
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(kv["tokenizer.ggml.tokens"])
-    w.add_token_types(kv["tokenizer.ggml.token_type"])
+    w.add_token_types(kv["tokenizer.ggml.token_type"].tolist())
     w.add_token_merges(kv["tokenizer.ggml.merges"])
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -28,7 +28,7 @@ class Gemma3Config(LlamaConfig):
         base = LlamaConfig.from_gguf(kv, arch, rope_neox=True)
         window = hparam(kv, arch, "attention.sliding_window", 0)
         pattern = hparam(kv, arch, "attention.sliding_window_pattern", 6)
-        if isinstance(pattern, list):  # per-layer flags
+        if isinstance(pattern, (list, np.ndarray)):  # per-layer flags
             swa = tuple(bool(p) for p in pattern[:base.n_layer])
         else:  # every n-th layer is global, as llama.cpp's set_swa_pattern
             swa = tuple(window > 0 and (pattern == 0 or i % pattern < pattern - 1) for i in range(base.n_layer))
