@@ -140,15 +140,24 @@ static inline float sum16(const float *x, Py_ssize_t n) {
     return s;
 }
 
-/* a . b with 16 independent partial sums: the compiler turns them into SIMD FMAs (one strict left-to-right sum
- * cannot be vectorized without -ffast-math); ~8x the scalar loop on long contexts */
+/* a . b with independent partial sums: the compiler turns them into SIMD FMAs (one strict left-to-right sum cannot
+ * be vectorized without -ffast-math). 8 sums measured faster for 64-wide heads (SmolLM2: 356 -> 243 us a layer at a
+ * 2000-token context, 1 thread), 16 for 256-wide ones (Gemma-3: 282 us with 16, 960 with 8). */
 static inline float dot(const float *a, const float *b, Py_ssize_t n) {
-    float acc[16] = {0};
     Py_ssize_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
-    float s = 0.0f;
-    for (int j = 0; j < 16; j++) s += acc[j];
+    float s;
+    if (n < 128) {
+        float acc[8] = {0};
+        for (; i + 8 <= n; i += 8)
+            for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+        s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    } else {
+        float acc[16] = {0};
+        for (; i + 16 <= n; i += 16)
+            for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+        s = 0.0f;
+        for (int j = 0; j < 16; j++) s += acc[j];
+    }
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
