@@ -388,8 +388,7 @@ class Tokenizer:
             space = normalizers.Replace(" ", SPACE)
             tk.normalizer = (normalizers.Sequence([normalizers.Prepend(SPACE), space]) if self.add_space_prefix
                              else space)
-            if self.model == "gemma4":
-                tk.pre_tokenizer = pre_tokenizers.Split(Regex(SPLITS["newlines"][0]), "isolated")
+            tk.pre_tokenizer = pre_tokenizers.Split(Regex(SPLITS["newlines"][0]), "isolated")
             tk.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
         else:
             if self.pre not in PRE_TYPES:
