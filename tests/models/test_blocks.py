@@ -34,23 +34,28 @@ def test_rope(monkeypatch, neox):
     np.testing.assert_array_equal(fused[..., 32:], x[..., 32:])
 
 
+def attention_both(monkeypatch, shape: blocks.AttentionShape, m: int, cached_k: np.ndarray, cached_v: np.ndarray,
+                   n_ctx: int, q_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The C and the numpy attention of m random new tokens after a cache holding cached_k / cached_v."""
+    pos = cached_k.shape[1]
+    q = rng.standard_normal((m, shape.n_head, shape.head_dim_k)).astype(np.float32) * np.float32(q_scale)
+    k = rng.standard_normal((m, shape.n_head_kv, shape.head_dim_k)).astype(np.float32)
+    v = rng.standard_normal((m, shape.n_head_kv, shape.head_dim_v)).astype(np.float32)
+
+    def run():
+        cache = blocks.KVCache(shape.n_head_kv, n_ctx, shape.head_dim_k, shape.head_dim_v)
+        cache.k[:, :pos], cache.v[:, :pos] = cached_k, cached_v
+        return blocks.attention(q, k, v, cache, pos, shape)
+
+    return both(monkeypatch, run)
+
+
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("m", [1, 3])
 def test_attention(monkeypatch, window, m):
     shape = blocks.AttentionShape(n_head=6, n_head_kv=2, head_dim_k=16, head_dim_v=24, scale=0.25, window=window)
-    pos = 11
-    q = rng.standard_normal((m, 6, 16)).astype(np.float32)
-    k = rng.standard_normal((m, 2, 16)).astype(np.float32)
-    v = rng.standard_normal((m, 2, 24)).astype(np.float32)
-
-    cached_k, cached_v = rng.standard_normal((2, pos, 16)), rng.standard_normal((2, pos, 24))
-
-    def run():
-        cache = blocks.KVCache(2, 32, 16, 24)
-        cache.k[:, :pos], cache.v[:, :pos] = cached_k, cached_v
-        return blocks.attention(q, k, v, cache, pos, shape)
-
-    fused, plain = both(monkeypatch, run)
+    cached = rng.standard_normal((2, 11, 16)), rng.standard_normal((2, 11, 24))
+    fused, plain = attention_both(monkeypatch, shape, m, *cached, n_ctx=32)
     np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-5)
 
 
@@ -61,23 +66,12 @@ def test_attention_long_context_slices(monkeypatch, window, m):
     from npulm import cpu
 
     shape = blocks.AttentionShape(n_head=4, n_head_kv=2, head_dim_k=32, head_dim_v=40, scale=0.2, window=window)
-    pos = 1100
-    q = rng.standard_normal((m, 4, 32)).astype(np.float32)
-    k = rng.standard_normal((m, 2, 32)).astype(np.float32)
-    v = rng.standard_normal((m, 2, 40)).astype(np.float32)
-    cached_k = rng.standard_normal((2, pos, 32)) * 2
-    cached_v = rng.standard_normal((2, pos, 40))
-
-    def run():
-        cache = blocks.KVCache(2, 1200, 32, 40)
-        cache.k[:, :pos], cache.v[:, :pos] = cached_k, cached_v
-        return blocks.attention(q, k, v, cache, pos, shape)
-
+    cached = rng.standard_normal((2, 1100, 32)) * 2, rng.standard_normal((2, 1100, 40))
     before = cpu.get_num_threads()
     try:
         for threads in (1, 3):  # one slice, then three
             cpu.set_num_threads(threads)
-            fused, plain = both(monkeypatch, run)
+            fused, plain = attention_both(monkeypatch, shape, m, *cached, n_ctx=1200)
             np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-5)
     finally:
         cpu.set_num_threads(before)
@@ -88,18 +82,9 @@ def test_attention_reads_float16_edge_values(monkeypatch):
     subnormal, zero, negative zero or near float16's largest: the C path decodes them as numpy does."""
     shape = blocks.AttentionShape(n_head=2, n_head_kv=1, head_dim_k=12, head_dim_v=13, scale=0.5)
     special = np.array([0.0, -0.0, 6e-8, -6e-8, 3e-5, 65504.0, -65504.0, 1e-3, 1.0, -2.5], np.float16)
-    q = rng.standard_normal((1, 2, 12)).astype(np.float32) * 1e-4  # scores stay finite next to 65504
-    k = rng.standard_normal((1, 1, 12)).astype(np.float32)
-    v = rng.standard_normal((1, 1, 13)).astype(np.float32)
-
-    cached_k, cached_v = rng.choice(special, (10, 12)), rng.choice(special, (10, 13))
-
-    def run():
-        cache = blocks.KVCache(1, 16, 12, 13)
-        cache.k[0, :10], cache.v[0, :10] = cached_k, cached_v
-        return blocks.attention(q, k, v, cache, 10, shape)
-
-    fused, plain = both(monkeypatch, run)
+    cached = rng.choice(special, (1, 10, 12)), rng.choice(special, (1, 10, 13))
+    # small queries: scores stay finite next to 65504
+    fused, plain = attention_both(monkeypatch, shape, 1, *cached, n_ctx=16, q_scale=1e-4)
     np.testing.assert_allclose(fused, plain, rtol=1e-4, atol=1e-3)
 
 
