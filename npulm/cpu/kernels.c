@@ -114,22 +114,6 @@ int64_t nl_row_bytes(int type, int64_t k) {
     return k / t->block * t->bytes;
 }
 
-__attribute__((unused)) static float h2f_soft(uint16_t h) {
-    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023, bits;
-    if (exp == 0) {
-        if (man == 0) bits = sign;
-        else {  /* subnormal: normalize */
-            int e = -1;
-            do { man <<= 1; e++; } while (!(man & 1024));
-            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 1023) << 13);
-        }
-    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
-    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 INLINE float h2f(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
@@ -140,7 +124,7 @@ INLINE float h2f(const uint8_t *p) {
     memcpy(&f, &h, 2);
     return (float)f;
 #else
-    return h2f_soft(h);
+    return nl_h2f_soft(h);
 #endif
 }
 

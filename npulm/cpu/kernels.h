@@ -3,6 +3,7 @@
 #define NPULM_KERNELS_H
 
 #include <stdint.h>
+#include <string.h>
 
 /* GGML type ids (gguf.constants.GGMLQuantizationType) */
 enum {
@@ -18,6 +19,23 @@ typedef struct {
     int type;
     int64_t n, k, row_bytes;
 } nl_mat;
+
+/* float16 bits -> float without F16C / fp16 hardware (subnormals, inf and nan kept); used by kernels.c and ops.c */
+static inline float nl_h2f_soft(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else {  /* subnormal: normalize */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 1024));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 1023) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
 
 /* Bytes of one row of k values, or -1 if the type is unsupported or k does not fit its blocks. */
 int64_t nl_row_bytes(int type, int64_t k);

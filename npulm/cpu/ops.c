@@ -83,22 +83,6 @@ static PyObject *rope(PyObject *self, PyObject *args) {
 }
 
 /* float16 -> float32 for a row of cached keys or values: F16C / aarch64 hardware where present, else bit math */
-static inline float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    uint32_t bits;
-    if (exp == 0x1f) bits = sign | 0x7f800000u | (man << 13);            /* inf / nan */
-    else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);       /* normal: rebias 15 -> 127 */
-    else if (!man) bits = sign;                                          /* zero */
-    else {                                                               /* subnormal: normalize */
-        uint32_t e = 113, m = man;
-        while (!(m & 0x400)) { m <<= 1; e--; }
-        bits = sign | (e << 23) | ((m & 0x3ff) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 static inline void half_row(const uint16_t *h, float *f, Py_ssize_t n) {
     Py_ssize_t i = 0;
 #if defined(__F16C__)
@@ -106,7 +90,7 @@ static inline void half_row(const uint16_t *h, float *f, Py_ssize_t n) {
 #elif defined(__aarch64__)
     for (; i < n; i++) f[i] = (float)((const __fp16 *)h)[i];
 #endif
-    for (; i < n; i++) f[i] = half_to_float(h[i]);
+    for (; i < n; i++) f[i] = nl_h2f_soft(h[i]);
 }
 
 /* exp(x) for x <= 0 (softmax after subtracting the max), in plain float / int steps the compiler vectorizes:
