@@ -1,7 +1,10 @@
 """npulm vs llama.cpp on the same GGUF files, in one run: prompt (pp) and generation (tg) tok/s, load time, RSS.
 
     python benchmarks/speed.py [-p 512] [-n 128] [-d 0] [-t 2] [-r 3] [--models smollm2-135m gemma3-270m]
-                               [--llama-cpp auto|bench|python|none]
+                               [--llama-cpp auto|bench|python|none] [--a8]
+
+--a8 adds a row for npulm with int8 activations in every matmul (`-ot '*=cpu:a8'`), llama.cpp's precision; the
+default "cpu" gives the roles that matter most 16-bit activations (see npulm/cpu/__init__.py).
 
 Each engine runs in its own subprocess, so load time and peak RSS are per engine (peak RSS from wait4 on the child).
 npulm: `python -m npulm.cli bench -o json`. llama.cpp: the `llama-bench` binary ($LLAMA_BENCH, else on PATH) with
@@ -88,14 +91,14 @@ def thread_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_npulm(path: Path, args: argparse.Namespace) -> Run:
+def run_npulm(path: Path, args: argparse.Namespace, spec: str = "") -> Run:
     env = thread_env(args.threads)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "npulm.cli", "bench", "-m", str(path), "-p", str(args.n_prompt),
            "-n", str(args.n_gen), "-d", args.n_depth, "-t", str(args.threads), "-r", str(args.repetitions),
-           "-o", "json"]
+           "-o", "json"] + (["-ot", f"*={spec}"] if spec else [])
     p = run_measured(cmd, env)
-    run = Run("npulm")
+    run = Run(f"npulm ({spec})" if spec else "npulm")
     if p.returncode != 0:
         run.error = failure(p, "npulm bench")
         return run
@@ -242,10 +245,12 @@ def table(results: list[tuple[str, int, list[Run]]], tests: list[str]) -> str:
                          *(fmt(x / mib if x else None, ".2f", "x") for x in (run.load_rss_mb, run.peak_rss_mb))]
             lines.append("| " + " | ".join([label if first else "", f"{mib:.1f} MiB" if first else "", *cells]) + " |")
             first = False
-        if len(runs) == 2 and not any(r.error for r in runs):
-            a, b = runs
-            cells = ["npulm / llama.cpp", *(ratio((a.rates.get(t) or (None,))[0], (b.rates.get(t) or (None,))[0])
-                                             for t in tests),
+        b = runs[-1]
+        for a in runs[:-1] if b.engine.startswith("llama.cpp") and not b.error else []:
+            if a.error:
+                continue
+            cells = [f"{a.engine} / llama.cpp",
+                     *(ratio((a.rates.get(t) or (None,))[0], (b.rates.get(t) or (None,))[0]) for t in tests),
                      ratio(a.load_s, b.load_s), ratio(a.load_rss_mb, b.load_rss_mb),
                      ratio(a.peak_rss_mb, b.peak_rss_mb), "", ""]
             lines.append("| | | " + " | ".join(cells) + " |")
@@ -271,6 +276,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", default=list(MODELS), help="known names or GGUF paths")
     ap.add_argument("--llama-cpp", choices=["auto", "bench", "python", "none"], default="auto",
                     help="llama.cpp engine: llama-bench, llama-cpp-python, or none (npulm alone)")
+    ap.add_argument("--a8", action="store_true", help="also run npulm with int8 activations everywhere (cpu:a8)")
     ap.add_argument("--llama-cpp-python-worker", dest="worker_model", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -291,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         path = assets.resolve_model(name)
         print(f"speed.py: {name}: npulm ...", file=sys.stderr, flush=True)
         runs = [run_npulm(path, args)]
+        if args.a8:
+            print(f"speed.py: {name}: npulm cpu:a8 ...", file=sys.stderr, flush=True)
+            runs.append(run_npulm(path, args, "cpu:a8"))
         if kind != "none":
             print(f"speed.py: {name}: llama.cpp ({kind}) ...", file=sys.stderr, flush=True)
             runs.append(run_llama_bench(binary, path, args) if kind == "bench" else run_llama_cpp_python(path, args))

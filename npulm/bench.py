@@ -311,7 +311,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--pipeline", action="append", default=None,
                    help="NPU pipeline (W16A16, W8A8_*, W4A4_*, ...; comma list); default by GGUF type")
     p.add_argument("-ot", "--override-tensor", action="append", default=None, metavar="PATTERN=TARGET",
-                   help="place tensors matching a glob on 'cpu' or an NPU pipeline (repeatable)")
+                   help="place tensors matching a glob on 'cpu', 'cpu:a8' (int8 activations, fastest), 'cpu:a16', "
+                        "'cpu-ref' or an NPU pipeline (repeatable)")
     p.add_argument("--chip", default=None, help="NPU chip (rk3588, rk3576, ...); detected on a board")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--progress", action="store_true", help="print each test as it starts (stderr)")

@@ -24,7 +24,8 @@ def _add_runtime(p: argparse.ArgumentParser, n_ctx: int) -> None:
                    help="number of last blocks whose matmuls run on the NPU, or 'all' (as llama.cpp's -ngl)")
     p.add_argument("--pipeline", default=None, help="NPU pipeline (W16A16, W8A8_*, W4A4_*, ...); default by GGUF type")
     p.add_argument("-ot", "--override-tensor", action="append", default=None, metavar="PATTERN=TARGET",
-                   help="place tensors matching a glob on 'cpu' or an NPU pipeline (repeatable)")
+                   help="place tensors matching a glob on 'cpu', 'cpu:a8' (int8 activations, fastest), 'cpu:a16', "
+                        "'cpu-ref' or an NPU pipeline (repeatable)")
     p.add_argument("--chip", default=None, help="NPU chip (rk3588, rk3576, ...); detected on a board")
 
 

@@ -72,7 +72,7 @@ class DenseLinear(Linear):
 def _cpu_linear(weight: Weight, spec: str) -> Linear:
     from .cpu import make_cpu_linear  # C kernels over GGUF blocks; DenseLinear where a type has none
 
-    return make_cpu_linear(weight)
+    return make_cpu_linear(weight, spec)
 
 
 _BACKENDS: dict[str, Callable[[Weight, str], Linear]] = {

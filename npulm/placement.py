@@ -46,7 +46,7 @@ class Placement:
     def spec_for(self, weight: Weight) -> str:
         for pattern, target in self.overrides:
             if fnmatch.fnmatchcase(weight.name, pattern):
-                return target.lower() if target.lower() in ("cpu", "cpu-ref") else self._npu(target)
+                return target.lower() if target.lower().startswith("cpu") else self._npu(target)
         n = self.n_layer + 1 if self.npu_layers == "all" else int(self.npu_layers)
         if n <= 0:
             return "cpu"

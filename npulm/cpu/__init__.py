@@ -3,6 +3,13 @@
 `make_cpu_linear` builds the Linear for spec "cpu": a QuantLinear where the type has a kernel, F32Linear (BLAS on
 the mmap view) for F32, else the float32 reference DenseLinear. If the C extension was not built, everything takes
 the numpy path after one warning.
+
+Activation precision, per tensor:
+  "cpu:a8"   activations rounded to int8 per block of 32, as llama.cpp does: fastest, but over lee_background it
+             costs +0.26 % (SmolLM2) / +0.28 % (Gemma-3) perplexity against the float path;
+  "cpu:a16"  the int8 blocks plus their int8-quantized residual (~16-bit): the float path's logits (KL ~1e-7) for
+             twice the integer work;
+  "cpu"      a16 for the matmuls whose input rounding reaches the logits most (ACT16_ROLES), a8 for the rest.
 """
 
 from __future__ import annotations
@@ -51,12 +58,28 @@ def set_spin_us(us: int) -> None:
         _kernels.set_spin_us(us)
 
 
-def make_cpu_linear(weight: Weight) -> Linear:
+# Tensor roles that take 16-bit activations under "cpu". Measured as the KL against the float path that each role's
+# int8 activations add alone (benchmarks/act_precision.py, lee_background): these roles carry most of it in both
+# models (SmolLM2 KL 0.0031 -> 0.0004, Gemma-3 0.0034 -> 0.0010); attn_q/attn_k/attn_output add little per cost.
+ACT16_ROLES = ("attn_v", "ffn_gate", "ffn_up", "ffn_down", "output", "token_embd")
+CPU_SPECS = ("cpu", "cpu:a8", "cpu:a16")
+
+
+def tensor_role(name: str) -> str:
+    """"blk.3.ffn_down.weight" -> "ffn_down", "token_embd.weight" -> "token_embd"."""
+    parts = name.split(".")
+    return parts[-2] if len(parts) >= 2 else name
+
+
+def make_cpu_linear(weight: Weight, spec: str = "cpu") -> Linear:
     """The "cpu" Linear: QuantLinear where supported, F32Linear for F32, DenseLinear otherwise."""
+    if spec not in CPU_SPECS:
+        raise ValueError(f"unknown CPU spec {spec!r} for {weight.name}; known: {', '.join(CPU_SPECS)}, cpu-ref")
     if weight.type == GGMLQuantizationType.F32 and weight.data.ndim == 2:
         return F32Linear(weight)
     if QuantLinear.supports(weight):
-        return QuantLinear(weight)
+        act16 = spec == "cpu:a16" or (spec == "cpu" and tensor_role(weight.name) in ACT16_ROLES)
+        return QuantLinear(weight, act16=act16)
     return DenseLinear(weight)
 
 

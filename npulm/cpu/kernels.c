@@ -244,7 +244,7 @@ static void unpack_row(int type, const uint8_t *row, int64_t k, uint8_t *codes, 
 /* Scratch memory: one growable buffer per (thread, purpose); calls are serialized, so reuse is safe.            */
 
 #define MAX_THREADS 256
-enum { SCR_ACT, SCR_PANEL, SCR_ROW, SCR_N };
+enum { SCR_ACT, SCR_PANEL, SCR_ROW, SCR_RES, SCR_Y, SCR_N };
 static void *g_scr[MAX_THREADS][SCR_N];
 static size_t g_scr_size[MAX_THREADS][SCR_N];
 
@@ -556,34 +556,53 @@ typedef struct {
     const float *x;
     acts *a;
     int64_t rows_per_task, m;
-    int off;
+    int off, act16;
 } quant_ctx;
 
 static void quant_task(void *ctx, int64_t t, int tid) {
-    (void)tid;
     quant_ctx *c = ctx;
     acts *a = c->a;
+    const int64_t k = a->k, kb = a->kb;
     const int64_t r0 = t * c->rows_per_task, r1 = r0 + c->rows_per_task < c->m ? r0 + c->rows_per_task : c->m;
-    for (int64_t r = r0; r < r1; r++)
-        quant_row(c->x + r * a->k, a->k, c->off, a->q + r * a->k, a->d + r * a->kb, a->s + r * a->kb,
-                  a->c16 + 2 * r * a->kb, a->c32 + r * a->kb);
+    for (int64_t r = r0; r < r1; r++) {
+        quant_row(c->x + r * k, k, c->off, a->q + r * k, a->d + r * kb, a->s + r * kb, a->c16 + 2 * r * kb,
+                  a->c32 + r * kb);
+        if (!c->act16) continue;
+        /* row m + r: what the int8 blocks of row r missed, quantized the same way */
+        float *res = g_scr[tid][SCR_RES];
+        const float *x = c->x + r * k, *d = a->d + r * kb;
+        const int8_t *q = a->q + r * k;
+        for (int64_t i = 0; i < k; i++) res[i] = x[i] - d[i / 32] * (float)q[i];
+        const int64_t r2 = c->m + r;
+        quant_row(res, k, c->off, a->q + r2 * k, a->d + r2 * kb, a->s + r2 * kb, a->c16 + 2 * r2 * kb,
+                  a->c32 + r2 * kb);
+    }
 }
 
-static int quantize_acts(const float *x, int64_t m, int64_t k, int off, acts *a) {
-    const int64_t kb = k / 32;
-    const size_t qbytes = ((size_t)(m * k) + ALIGN - 1) & ~(size_t)(ALIGN - 1);
-    char *p = scratch(0, SCR_ACT, qbytes + (size_t)(m * kb) * 4 * 5 + ALIGN);
+/* m rows of x -> int8 blocks; with act16, 2m rows: rows m.. hold the residuals of rows 0.. */
+static int quantize_acts(const float *x, int64_t m, int64_t k, int off, int act16, acts *a) {
+    const int64_t kb = k / 32, rows = act16 ? 2 * m : m;
+    const size_t qbytes = ((size_t)(rows * k) + ALIGN - 1) & ~(size_t)(ALIGN - 1);
+    char *p = scratch(0, SCR_ACT, qbytes + (size_t)(rows * kb) * 4 * 5 + ALIGN);
     if (!p) return -1;
+    for (int t = 0; act16 && t < g_threads; t++) /* every thread's residual row, here: tasks cannot fail */
+        if (!scratch(t, SCR_RES, (size_t)k * 4)) return -1;
     a->k = k;
     a->kb = kb;
     a->q = (int8_t *)p;
     a->d = (float *)(p + qbytes);
-    a->s = a->d + m * kb;
-    a->c16 = (int32_t *)(a->s + m * kb);
-    a->c32 = a->c16 + 2 * m * kb;
-    quant_ctx c = {x, a, m >= 64 ? 16 : m, m, off};
+    a->s = a->d + rows * kb;
+    a->c16 = (int32_t *)(a->s + rows * kb);
+    a->c32 = a->c16 + 2 * rows * kb;
+    quant_ctx c = {x, a, m >= 64 ? 16 : m, m, off, act16};
     parallel(quant_task, &c, (m + c.rows_per_task - 1) / c.rows_per_task);
     return 0;
+}
+
+/* act16: y[i] = the products of row i and of its residual row m + i, for output columns n0..n1 */
+static void fold_residual(const float *y2, float *y, int64_t m, int64_t n, int64_t n0, int64_t n1) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = n0; j < n1; j++) y[i * n + j] = y2[i * n + j] + y2[(m + i) * n + j];
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
@@ -595,6 +614,8 @@ typedef struct {
     const float *x; /* float activations (F16 weights) */
     float *y;
     int64_t m, rows_per_task;
+    float *yout; /* act16: y holds 2 * m_out rows, folded into yout */
+    int64_t m_out;
 } rows_ctx;
 
 #if defined(NL_X86)
@@ -1251,6 +1272,7 @@ static void rows_task(void *ctx, int64_t t, int tid) {
     case NL_Q6_K: rows_NL_Q6_K(w, c->a, c->m, n0, n1, c->y); break;
     case NL_F16: rows_f16(w, c->x, c->m, n0, n1, c->y); break;
     }
+    if (c->yout) fold_residual(c->y, c->yout, c->m_out, w->n, n0, n1);
 }
 
 #ifdef HAVE_FAST_UNPACK
@@ -1292,6 +1314,8 @@ typedef struct {
     const acts *a;
     float *y;
     int64_t m;
+    float *yout; /* as in rows_ctx */
+    int64_t m_out;
 } gemm_ctx;
 
 /* Pack rows n0 .. n0+nr of W (nr <= PR; missing rows are zero) into the panel layout. Chunks of 8 blocks (one
@@ -1496,6 +1520,7 @@ static void gemm_task(void *ctx, int64_t t, int tid) {
         f(panel + p * pbytes, pbytes, 1, c->a, c->m, kb, c->y, w->n, n0 + p * PR, nr);
     }
 #endif
+    if (c->yout) fold_residual(c->y, c->yout, c->m_out, w->n, n0, n0 + rows);
 }
 #define HAVE_GEMM 1
 #endif
@@ -1540,10 +1565,21 @@ int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path) {
     ensure_pool();
     int rc = 0;
     const int64_t k = w->k;
+    const int act16 = w->act16 && w->type != NL_F16;
+    const int64_t mk = act16 ? 2 * m : m; /* activation rows the kernels see */
+    float *yk = y, *yout = NULL;
     acts A;
-    if (w->type != NL_F16 && quantize_acts(x, m, k, ti->off, &A)) {
+    if (w->type != NL_F16 && quantize_acts(x, m, k, ti->off, act16, &A)) {
         rc = -1;
         goto out;
+    }
+    if (act16) {
+        yk = scratch(0, SCR_Y, (size_t)(mk * w->n) * 4);
+        yout = y;
+        if (!yk) {
+            rc = -1;
+            goto out;
+        }
     }
 #ifdef HAVE_GEMM
     /* the algorithm depends on M, the type and the path argument only, never on the thread count */
@@ -1554,7 +1590,7 @@ int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path) {
                 rc = -1;
                 goto out;
             }
-        gemm_ctx c = {w, &A, y, m};
+        gemm_ctx c = {w, &A, yk, mk, yout, m};
         parallel(gemm_task, &c, ntasks);
         goto out;
     }
@@ -1563,8 +1599,8 @@ int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path) {
 #endif
     {
         /* rows: tasks of whole row ranges; one thread for small matrices where waking others costs more */
-        rows_ctx c = {w, &A, x, y, m, 0};
-        const int64_t work = w->n * k * (m < 4 ? m : 4);
+        rows_ctx c = {w, &A, x, yk, mk, 0, yout, m};
+        const int64_t work = w->n * k * (mk < 4 ? mk : 4);
         const int nt = work < 65536 ? 1 : g_threads;
         int64_t per = (w->n + 8 * nt - 1) / (8 * nt);
         if (per < 16) per = 16;

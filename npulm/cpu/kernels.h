@@ -18,6 +18,9 @@ typedef struct {
     const uint8_t *data; /* n rows of row_bytes, GGUF block layout */
     int type;
     int64_t n, k, row_bytes;
+    /* 1: each activation row goes in as two int8 rows, x's blocks and their quantization residual, and the two
+     * products are summed: ~16-bit activations for twice the integer work (no effect on F16 weights) */
+    int act16;
 } nl_mat;
 
 /* float16 bits -> float without F16C / fp16 hardware (subnormals, inf and nan kept); used by kernels.c and ops.c */

@@ -26,13 +26,14 @@ static void handle_free(PyObject *cap) {
     }
 }
 
-/* weight(buffer, type, n, k) -> handle */
+/* weight(buffer, type, n, k, act16=0) -> handle */
 static PyObject *py_weight(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *obj;
     int type;
     long long n, k;
-    if (!PyArg_ParseTuple(args, "OiLL", &obj, &type, &n, &k)) return NULL;
+    int act16 = 0;
+    if (!PyArg_ParseTuple(args, "OiLL|p", &obj, &type, &n, &k, &act16)) return NULL;
     const int64_t rb = nl_row_bytes(type, k);
     if (rb < 0 || n <= 0) {
         PyErr_Format(PyExc_ValueError, "unsupported weight: type %d with %lld x %lld values", type, n, k);
@@ -56,6 +57,7 @@ static PyObject *py_weight(PyObject *self, PyObject *args) {
     h->mat.n = n;
     h->mat.k = k;
     h->mat.row_bytes = rb;
+    h->mat.act16 = act16;
     PyObject *cap = PyCapsule_New(h, CAPSULE, handle_free);
     if (!cap) {
         PyBuffer_Release(&h->view);

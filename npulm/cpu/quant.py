@@ -49,13 +49,14 @@ class QuantLinear(Linear):
     def supports(weight: Weight) -> bool:
         return _kernels is not None and _kernels.row_bytes(int(weight.type), weight.n_in) > 0
 
-    def __init__(self, weight: Weight):
+    def __init__(self, weight: Weight, act16: bool = False):
         super().__init__(weight)
         if not self.supports(weight):
             raise ValueError(f"{weight.name}: no CPU kernel for {weight.type.name} with {weight.n_in} inputs")
         if not weight.data.flags.c_contiguous:
             raise ValueError(f"{weight.name}: weight data must be C-contiguous")
-        self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in)
+        self.act16 = act16
+        self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in, act16)
         # F16 has no integer kernel: large M goes through dequantized tiles + BLAS
         self._tiled = weight.type == GGMLQuantizationType.F16
         self._tile_rows = max(16, TILE_BYTES // (4 * weight.n_in))

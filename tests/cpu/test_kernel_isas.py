@@ -4,7 +4,8 @@ The installed extension runs only the paths of this machine (-march=native). Her
 C driver for: portable scalar C, x86 AVX2 without VNNI (if this CPU has AVX2), and aarch64 NEON with and without
 dotprod run under qemu-aarch64 (if aarch64-linux-gnu-gcc and qemu-aarch64 are installed; Debian packages
 gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user). Each must match the exact int8 emulation (see
-test_kernels.py) for every type, path and a few M, with identical results on 1 and 3 threads.
+test_kernels.py) for every type, path, activation precision (a8, a16) and a few M, with identical results on 1 and 3
+threads.
 """
 
 from __future__ import annotations
@@ -68,15 +69,15 @@ def test_isa_variant(variant: tuple[str, list[str], list[str], str], tmp_path: P
             n, k = 45, 512 if t in KQUANT else 544  # 17 blocks: tails after groups of 8 (x86) / 4 (NEON) blocks
             data = np.ascontiguousarray(random_weight(t, n, k, rng))
             w = (data.view(np.float16) if t == T.F16 else quants.dequantize(data, t)).astype(np.float64)
-            for m in (1, 6, 13):
+            for m, act16 in ((1, 0), (6, 0), (13, 0), (1, 1), (6, 1)):
                 x = rng.standard_normal((m, k)).astype(np.float32)
-                xq = x.astype(np.float64) if t == T.F16 else quantize_like_kernels(x)
+                xq = x.astype(np.float64) if t == T.F16 else quantize_like_kernels(x, bool(act16))
                 for path in (1, 2):
                     for threads in (1, 3):
-                        f.write(np.array([int(t), n, k, m, path, threads, data.nbytes], np.int64).tobytes())
+                        f.write(np.array([int(t), n, k, m, path, threads, act16, data.nbytes], np.int64).tobytes())
                         f.write(data.tobytes())
                         f.write(x.tobytes())
-                        cases.append((t.name, m, path, threads))
+                        cases.append((t.name, m, act16, path, threads))
                         expect.append((xq @ w.T, np.abs(xq) @ np.abs(w).T))
     r = subprocess.run([*runner, str(exe), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
                        capture_output=True, text=True, timeout=600)
@@ -90,6 +91,6 @@ def test_isa_variant(variant: tuple[str, list[str], list[str], str], tmp_path: P
         assert np.all(np.abs(y - ref) <= 1e-5 * scale + 1e-30), case
         by_case[case] = y
     assert pos == ys.size
-    for (t, m, path, threads), y in by_case.items():
+    for (t, m, act16, path, threads), y in by_case.items():
         if threads == 3:
-            assert np.array_equal(y, by_case[(t, m, path, 1)]), (t, m, path)
+            assert np.array_equal(y, by_case[(t, m, act16, path, 1)]), (t, m, act16, path)
