@@ -277,10 +277,10 @@ assert len(runtime) == 1 and "not built" in str(runtime[0].message), [str(c.mess
 # The bound: perplexity within 0.1 % of the float path. int8 activations everywhere ("cpu:a8", llama.cpp's
 # scheme) miss it: on the whole of lee_background (-c 512, ~147 chunks) SmolLM2 27.2067 vs 27.1364 (+0.26 %),
 # Gemma-3 17.9892 vs 17.9385 (+0.28 %); the default "cpu" (16-bit activations for the roles in ACT16_ROLES) gives
-# 27.1535 (+0.06 %) and 17.9464 (+0.04 %). On a few chunks the difference is dominated by which roundings flip (+-0.3 % on
-# 4 chunks between builds that only reorder float sums), so the test compares per-token log-likelihoods pairwise:
-# their mean difference must stay within the bound plus three standard errors. A wrong block layout or scale moves
-# it by whole percents.
+# 27.1535 (+0.06 %) and 17.9464 (+0.04 %). On a few chunks the difference is dominated by which roundings flip
+# (+-0.3 % on 4 chunks between builds that only reorder float sums), so the test compares per-token log-likelihoods
+# pairwise: their mean difference must stay within the bound plus three standard errors. A wrong block layout or
+# scale moves it by whole percents.
 KERNEL_PPL_COST = 0.001
 
 
