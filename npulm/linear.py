@@ -1,7 +1,8 @@
 """The one matmul interface. Every weight matmul of every model is `Linear(x)`: y = x @ W.T.
 
 A Linear is built once at load from a GGUF weight tensor and a backend spec chosen per tensor by placement:
-  "cpu"          the CPU path (fast quantized kernels where available, else the dequantized reference)
+  "cpu"          the CPU path (fast quantized kernels where available, else the dequantized reference); "cpu:a8"
+                 and "cpu:a16" fix the kernels' activation precision (see npulm.cpu)
   "cpu-ref"      dequantize once to float32 and multiply with BLAS (the reference path)
   "npu:<PIPE>"   an NPU pipeline (W16A16, W8A8_*, W4A4_*, ...) registered by npulm.npu
 Models never branch on where a matmul runs; backends register a factory under their spec prefix.
