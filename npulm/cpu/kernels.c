@@ -1609,6 +1609,11 @@ int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path) {
         parallel(rows_task, &c, (w->n + c.rows_per_task - 1) / c.rows_per_task);
     }
 out:
+    if (g_scr_size[0][SCR_Y] > (32u << 20)) { /* all-token logits (perplexity): do not keep 2 x their size around */
+        free(g_scr[0][SCR_Y]);
+        g_scr[0][SCR_Y] = NULL;
+        g_scr_size[0][SCR_Y] = 0;
+    }
     CALL_UNLOCK();
     return rc;
 }
