@@ -7,7 +7,7 @@ the numpy path after one warning.
 Activation precision, per tensor:
   "cpu:a8"   activations rounded to int8 per block of 32, as llama.cpp does: fastest, but over lee_background it
              costs +0.26 % (SmolLM2) / +0.28 % (Gemma-3) perplexity against the float path;
-  "cpu:a16"  the int8 blocks plus their int8-quantized residual (~16-bit): the float path's logits (KL ~1e-7) for
+  "cpu:a16"  the int8 blocks plus their int8-quantized residual (~16-bit): the float path's logits (KL ~1e-6) for
              twice the integer work;
   "cpu"      a16 for the matmuls whose input rounding reaches the logits most (ACT16_ROLES), a8 for the rest.
 """
