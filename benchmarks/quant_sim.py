@@ -114,7 +114,7 @@ def capture_activations(g: GGUFFile, n_tokens: int) -> dict[str, np.ndarray]:
     tok = Tokenizer.from_gguf(g.kv)
     tokens = tok.encode(assets.lee_background().read_text(encoding="utf-8"))[:n_tokens]
     SimLinear.captured, SimLinear.recipe = {}, None
-    model.forward(tokens, 0)
+    model.forward(tokens, model.make_cache())
     captured, SimLinear.captured = SimLinear.captured, None
     return captured
 
@@ -188,7 +188,7 @@ def section_ppl(g: GGUFFile, recipes: list[str], n_chunks: int) -> None:
             c = list(c)
             if bos is not None:
                 c[0] = bos
-            logits.append(model.forward(c, 0, logits_from=first)[: n_ctx - 1 - first])
+            logits.append(model.forward(c, model.make_cache(), logits_from=first)[: n_ctx - 1 - first])
             targets.append(np.asarray(c[first + 1:]))
         return np.concatenate(logits), np.concatenate(targets)
 

@@ -3,8 +3,8 @@ create_chat_completion (OpenAI-shaped dicts, or chunks with stream=True), tokeni
 
 from __future__ import annotations
 
-import codecs
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import assets
-from .generate import ContextOverflow, Session, StopStrings, generate
+from .generate import Session, stream_text
 from .gguf import GGUFFile
 from .models import load_model
 from .placement import Placement, parse_overrides
@@ -47,6 +47,7 @@ class Llama:
                                    pipeline=pipeline, overrides=parse_overrides(tensor_overrides))
         self.model = load_model(self.gguf, self._n_ctx, self.placement.spec_for, progress=verbose)
         self.session = Session(self.model, n_batch)
+        self._lock, self._owner = threading.Lock(), None  # one sequence: calls from several threads are serialized
         self.logits_all = logits_all
         self.scores = np.zeros((self._n_ctx if logits_all else 1, self.model.n_vocab), np.float32)
         self._seed_rng = np.random.default_rng(None if seed == LLAMA_DEFAULT_SEED or seed < 0 else seed)
@@ -96,13 +97,15 @@ class Llama:
 
     # --- evaluation ------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        self.session.reset()
+        with self._lock:
+            self.session.reset()
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens after those already in the context; logits land in self.scores (all rows if
         logits_all, else the last in scores[0])."""
-        n0 = self.n_tokens
-        logits = self.session.eval(tokens, logits_from=0 if self.logits_all else -1)
+        with self._lock:
+            n0 = self.n_tokens
+            logits = self.session.eval(tokens, logits_from=0 if self.logits_all else -1)
         if self.logits_all:
             self.scores[n0:n0 + len(tokens)] = logits
         else:
@@ -117,23 +120,17 @@ class Llama:
 
     def _stream(self, prompt_tokens: list[int], max_tokens: int | None, stop: str | list[str] | None,
                 sampler) -> Iterator[tuple[str, str | None, int]]:
-        """(text delta, finish_reason or None, completion token count)."""
-        if len(prompt_tokens) >= self._n_ctx:
-            raise ContextOverflow(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {self._n_ctx}")
-        stops = StopStrings([stop] if isinstance(stop, str) else list(stop or []))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        limit = max_tokens if max_tokens and max_tokens > 0 else None
-        n = 0
-        for token in generate(self.session, prompt_tokens, sampler, limit, self.tokenizer.eog_ids):
-            n += 1
-            delta = stops.feed(decoder.decode(self.tokenizer.token_to_bytes(token)))
-            if stops.hit:
-                yield delta, "stop", n
-                return
-            if delta:
-                yield delta, None, n
-        reason = "length" if (limit and n >= limit) or len(self.session.tokens) >= self._n_ctx else "stop"
-        yield stops.feed(decoder.decode(b"", final=True)) + stops.flush(), reason, n
+        """(text delta, finish_reason or None, completion token count), holding the model's lock throughout: one
+        Llama is one sequence, so concurrent calls run one after the other."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError("this Llama is already generating in this thread (an unfinished stream?): "
+                               "finish or close it first")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield from stream_text(self.session, self.tokenizer, prompt_tokens, sampler, max_tokens, stop)
+            finally:
+                self._owner = None
 
     def create_completion(self, prompt: str | list[int], suffix: str | None = None, max_tokens: int | None = 16,
                           temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05,

@@ -1,5 +1,6 @@
-"""The token loop: a Session owns the KV cache position; generate() yields sampled tokens; stream_text() turns
-them into text deltas, holding back bytes of incomplete UTF-8 and text that may begin a stop string."""
+"""The token loop: a Session owns one sequence's cache and tokens; generate() yields sampled tokens; TextStream
+turns them into text deltas, holding back bytes of incomplete UTF-8 and text that may begin a stop string;
+stream_text() puts the two together for the API, the CLI and the server."""
 
 from __future__ import annotations
 
@@ -9,17 +10,24 @@ import numpy as np
 
 from .models import Model
 from .sampling import Sampler
+from .tokenizer import Tokenizer
 
 
 class ContextOverflow(ValueError):
     """More tokens than the context window holds."""
 
 
+def context_overflow(n: int, n_ctx: int) -> ContextOverflow:
+    return ContextOverflow(f"Requested tokens ({n}) exceed context window of {n_ctx}")
+
+
 class Session:
-    """A model plus the tokens its KV cache holds. Reuses the longest common prefix between calls."""
+    """One sequence: the cache it owns (made by the model) and the tokens it holds. Reuses the longest common
+    prefix between calls and rolls back by trimming the cache."""
 
     def __init__(self, model: Model, n_batch: int = 512):
         self.model, self.n_batch = model, max(1, n_batch)
+        self.cache = model.make_cache()
         self.tokens: list[int] = []
 
     @property
@@ -27,23 +35,32 @@ class Session:
         return self.model.n_ctx
 
     def reset(self) -> None:
-        self.tokens = []
+        self.truncate(0)
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n tokens (every layer of the cache forgets the rest)."""
+        for layer in self.cache:
+            layer.trim(layer.offset - n)
+        del self.tokens[n:]
 
     def eval(self, tokens: Sequence[int], logits_from: int = -1) -> np.ndarray:
         """Append tokens to the sequence; logits of rows logits_from.. of this call (default: the last)."""
         tokens = list(tokens)
         if len(self.tokens) + len(tokens) > self.n_ctx:
-            raise ContextOverflow(f"Requested tokens ({len(self.tokens) + len(tokens)}) exceed context window of "
-                                  f"{self.n_ctx}")
+            raise context_overflow(len(self.tokens) + len(tokens), self.n_ctx)
         if logits_from < 0:
             logits_from += len(tokens)
         outs = []
         for start in range(0, len(tokens), self.n_batch):  # prefill in batches of n_batch
             piece = tokens[start:start + self.n_batch]
             lf = max(logits_from - start, 0)
-            logits = self.model.forward(piece, len(self.tokens), logits_from=lf) if lf < len(piece) else None
+            try:
+                logits = self.model.forward(piece, self.cache, logits_from=min(lf, len(piece)))
+            except BaseException:  # a failed pass may have filled some layers: back to the tokens held
+                self.truncate(len(self.tokens))
+                raise
             self.tokens.extend(piece)
-            if logits is not None:
+            if len(logits):
                 outs.append(logits)
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
@@ -52,22 +69,20 @@ class Session:
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) > self.n_ctx:
-            raise ContextOverflow(f"Requested tokens ({len(prompt)}) exceed context window of {self.n_ctx}")
+            raise context_overflow(len(prompt), self.n_ctx)
         keep = 0
         for a, b in zip(self.tokens, prompt[:-1]):  # at least the last prompt token is evaluated
             if a != b:
                 break
             keep += 1
-        self.tokens = self.tokens[:keep]
+        self.truncate(keep)
         return self.eval(prompt[keep:])[-1]
 
 
 def generate(session: Session, prompt: Sequence[int], sampler: Sampler, max_tokens: int | None,
              stop_ids: Iterable[int]) -> Iterator[int]:
-    """Yield sampled tokens until an end-of-generation token, max_tokens or a full context.
-
-    After the loop, `generate.finish_reason` style information is given by the caller: an EOG token is not yielded.
-    """
+    """Yield sampled tokens until an end-of-generation token, max_tokens or a full context (an EOG token is not
+    yielded)."""
     stop_ids = set(stop_ids)
     logits = session.prefill(prompt)
     n = 0
@@ -110,3 +125,45 @@ class StopStrings:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+class TextStream:
+    """Generated tokens -> text deltas: the tokenizer's incremental decoder (incomplete UTF-8 held back) followed by
+    the stop strings. `hit` tells that a stop string ended the text."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: str | Sequence[str] | None = None):
+        self.decoder = tokenizer.stream()
+        self.stops = StopStrings([stop] if isinstance(stop, str) else list(stop or []))
+
+    @property
+    def hit(self) -> bool:
+        return self.stops.hit
+
+    def feed(self, token: int) -> str:
+        return self.stops.feed(self.decoder.add(token))
+
+    def flush(self) -> str:
+        return self.stops.feed(self.decoder.flush()) + self.stops.flush()
+
+
+def stream_text(session: Session, tokenizer: Tokenizer, prompt: Sequence[int], sampler: Sampler,
+                max_tokens: int | None = None, stop: str | Sequence[str] | None = None
+                ) -> Iterator[tuple[str, str | None, int]]:
+    """Generate after `prompt` as text: (delta, finish_reason or None, completion tokens so far). The last item
+    carries the finish reason: "stop" (an end-of-generation token or a stop string) or "length" (max_tokens or a full
+    context)."""
+    if len(prompt) >= session.n_ctx:
+        raise context_overflow(len(prompt), session.n_ctx)
+    text = TextStream(tokenizer, stop)
+    limit = max_tokens if max_tokens and max_tokens > 0 else None
+    n = 0
+    for token in generate(session, prompt, sampler, limit, tokenizer.eog_ids):
+        n += 1
+        delta = text.feed(token)
+        if text.hit:
+            yield delta, "stop", n
+            return
+        if delta:
+            yield delta, None, n
+    reason = "length" if (limit and n >= limit) or len(session.tokens) >= session.n_ctx else "stop"
+    yield text.flush(), reason, n

@@ -83,3 +83,24 @@ def test_chat_completion(llm):
         out["choices"][0]["message"]["content"]
     toks = llm.apply_chat_template(msgs)
     assert toks[:2] == [llm.token_bos(), 3]  # BOS, then <|im_start|> parsed as a special token
+
+
+def test_concurrent_calls_are_serialized_not_corrupted(tiny_models):
+    """One Llama from several threads: each call gets what it would alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    llm = Llama(str(tiny_models["llama"]), n_ctx=48, verbose=False)
+    prompts = ["the", "in a", "he is", "on the", "a cat", "the er"]
+    alone = [llm(p, max_tokens=10, temperature=0)["choices"][0]["text"] for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: llm(p, max_tokens=10, temperature=0)["choices"][0]["text"], prompts * 2))
+    assert together == alone * 2
+
+
+def test_unfinished_stream_in_the_same_thread_is_an_error(llm):
+    stream = llm("the", max_tokens=4, temperature=0, stream=True)
+    next(stream)
+    with pytest.raises(RuntimeError, match="already generating"):
+        llm("in", max_tokens=2)
+    stream.close()
+    assert llm("in", max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2

@@ -1,10 +1,11 @@
-"""What every architecture shares: GGUF hyper-parameter reading, weight loading through placement, the
-embedding -> blocks -> norm -> output skeleton, and the KV caches."""
+"""What every architecture shares: GGUF hyper-parameter reading, weight loading through placement, and the
+embedding -> blocks -> norm -> output skeleton. The model holds weights only; per-sequence state lives in a cache
+the caller makes with `Model.make_cache()` (see cache.py)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -13,7 +14,8 @@ from tqdm import tqdm
 
 from ..gguf import GGUFError, GGUFFile
 from ..linear import Linear, Weight, make_linear
-from .blocks import KVCache, rms_norm
+from .blocks import rms_norm
+from .cache import LayerCache, cache_offset
 
 
 def hparam(kv: dict[str, Any], arch: str, key: str, default: Any = GGUFError) -> Any:
@@ -58,9 +60,11 @@ class WeightLoader:
 
 
 class Block(Protocol):
-    cache: KVCache
+    def make_cache(self, n_ctx: int) -> LayerCache: ...
 
-    def __call__(self, x: np.ndarray, pos: int) -> np.ndarray: ...
+    def __call__(self, x: np.ndarray, caches: Sequence[LayerCache], spans: Sequence[tuple[int, int]]) -> np.ndarray:
+        """x holds the rows of every sequence of a batch: rows spans[j] belong to the sequence whose cache for this
+        layer is caches[j]."""
 
 
 @dataclass
@@ -94,24 +98,44 @@ class Model:
         self.n_ctx, self.linears = n_ctx, linears
         self.n_vocab = output.n_out
 
-    def forward(self, tokens: np.ndarray | list[int], pos: int, logits_from: int = -1) -> np.ndarray:
-        """Run M tokens at positions pos..pos+M-1 through the model, filling the KV cache.
+    def make_cache(self) -> list[LayerCache]:
+        """A fresh cache for one sequence: one per-layer cache, sized for n_ctx tokens."""
+        return [block.make_cache(self.n_ctx) for block in self.blocks]
 
-        Returns the logits of batch rows logits_from.. : (1, n_vocab) for the last token by default,
-        (M, n_vocab) with logits_from=0.
+    def forward(self, tokens: np.ndarray | Sequence[int], cache: list[LayerCache], logits_from: int = -1
+                ) -> np.ndarray:
+        """Run M tokens after those the cache holds, appending them to it.
+
+        Returns the logits of rows logits_from.. : (1, n_vocab) for the last token by default, (M, n_vocab) with
+        logits_from=0.
         """
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        m = len(tokens)
-        if pos < 0 or pos + m > self.n_ctx:
-            raise ValueError(f"context overflow: positions {pos}..{pos + m - 1} exceed n_ctx={self.n_ctx}")
-        if m and (tokens.min() < 0 or tokens.max() >= self.embedding.weight.n_out):
-            raise ValueError(f"token id out of range 0..{self.embedding.weight.n_out - 1}")
-        x = self.embedding(tokens)
-        for block in self.blocks:
-            x = block(x, pos)
-        x = x[logits_from:]
-        x = rms_norm(x, self.output_norm, self.norm_eps)
-        return self.output(x)
+        return self.forward_batch([tokens], [cache], logits_from)[0]
+
+    def forward_batch(self, token_lists: Sequence[np.ndarray | Sequence[int]], caches: Sequence[list[LayerCache]],
+                      logits_from: int = -1) -> list[np.ndarray]:
+        """Several sequences, each at its own position, in one pass: every Linear sees M = all their tokens;
+        attention runs per sequence over its own cache. Returns each sequence's logits of rows logits_from.."""
+        seqs = [np.asarray(t, dtype=np.int64).reshape(-1) for t in token_lists]
+        n_vocab_in = self.embedding.weight.n_out
+        for tokens, cache in zip(seqs, caches, strict=True):
+            pos, m = cache_offset(cache), len(tokens)
+            if pos + m > self.n_ctx:
+                raise ValueError(f"context overflow: positions {pos}..{pos + m - 1} exceed n_ctx={self.n_ctx}")
+            if m and (tokens.min() < 0 or tokens.max() >= n_vocab_in):
+                raise ValueError(f"token id out of range 0..{n_vocab_in - 1}")
+        ends = np.cumsum([len(t) for t in seqs])
+        spans = [(int(e - len(t)), int(e)) for t, e in zip(seqs, ends)]
+        x = self.embedding(np.concatenate(seqs) if len(seqs) > 1 else seqs[0])
+        for i, block in enumerate(self.blocks):
+            x = block(x, [cache[i] for cache in caches], spans)
+        if len(spans) == 1:
+            x = x[logits_from:]
+        else:  # only the rows whose logits are wanted go through the output matmul
+            rows = [np.arange(a, b)[logits_from:] for a, b in spans]
+            x = x[np.concatenate(rows)]
+        logits = (self.output(rms_norm(x, self.output_norm, self.norm_eps)) if len(x)
+                  else np.empty((0, self.n_vocab), np.float32))  # prefill pieces before the wanted rows
+        return np.split(logits, np.cumsum([len(r) for r in rows])[:-1]) if len(spans) > 1 else [logits]
 
 
 def output_linear(w: WeightLoader) -> Linear:

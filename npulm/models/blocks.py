@@ -1,4 +1,4 @@
-"""Pieces shared by the architectures: RMSNorm, RoPE, KV cache, grouped-query attention, gated MLP.
+"""Pieces shared by the architectures: RMSNorm, RoPE, grouped-query attention over a KV cache, gated MLP.
 
 Activations are float32 arrays of shape (M, dim) for M tokens. Every weight matmul is a `Linear` from placement.
 Each piece is written in numpy; where the compiled `npulm.cpu._kernels` exists, the same math runs there in one call
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..linear import Linear
+from .cache import KVCache
 
 try:
     from ..cpu import _kernels as _ops  # the fused ops live in the kernels extension (one thread pool)
@@ -78,22 +80,6 @@ class Rope:
         return x
 
 
-KV_DTYPE = np.float16  # float32 works too (numpy attention only); tests use it to compare orderings exactly
-
-
-class KVCache:
-    """Preallocated keys and values of one layer: (n_kv_heads, n_ctx, head_dim) each, float16 like llama.cpp's
-    default cache type (half the memory of float32; on long contexts the cache outgrows a small model)."""
-
-    def __init__(self, n_kv_heads: int, n_ctx: int, head_dim_k: int, head_dim_v: int):
-        self.k = np.zeros((n_kv_heads, n_ctx, head_dim_k), KV_DTYPE)
-        self.v = np.zeros((n_kv_heads, n_ctx, head_dim_v), KV_DTYPE)
-
-    @property
-    def n_ctx(self) -> int:
-        return self.k.shape[1]
-
-
 @dataclass
 class AttentionShape:
     n_head: int
@@ -104,16 +90,14 @@ class AttentionShape:
     window: int = 0  # sliding window (0 = global): a key is visible while q_pos - k_pos < window
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos: int, s: AttentionShape
-              ) -> np.ndarray:
-    """Causal grouped-query attention of M new tokens at positions pos.. against the cache.
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, s: AttentionShape) -> np.ndarray:
+    """Causal grouped-query attention of M new tokens, appended to the cache after the tokens it holds.
 
-    q: (M, n_head, dk), k: (M, n_kv, dk), v: (M, n_kv, dv) -> (M, n_head * dv). Writes k, v into the cache.
+    q: (M, n_head, dk), k: (M, n_kv, dk), v: (M, n_kv, dv) -> (M, n_head * dv).
     """
+    pos = cache.append(k, v)
     m = q.shape[0]
     end = pos + m
-    cache.k[:, pos:end] = k.transpose(1, 0, 2)
-    cache.v[:, pos:end] = v.transpose(1, 0, 2)
     if (_ops is not None and m <= DECODE_ROWS and q.flags.c_contiguous and q.dtype == np.float32
             and cache.k.dtype == np.float16):
         out = np.empty((m, s.n_head * s.head_dim_v), np.float32)
@@ -126,6 +110,20 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: KVCache, pos: 
     keys, values = cache.k[:, start:end].astype(np.float32), cache.v[:, start:end].astype(np.float32)
     return np.concatenate([_attend(q[c:c + ATTN_CHUNK], keys, values, start, pos + c, s)
                            for c in range(0, m, ATTN_CHUNK)])
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: Sequence[KVCache], spans: Sequence[tuple[int, int]],
+           rope: Rope, s: AttentionShape) -> np.ndarray:
+    """RoPE at each sequence's own positions, then attention over its own cache, for every sequence of a batch:
+    rows spans[j] of q / k / v belong to the sequence whose layer cache is caches[j]."""
+    if len(spans) == 1:
+        pos = caches[0].offset
+        return attention(rope(q, pos), rope(k, pos), v, caches[0], s)
+    out = np.empty((q.shape[0], s.n_head * s.head_dim_v), np.float32)
+    for (a, b), cache in zip(spans, caches):
+        pos = cache.offset
+        out[a:b] = attention(rope(q[a:b], pos), rope(k[a:b], pos), v[a:b], cache, s)
+    return out
 
 
 ATTN_CHUNK = 128  # measured on SmolLM2 / Gemma-3 prefill: 128 beats 256 (less masked work) and 64 (more calls)

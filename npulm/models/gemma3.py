@@ -5,13 +5,15 @@ Follows llama.cpp's gemma3 graph."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .base import Embedding, Model, WeightLoader, hparam, output_linear
-from .blocks import AttentionShape, KVCache, Rope, attention, gated_mlp, gelu, rms_norm
+from .blocks import AttentionShape, Rope, attend, gated_mlp, gelu, rms_norm
+from .cache import KVCache
 from .llama import LlamaConfig
 
 
@@ -40,7 +42,7 @@ class Gemma3Config(LlamaConfig):
 
 
 class Gemma3Block:
-    def __init__(self, cfg: Gemma3Config, w: WeightLoader, i: int, rope: Rope, n_ctx: int):
+    def __init__(self, cfg: Gemma3Config, w: WeightLoader, i: int, rope: Rope):
         p = f"blk.{i}."
         v = w.vector
         self.attn_norm, self.q_norm, self.k_norm = v(p + "attn_norm.weight"), v(p + "attn_q_norm.weight"), v(
@@ -53,16 +55,17 @@ class Gemma3Block:
         self.cfg, self.rope = cfg, rope
         window = cfg.sliding_window if cfg.swa_layers[i] else 0
         self.shape = AttentionShape(cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v, cfg.attn_scale, window)
-        self.cache = KVCache(cfg.n_head_kv, n_ctx, cfg.head_dim, cfg.head_dim_v)
 
-    def __call__(self, x: np.ndarray, pos: int) -> np.ndarray:
+    def make_cache(self, n_ctx: int) -> KVCache:
+        return KVCache(self.cfg.n_head_kv, n_ctx, self.cfg.head_dim, self.cfg.head_dim_v)
+
+    def __call__(self, x: np.ndarray, caches: Sequence[KVCache], spans: Sequence[tuple[int, int]]) -> np.ndarray:
         c, m, eps = self.cfg, x.shape[0], self.cfg.norm_eps
         h = rms_norm(x, self.attn_norm, eps)
         q = rms_norm(self.wq(h).reshape(m, c.n_head, c.head_dim), self.q_norm, eps)
         k = rms_norm(self.wk(h).reshape(m, c.n_head_kv, c.head_dim), self.k_norm, eps)
         v = self.wv(h).reshape(m, c.n_head_kv, c.head_dim_v)
-        q, k = self.rope(q, pos), self.rope(k, pos)
-        x = x + rms_norm(self.wo(attention(q, k, v, self.cache, pos, self.shape)), self.post_attn_norm, eps)
+        x = x + rms_norm(self.wo(attend(q, k, v, caches, spans, self.rope, self.shape)), self.post_attn_norm, eps)
         h = rms_norm(x, self.ffn_norm, eps)
         return x + rms_norm(gated_mlp(h, self.gate, self.up, self.down, act=gelu), self.post_ffn_norm, eps)
 
@@ -71,7 +74,7 @@ def from_gguf(w: WeightLoader, n_ctx: int) -> Model:
     cfg = Gemma3Config.from_gguf(w.gguf.kv)
     rope_global = Rope(cfg.n_rot, cfg.rope_base, n_ctx, cfg.rope_scale, neox=True)
     rope_local = Rope(cfg.n_rot, cfg.rope_base_swa, n_ctx, 1.0, neox=True)
-    blocks = [Gemma3Block(cfg, w, i, rope_local if cfg.swa_layers[i] else rope_global, n_ctx)
+    blocks = [Gemma3Block(cfg, w, i, rope_local if cfg.swa_layers[i] else rope_global)
               for i in range(cfg.n_layer)]
     embedding = Embedding(w.gguf_weight("token_embd.weight"), scale=math.sqrt(cfg.n_embd))
     return Model(cfg, embedding, blocks, w.vector("output_norm.weight"), output_linear(w), cfg.norm_eps, n_ctx,

@@ -4,13 +4,15 @@ SwiGLU MLP. q/k/v biases load when the file has them (qwen2 reuses this block)."
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .base import Embedding, Model, WeightLoader, hparam, output_linear
-from .blocks import AttentionShape, KVCache, Rope, attention, gated_mlp, rms_norm
+from .blocks import AttentionShape, Rope, attend, gated_mlp, rms_norm
+from .cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class LlamaConfig:
 
 
 class LlamaBlock:
-    def __init__(self, cfg: LlamaConfig, w: WeightLoader, i: int, rope: Rope, n_ctx: int):
+    def __init__(self, cfg: LlamaConfig, w: WeightLoader, i: int, rope: Rope):
         p = f"blk.{i}."
         self.attn_norm, self.ffn_norm = w.vector(p + "attn_norm.weight"), w.vector(p + "ffn_norm.weight")
         self.wq, self.wk, self.wv = w.linear(p + "attn_q.weight"), w.linear(p + "attn_k.weight"), w.linear(
@@ -60,25 +62,25 @@ class LlamaBlock:
         self.gate, self.up, self.down = (w.linear(p + f"ffn_{n}.weight") for n in ("gate", "up", "down"))
         self.cfg, self.rope = cfg, rope
         self.shape = AttentionShape(cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim, 1 / math.sqrt(cfg.head_dim))
-        self.cache = KVCache(cfg.n_head_kv, n_ctx, cfg.head_dim, cfg.head_dim)
 
-    def __call__(self, x: np.ndarray, pos: int) -> np.ndarray:
+    def make_cache(self, n_ctx: int) -> KVCache:
+        return KVCache(self.cfg.n_head_kv, n_ctx, self.cfg.head_dim, self.cfg.head_dim)
+
+    def __call__(self, x: np.ndarray, caches: Sequence[KVCache], spans: Sequence[tuple[int, int]]) -> np.ndarray:
         c, m = self.cfg, x.shape[0]
         h = rms_norm(x, self.attn_norm, c.norm_eps)
         q, k, v = self.wq(h), self.wk(h), self.wv(h)
         if self.bq is not None:
             q, k, v = q + self.bq, k + self.bk, v + self.bv
-        q = self.rope(q.reshape(m, c.n_head, c.head_dim), pos)
-        k = self.rope(k.reshape(m, c.n_head_kv, c.head_dim), pos)
-        v = v.reshape(m, c.n_head_kv, c.head_dim)
-        x = x + self.wo(attention(q, k, v, self.cache, pos, self.shape))
+        q, k, v = (t.reshape(m, -1, c.head_dim) for t in (q, k, v))
+        x = x + self.wo(attend(q, k, v, caches, spans, self.rope, self.shape))
         h = rms_norm(x, self.ffn_norm, c.norm_eps)
         return x + gated_mlp(h, self.gate, self.up, self.down)
 
 
 def build(cfg: LlamaConfig, w: WeightLoader, n_ctx: int) -> Model:
     rope = Rope(cfg.n_rot, cfg.rope_base, n_ctx, cfg.rope_scale, neox=cfg.rope_neox)
-    blocks = [LlamaBlock(cfg, w, i, rope, n_ctx) for i in range(cfg.n_layer)]
+    blocks = [LlamaBlock(cfg, w, i, rope) for i in range(cfg.n_layer)]
     embedding = Embedding(w.gguf_weight("token_embd.weight"))
     return Model(cfg, embedding, blocks, w.vector("output_norm.weight"), output_linear(w), cfg.norm_eps, n_ctx,
                  w.linears)

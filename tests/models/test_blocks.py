@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from npulm.models import blocks
+from npulm.models.cache import KVCache
 
 pytestmark = pytest.mark.skipif(blocks._ops is None, reason="npulm.cpu._kernels not built")
 rng = np.random.default_rng(0)
@@ -37,15 +38,14 @@ def test_rope(monkeypatch, neox):
 def attention_both(monkeypatch, shape: blocks.AttentionShape, m: int, cached_k: np.ndarray, cached_v: np.ndarray,
                    n_ctx: int, q_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The C and the numpy attention of m random new tokens after a cache holding cached_k / cached_v."""
-    pos = cached_k.shape[1]
     q = rng.standard_normal((m, shape.n_head, shape.head_dim_k)).astype(np.float32) * np.float32(q_scale)
     k = rng.standard_normal((m, shape.n_head_kv, shape.head_dim_k)).astype(np.float32)
     v = rng.standard_normal((m, shape.n_head_kv, shape.head_dim_v)).astype(np.float32)
 
     def run():
-        cache = blocks.KVCache(shape.n_head_kv, n_ctx, shape.head_dim_k, shape.head_dim_v)
-        cache.k[:, :pos], cache.v[:, :pos] = cached_k, cached_v
-        return blocks.attention(q, k, v, cache, pos, shape)
+        cache = KVCache(shape.n_head_kv, n_ctx, shape.head_dim_k, shape.head_dim_v)
+        cache.set_state(cached_k, cached_v)
+        return blocks.attention(q, k, v, cache, shape)
 
     return both(monkeypatch, run)
 

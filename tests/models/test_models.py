@@ -86,7 +86,7 @@ TOKENS = [1, 270, 291, 273, 273, 276, 290, 261, 284, 276, 279, 273, 265, 290, 29
 def test_forward_matches_float64_reference(tiny_models, name):
     """The model math, on the dequantized-weight reference path (cpu-ref)."""
     model = load_model(GGUFFile(tiny_models[name]), n_ctx=32, spec_for=lambda w: "cpu-ref")
-    got = model.forward(TOKENS, 0, logits_from=0)
+    got = model.forward(TOKENS, model.make_cache(), logits_from=0)
     ref = reference_logits(tiny_models[name], TOKENS)
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-4 * np.abs(ref).max())
@@ -97,7 +97,8 @@ def test_forward_matches_float64_reference(tiny_models, name):
 @pytest.mark.parametrize("name", ["llama-q8_0", "llama-q4_0"])
 def test_default_cpu_kernels_stay_close_to_reference(tiny_models, name):
     """The default CPU path quantizes activations to 8 bits inside its dot products, as llama.cpp does."""
-    got = load_model(GGUFFile(tiny_models[name]), n_ctx=32).forward(TOKENS, 0, logits_from=0)
+    model = load_model(GGUFFile(tiny_models[name]), n_ctx=32)
+    got = model.forward(TOKENS, model.make_cache(), logits_from=0)
     d = divergence(reference_logits(tiny_models[name], TOKENS), got)
     assert d.mean_kl < 1e-2 and d.top1_rate >= 0.8  # llama.cpp itself: ~1e-3 KL on random Q8_0 weights
 
@@ -105,21 +106,22 @@ def test_default_cpu_kernels_stay_close_to_reference(tiny_models, name):
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3"])
 def test_prefill_equals_token_by_token(tiny_models, name):
     g = GGUFFile(tiny_models[name])
-    batched = load_model(g, 32).forward(TOKENS, 0, logits_from=0)
-    stepper = load_model(g, 32)
-    stepwise = np.concatenate([stepper.forward([t], i) for i, t in enumerate(TOKENS)])
+    model = load_model(g, 32)
+    batched = model.forward(TOKENS, model.make_cache(), logits_from=0)
+    cache = model.make_cache()
+    stepwise = np.concatenate([model.forward([t], cache) for t in TOKENS])
     np.testing.assert_allclose(batched, stepwise, rtol=0, atol=1e-4 * np.abs(batched).max())
-    split = load_model(g, 32)  # two uneven prefill batches
-    a, b = split.forward(TOKENS[:7], 0, logits_from=0), split.forward(TOKENS[7:], 7, logits_from=0)
+    cache = model.make_cache()  # two uneven prefill batches
+    a, b = model.forward(TOKENS[:7], cache, logits_from=0), model.forward(TOKENS[7:], cache, logits_from=0)
     np.testing.assert_allclose(np.concatenate([a, b]), batched, rtol=0, atol=1e-4 * np.abs(batched).max())
 
 
 def test_context_overflow_and_bad_token(tiny_models):
     model = load_model(GGUFFile(tiny_models["llama"]), n_ctx=8)
     with pytest.raises(ValueError, match="context overflow"):
-        model.forward(list(range(1, 10)), 0)
+        model.forward(list(range(1, 10)), model.make_cache())
     with pytest.raises(ValueError, match="token id out of range"):
-        model.forward([10_000], 0)
+        model.forward([10_000], model.make_cache())
 
 
 def test_unsupported_architecture(tmp_path):
@@ -138,14 +140,15 @@ def test_unsupported_architecture(tmp_path):
 
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_prefill_in_query_chunks(tiny_models, name, monkeypatch):
-    from npulm.models import blocks
+    from npulm.models import blocks, cache
 
     # float weights and a float32 cache: 8-bit activations or float16 keys would turn a last-bit difference of the
     # summation order into a whole rounding step
-    monkeypatch.setattr(blocks, "KV_DTYPE", np.float32)
+    monkeypatch.setattr(cache, "KV_DTYPE", np.float32)
     g = GGUFFile(tiny_models[name])
     ref = lambda w: "cpu-ref"  # noqa: E731
-    whole = load_model(g, 32, spec_for=ref).forward(TOKENS, 0, logits_from=0)
+    model = load_model(g, 32, spec_for=ref)
+    whole = model.forward(TOKENS, model.make_cache(), logits_from=0)
     monkeypatch.setattr(blocks, "ATTN_CHUNK", 5)  # 18 tokens in chunks of 5, across the sliding window of 8
-    chunked = load_model(g, 32, spec_for=ref).forward(TOKENS, 0, logits_from=0)
+    chunked = model.forward(TOKENS, model.make_cache(), logits_from=0)
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
