@@ -36,6 +36,16 @@ class Weight:
             raise GGUFError(f"{gguf.path}: weight {name!r} has shape {list(t.shape)}, expected 2-D")
         return cls(name, t.type, t.shape[1], t.shape[0], gguf.raw(name))
 
+    @classmethod
+    def experts_from_gguf(cls, gguf: GGUFFile, name: str) -> list[Weight]:
+        """The experts of a 3-D GGUF tensor (n_expert, n_out, n_in), one Weight each: zero-copy views of the
+        file's slices, all named by the tensor (placement matches the GGUF name)."""
+        t = gguf.tensor(name)
+        if len(t.shape) != 3:
+            raise GGUFError(f"{gguf.path}: expert weight {name!r} has shape {list(t.shape)}, expected 3-D")
+        data = gguf.raw(name)
+        return [cls(name, t.type, t.shape[1], t.shape[0], data[e]) for e in range(t.shape[2])]
+
     def dequantize(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """float32 (n_out, n_in), or only the given rows."""
         data = self.data if rows is None else self.data[rows]

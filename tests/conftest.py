@@ -28,7 +28,10 @@ def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
 
 def write_tiny_model(path: Path, arch: str = "llama", qtype: T = T.F32, n_layer: int = 2, n_embd: int = 64,
                      n_head: int = 4, n_head_kv: int = 2, head_dim: int = 16, n_ff: int = 128, n_ctx: int = 64,
-                     seed: int = 0, tied: bool = True, window: int = 8) -> Path:
+                     seed: int = 0, tied: bool = True, window: int = 8, n_expert: int = 0, n_expert_used: int = 0,
+                     weight_scale: float = 0.15, output_scale: float = 0.15) -> Path:
+    """Random weights with the architecture's real tensor names; n_expert > 0 writes a mixture of experts (the
+    3-D ffn_*_exps tensors and the ffn_gate_inp router) instead of the MLP."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = tiny_vocab()
     n_vocab = len(tokens)
@@ -43,6 +46,11 @@ def write_tiny_model(path: Path, arch: str = "llama", qtype: T = T.F32, n_layer:
     w.add_rope_freq_base(10000.0)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+        if arch == "qwen3moe":
+            w.add_expert_feed_forward_length(n_ff)
     if arch == "gemma3":
         w.add_sliding_window(window)
         w.add_uint32(f"{arch}.attention.sliding_window_pattern", 3)  # layers 0, 1 local, 2 global
@@ -58,8 +66,17 @@ def write_tiny_model(path: Path, arch: str = "llama", qtype: T = T.F32, n_layer:
     w.add_add_space_prefix(True)
     w.add_chat_template(CHATML)
 
-    def mat(name: str, n_out: int, n_in: int, scale: float = 0.15) -> None:
+    def mat(name: str, n_out: int, n_in: int, scale: float = weight_scale) -> None:
         a = (rng.standard_normal((n_out, n_in)) * scale).astype(np.float32)
+        if qtype == T.F32:
+            w.add_tensor(name, a)
+        elif qtype == T.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+
+    def experts(name: str, n_out: int, n_in: int, scale: float = weight_scale) -> None:
+        a = (rng.standard_normal((n_expert, n_out, n_in)) * scale).astype(np.float32)
         if qtype == T.F32:
             w.add_tensor(name, a)
         elif qtype == T.F16:
@@ -73,7 +90,7 @@ def write_tiny_model(path: Path, arch: str = "llama", qtype: T = T.F32, n_layer:
     mat("token_embd.weight", n_vocab, n_embd, 0.5)
     vec("output_norm.weight", n_embd)
     if not tied:
-        mat("output.weight", n_vocab, n_embd)
+        mat("output.weight", n_vocab, n_embd, output_scale)
     q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
     for i in range(n_layer):
         p = f"blk.{i}."
@@ -83,9 +100,21 @@ def write_tiny_model(path: Path, arch: str = "llama", qtype: T = T.F32, n_layer:
         mat(p + "attn_k.weight", kv_dim, n_embd)
         mat(p + "attn_v.weight", kv_dim, n_embd)
         mat(p + "attn_output.weight", n_embd, q_dim)
-        mat(p + "ffn_gate.weight", n_ff, n_embd)
-        mat(p + "ffn_up.weight", n_ff, n_embd)
-        mat(p + "ffn_down.weight", n_embd, n_ff)
+        if n_expert:
+            w.add_tensor(p + "ffn_gate_inp.weight", rng.standard_normal((n_expert, n_embd)).astype(np.float32))
+            experts(p + "ffn_gate_exps.weight", n_ff, n_embd)
+            experts(p + "ffn_up_exps.weight", n_ff, n_embd)
+            experts(p + "ffn_down_exps.weight", n_embd, n_ff)
+        else:
+            mat(p + "ffn_gate.weight", n_ff, n_embd)
+            mat(p + "ffn_up.weight", n_ff, n_embd)
+            mat(p + "ffn_down.weight", n_embd, n_ff)
+        if arch in ("qwen3", "qwen3moe"):  # per head
+            vec(p + "attn_q_norm.weight", head_dim)
+            vec(p + "attn_k_norm.weight", head_dim)
+        if arch == "olmoe":  # over all heads
+            vec(p + "attn_q_norm.weight", q_dim)
+            vec(p + "attn_k_norm.weight", kv_dim)
         if arch == "qwen2":
             for n, d in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
                 vec(p + f"attn_{n}.bias", d, 0.0)

@@ -1,5 +1,6 @@
-"""llama (SmolLM2, Llama 1-3, Mistral...): pre-norm blocks, grouped-query attention, RoPE on adjacent pairs,
-SwiGLU MLP. q/k/v biases load when the file has them (qwen2 reuses this block)."""
+"""llama (SmolLM2, Llama 1-3, Mistral, Mixtral...): pre-norm blocks, grouped-query attention, RoPE on adjacent pairs,
+SwiGLU MLP. What the file has loads too: q/k/v biases (qwen2), q/k RMSNorms (qwen3 per head, olmoe over all heads),
+a mixture of experts instead of the MLP (Mixtral, qwen3moe, olmoe; see moe.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 from .base import Embedding, Model, WeightLoader, hparam, output_linear
 from .blocks import AttentionShape, Rope, attend, gated_mlp, rms_norm
 from .cache import KVCache
+from .moe import MoE
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,11 @@ class LlamaBlock:
         self.wq, self.wk, self.wv = w.linear(p + "attn_q.weight"), w.linear(p + "attn_k.weight"), w.linear(
             p + "attn_v.weight")
         self.bq, self.bk, self.bv = (w.optional_vector(p + f"attn_{n}.bias") for n in "qkv")
+        self.q_norm, self.k_norm = (w.optional_vector(p + f"attn_{n}_norm.weight") for n in "qk")
         self.wo = w.linear(p + "attn_output.weight")
-        self.gate, self.up, self.down = (w.linear(p + f"ffn_{n}.weight") for n in ("gate", "up", "down"))
+        self.moe = MoE.from_gguf(w, p) if w.has(p + "ffn_gate_inp.weight") else None
+        if self.moe is None:
+            self.gate, self.up, self.down = (w.linear(p + f"ffn_{n}.weight") for n in ("gate", "up", "down"))
         self.cfg, self.rope = cfg, rope
         self.shape = AttentionShape(cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.head_dim, 1 / math.sqrt(cfg.head_dim))
 
@@ -72,10 +77,13 @@ class LlamaBlock:
         q, k, v = self.wq(h), self.wk(h), self.wv(h)
         if self.bq is not None:
             q, k, v = q + self.bq, k + self.bk, v + self.bv
+        if self.q_norm is not None:  # the norm's length says per head (qwen3) or over all heads (olmoe)
+            q = rms_norm(q.reshape(m, -1, len(self.q_norm)), self.q_norm, c.norm_eps)
+            k = rms_norm(k.reshape(m, -1, len(self.k_norm)), self.k_norm, c.norm_eps)
         q, k, v = (t.reshape(m, -1, c.head_dim) for t in (q, k, v))
         x = x + self.wo(attend(q, k, v, caches, spans, self.rope, self.shape))
         h = rms_norm(x, self.ffn_norm, c.norm_eps)
-        return x + gated_mlp(h, self.gate, self.up, self.down)
+        return x + (self.moe(h) if self.moe is not None else gated_mlp(h, self.gate, self.up, self.down))
 
 
 def build(cfg: LlamaConfig, w: WeightLoader, n_ctx: int) -> Model:
