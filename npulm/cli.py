@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # llama2.c checkpoints take llama2.c's run flags
+        from . import llama2c_cli
+
+        if llama2c_cli.wants(argv[1:]):
+            return llama2c_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     from .gguf import GGUFError
 
