@@ -63,6 +63,7 @@ class Row:
     kld: float
     top1: float
     seconds: float  # per chunk
+    kld_cpu: float = 0.0  # mean KL(cpu || row): against npulm's CPU path of the same GGUF
 
 
 def say(msg: str) -> None:
@@ -119,6 +120,7 @@ def run_model(model: str, pipelines: list[str], n_chunks: int) -> tuple[list[Row
     rows = [Row("cpu-ref", "cpu", "float32 (dequantized weights, BLAS)", perplexity(ref, targets), 0.0, 1.0, secs)]
     lg, _, secs, llm = evaluate(path, n_chunks, "cpu")
     del llm
+    cpu_logits = lg
     d = divergence(ref, lg)
     rows.append(Row("cpu", "cpu", "GGUF blocks in place, int8 x per 32 (llama.cpp's scheme)",
                     perplexity(lg, targets), d.mean_kl, d.top1_rate, secs))
@@ -130,10 +132,11 @@ def run_model(model: str, pipelines: list[str], n_chunks: int) -> tuple[list[Row
         npu = npu_description(llm)
         del llm
         d = divergence(ref, lg)
-        rows.append(Row(name, kind, npu, perplexity(lg, targets), d.mean_kl, d.top1_rate, secs))
+        rows.append(Row(name, kind, npu, perplexity(lg, targets), d.mean_kl, d.top1_rate, secs,
+                        divergence(cpu_logits, lg).mean_kl))
         r = rows[-1]
         say(f"  -> {name}: PPL {r.ppl:.4f} ({100 * (r.ppl / rows[1].ppl - 1):+.2f} % vs cpu), KLD {r.kld:.5f}, "
-            f"top-1 {100 * r.top1:.1f} %")
+            f"KLD vs cpu {r.kld_cpu:.5f}, top-1 {100 * r.top1:.1f} %")
     return rows, {"n_layer": n_layer, "tokens": len(targets)}
 
 
@@ -181,11 +184,11 @@ def markdown(results: dict[str, tuple[list[Row], dict]], conts: dict, n_chunks: 
         cpu, ref = rows[1], rows[0]
         out += [f"## {model} ({meta['n_layer']} blocks, {meta['tokens']} scored tokens)", "",
                 "| pipeline | kind | NPU realization (RK3588) | PPL | ΔPPL vs cpu | ΔPPL vs cpu-ref | mean KLD | "
-                "top-1 % | s / chunk |", "|---|---|---|---|---|---|---|---|---|"]
+                "KLD vs cpu | top-1 % | s / chunk |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             out.append(f"| {r.name} | {r.kind} | {r.npu} | {r.ppl:.4f} | {100 * (r.ppl / cpu.ppl - 1):+.2f} % | "
-                       f"{100 * (r.ppl / ref.ppl - 1):+.2f} % | {_kld(r.kld)} | {100 * r.top1:.1f} | "
-                       f"{r.seconds:.1f} |")
+                       f"{100 * (r.ppl / ref.ppl - 1):+.2f} % | {_kld(r.kld)} | "
+                       f"{_kld(r.kld_cpu) if r.kind != 'cpu' else '-'} | {100 * r.top1:.1f} | {r.seconds:.1f} |")
         npu_rows = [r for r in rows if r.kind != "cpu"]
         w8 = best(npu_rows, lambda r: r.name.startswith("W8A8"))
         w4 = best(npu_rows, lambda r: r.name.startswith("W4"))
@@ -213,6 +216,29 @@ def markdown(results: dict[str, tuple[list[Row], dict]], conts: dict, n_chunks: 
     out += ["## The pipelines", "", P.table_markdown(), "",
             "![PPL and KLD per pipeline](accuracy.png)", ""]
     return "\n".join(out)
+
+
+TABLE = Path(__file__).resolve().parent.parent / "npulm" / "npu" / "accuracy_measured.py"
+
+
+def write_table(results: dict[str, tuple[list[Row], dict]], path: Path = TABLE) -> None:
+    """The measured accuracy per (pipeline, model) as the Python table `npulm plan` budgets with."""
+    lines = []
+    for model, (rows, _) in results.items():
+        for r in rows:
+            if r.kind != "cpu":
+                lines.append(f"    ({r.name!r}, {model!r}): ({100 * (r.ppl / rows[1].ppl - 1):+.3f}, {r.kld:.3e}, "
+                             f"{r.kld_cpu:.3e}, {r.top1:.4f}),")
+    path.write_text(f'''"""Measured accuracy of the NPU pipelines (every block linear on the NPU, emulated
+RK3588), written by `python benchmarks/accuracy.py` on {datetime.date.today().isoformat()} (lee_background,
+-c {N_CTX}, llama-perplexity's scoring). What `npulm plan` budgets with: nothing in the planner guesses an accuracy.
+"""
+
+# (pipeline, model): (ΔPPL % vs the CPU path, mean KLD vs the float32 reference, mean KLD vs the CPU path, top-1)
+MEASURED: dict[tuple[str, str], tuple[float, float, float, float]] = {{
+{chr(10).join(lines)}
+}}
+''')
 
 
 def _kld(v: float) -> str:
@@ -255,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--no-continuations", action="store_true")
     ap.add_argument("--out", default=str(DOCS), help="directory for accuracy.md and accuracy.png")
+    ap.add_argument("--table", action="store_true", help="also rewrite npulm/npu/accuracy_measured.py (the plan's "
+                                                         "accuracy table)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     pipelines = [P.pipeline_spec(p).name for p in args.pipelines.split(",") if p]
@@ -267,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.md").write_text(markdown(results, conts, args.chunks, time.perf_counter() - t0))
+    if args.table:
+        write_table(results)
     plot(results, out / "accuracy.png")
     say(f"wrote {out / 'accuracy.md'} and {out / 'accuracy.png'} in {(time.perf_counter() - t0) / 60:.1f} min")
     return 0

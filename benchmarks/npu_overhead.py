@@ -2,6 +2,8 @@
 
     python benchmarks/npu_overhead.py                 # K = N = 2048 and the two models' shapes, M = 1 and 128
     python benchmarks/npu_overhead.py --pipelines W8A8_CHANNEL,W16A16 --m 1
+    python benchmarks/npu_overhead.py --fit           # also fit per-call / per-element host cost per pipeline and
+                                                      # write npulm/npu/host_cost.py (the cost model's host term)
 
 The runtime is the emulator with `run()` replaced by a no-op: A is written into the shared A buffer, the per-core
 contexts are dispatched (on the core thread pool with --parallel), C is read from its (stale, preallocated) buffer
@@ -19,12 +21,14 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
 from gguf.constants import GGMLQuantizationType as Q
 
 from npulm.linear import Weight
+from npulm.npu import cost
 from npulm.npu import pipelines as P
 from npulm.npu import quant as qm
 from npulm.npu.emulator import EmulatorRuntime
@@ -112,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", default="1,128", help="token rows per call")
     ap.add_argument("--shapes", default="square,smollm2,gemma3")
     ap.add_argument("--parallel", action="store_true", help="dispatch the cores on the thread pool")
+    ap.add_argument("--fit", action="store_true", help="fit host = per_call + per_elem x (A + C values) per "
+                                                       "pipeline and write npulm/npu/host_cost.py")
     args = ap.parse_args(argv)
+    samples: dict[str, list[tuple[int, int, float]]] = {}
     arena = Arena(NoopRuntime("rk3588"), parallel=args.parallel)
     ms = [int(v) for v in args.m.split(",")]
     print(f"host time per call, microseconds (emulator with no-op run, rk3588 layout, "
@@ -128,12 +135,40 @@ def main(argv: list[str] | None = None) -> int:
                     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
                     ph = phases(pr, x)
                     calls = sum(len(c) for c in pr.ops[0].bucket(m).ctxs)
+                    g = cost.npulm_geometry(name, k, n, w.type.name, arena.chip)
+                    elems = m * g.rows_per_token * (g.k_pad + g.n_chunks * g.n_pad)
+                    samples.setdefault(name, []).append((m, elems, ph["total"]))
                     print(f"| {name} | {k} x {n} | {m} | {ph['total'] * 1e6:.1f} | {ph['quantize'] * 1e6:.1f} | "
                           f"{ph['write A'] * 1e6:.1f} | {ph['dispatch'] * 1e6:.1f} | {ph['epilogue'] * 1e6:.1f} | "
                           f"{calls} |", flush=True)
                 pr.close()
     arena.close()
+    if args.fit:
+        write_fit(samples)
     return 0
+
+
+def write_fit(samples: dict[str, list[tuple[int, float, float]]]) -> None:
+    """t = per_call + per_elem x elems per pipeline, written as a Python table: per_call = the median M=1 call
+    (decode: fixed costs dominate), per_elem = the median of the larger calls' (t - per_call) / elems (prefill)."""
+    fits = {}
+    for name, pts in samples.items():
+        a = float(np.median([t for m, _, t in pts if m == 1]))
+        b = float(np.median([max(0.0, t - a) / e for m, e, t in pts if m > 1]))
+        fits[name] = (a, b)
+    path = Path(__file__).resolve().parent.parent / "npulm" / "npu" / "host_cost.py"
+    body = "\n".join(f"    {n!r}: ({a:.3e}, {b:.3e})," for n, (a, b) in sorted(fits.items()))
+    path.write_text(f'''"""Host (CPU) time around one NPU invocation of each pipeline, measured on the development VM
+(x86_64) by `python benchmarks/npu_overhead.py --fit` ({time.strftime("%Y-%m-%d")}, emulator with a no-op run,
+caller-thread dispatch, one BLAS thread): seconds = per_call + per_elem x (A values + C values). The cost model
+scales these to the board's CPU by its host_a76_factor. Regenerate after changing a pipeline's host work.
+"""
+
+HOST_COST: dict[str, tuple[float, float]] = {{  # pipeline: (per_call s, per_elem s)
+{body}
+}}
+''')
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
