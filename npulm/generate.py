@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from .models import Model
+from .models.cache import cache_offset
 from .sampling import Sampler
 from .tokenizer import Tokenizer
 
@@ -41,7 +42,7 @@ class Session:
         """Keep the first n tokens (every layer of the cache forgets the rest)."""
         for layer in self.cache:
             layer.trim(layer.offset - n)
-        del self.tokens[n:]
+        del self.tokens[min(n, cache_offset(self.cache)):]  # a recurrent state (RWKV) forgets all it cannot step back
 
     def eval(self, tokens: Sequence[int], logits_from: int = -1) -> np.ndarray:
         """Append tokens to the sequence; logits of rows logits_from.. of this call (default: the last)."""
@@ -76,7 +77,7 @@ class Session:
                 break
             keep += 1
         self.truncate(keep)
-        return self.eval(prompt[keep:])[-1]
+        return self.eval(prompt[len(self.tokens):])[-1]
 
 
 def generate(session: Session, prompt: Sequence[int], sampler: Sampler, max_tokens: int | None,

@@ -9,7 +9,7 @@ from ..gguf import GGUFError, GGUFFile
 from ..linear import Weight
 from .base import Model, WeightLoader
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "olmoe", "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "olmoe", "gemma3", "rwkv6", "rwkv7")
 
 
 def load_model(gguf: GGUFFile, n_ctx: int, spec_for: Callable[[Weight], str] = lambda w: "cpu",

@@ -133,9 +133,14 @@ class Model:
         else:  # only the rows whose logits are wanted go through the output matmul
             rows = [np.arange(a, b)[logits_from:] for a, b in spans]
             x = x[np.concatenate(rows)]
-        logits = (self.output(rms_norm(x, self.output_norm, self.norm_eps)) if len(x)
+        logits = (self.output(self.final_norm(x)) if len(x)
                   else np.empty((0, self.n_vocab), np.float32))  # prefill pieces before the wanted rows
         return np.split(logits, np.cumsum([len(r) for r in rows])[:-1]) if len(spans) > 1 else [logits]
+
+
+    def final_norm(self, x: np.ndarray) -> np.ndarray:
+        """The norm before the output matmul (RMSNorm; RWKV's is a LayerNorm)."""
+        return rms_norm(x, self.output_norm, self.norm_eps)
 
 
 def output_linear(w: WeightLoader) -> Linear:
