@@ -326,6 +326,10 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, kv: dict) -> Tokenizer:
         """Build from a GGUF metadata dict (`GGUFFile(path).kv`)."""
+        if kv.get("tokenizer.ggml.model") == "rwkv":
+            from .rwkv_tokenizer import RwkvTokenizer
+
+            return RwkvTokenizer(kv)
         return cls(kv)
 
     @classmethod

@@ -19,10 +19,10 @@ E, FF, HS, LORA, N_LAYER = 128, 256, 64, 32, 2  # llama.cpp's SIMD WKV-7 steps 6
 
 
 def write_rwkv_model(path: Path, version: int, qtype: T = T.F32, seed: int = 0, n_ctx: int = 256,
-                     zero: tuple[str, ...] = ()) -> Path:
+                     zero: tuple[str, ...] = (), world_vocab: bool = False) -> Path:
     rng = np.random.default_rng(seed)
     arch = f"rwkv{version}"
-    tokens, scores, types = tiny_vocab()
+    tokens, scores, types = world_vocab_tokens() if world_vocab else tiny_vocab()
     V = len(tokens)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(N_LAYER)
@@ -42,12 +42,13 @@ def write_rwkv_model(path: Path, version: int, qtype: T = T.F32, seed: int = 0, 
         w.add_iclr_lora_rank(LORA)
         w.add_value_residual_mix_lora_rank(LORA)
         w.add_gate_lora_rank(LORA)
-    w.add_tokenizer_model("llama")
+    w.add_tokenizer_model("rwkv" if world_vocab else "llama")
     w.add_token_list(tokens)
-    w.add_token_scores(scores)
     w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    if not world_vocab:
+        w.add_token_scores(scores)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
 
     def mat(name, *shape, scale=0.1):
         a = (rng.standard_normal(shape) * scale).astype(np.float32) * (not any(z in name for z in zero))
@@ -106,6 +107,14 @@ def write_rwkv_model(path: Path, version: int, qtype: T = T.F32, seed: int = 0, 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def world_vocab_tokens() -> tuple[list[str], list[float], list[int]]:
+    """A world-style vocabulary: "<s>", every byte (escaped as the world vocabulary spells them), words."""
+    tokens = ["<s>"] + [{9: "\\t", 10: "\\n", 13: "\\r", 92: "\\\\"}.get(b, chr(b) if 32 <= b < 127 else f"\\x{b:02x}")
+                        for b in range(256)]
+    tokens += ["he", "hel", "hello", " w", " world", "th", " the", "wor", "\\n\\n", "\\xe4\\xbd\\xa0", ", "]
+    return tokens, [], [3] + [1] * (len(tokens) - 1)
 
 
 def random_tokens(n: int, seed: int = 0) -> list[int]:
