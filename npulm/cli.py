@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue
         module.add_parser(sub)
+    from .server import add_parser as add_serve_parser
+
+    add_serve_parser(sub, _add_model, _add_runtime)
     return ap
 
 

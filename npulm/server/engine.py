@@ -1,0 +1,330 @@
+"""Continuous batching: N slots share one model; one engine thread runs steps in which every active slot
+contributes its rows (a decoding slot: its last token; at most one prefilling slot: one chunk of its prompt) to ONE
+`model.forward_batch` pass, so every Linear sees M = all those rows. Requests join at step boundaries; each slot owns
+its cache, its tokens and its seeded sampler, so a request gets the tokens it would get alone.
+
+A finished slot keeps its cache: a new request takes the free slot holding the longest prefix of its prompt and
+evaluates only the rest (a chat's next turn does not re-prefill the history).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..generate import TextStream
+from ..models.base import Model
+from ..sampling import Sampler
+from ..tokenizer import Tokenizer
+
+log = logging.getLogger("npulm.server")
+
+
+class QueueFull(RuntimeError):
+    """More requests waiting than the server queues."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread is not running (shutting down, or it died)."""
+
+
+@dataclass
+class TokenEvent:
+    """One generated token: the text it completes (may be "" while UTF-8 or a possible stop string is held back)
+    and, when asked, its log-probability and the top alternatives [(token, logprob)]."""
+    token: int
+    text: str
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class DoneEvent:
+    reason: str  # "stop" | "length" | "cancelled"
+    text: str  # what the stream held back until the end
+    n_prompt: int
+    n_cached: int  # prompt tokens reused from a slot's cache
+    n_gen: int
+    t_prompt: float  # seconds from admission to the first token
+    t_gen: float  # seconds from the first token to the end
+    tokens: list[int] = field(default_factory=list)  # the generated tokens
+
+
+@dataclass
+class ErrorEvent:
+    error: BaseException
+
+
+@dataclass
+class GenRequest:
+    """What the engine needs to generate for one client; results arrive on `events` (an asyncio queue of the
+    caller's loop, fed thread-safely)."""
+    prompt: list[int]
+    sampler: Sampler
+    max_tokens: int | None = None  # None: until an end-of-generation token or a full context
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely
+    events: asyncio.Queue | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    cancelled: bool = False
+    t_submit: float = 0.0
+
+    def cancel(self) -> None:
+        """Called from the client's side (disconnect, stop button): the engine frees the slot at its next step."""
+        self.cancelled = True
+
+    def emit(self, event: Any) -> None:
+        if self.events is None or self.loop is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the client's loop is closed: nobody listens any more
+            self.cancelled = True
+
+
+class Slot:
+    def __init__(self, index: int, model: Model):
+        self.index = index
+        self.cache = model.make_cache()
+        self.tokens: list[int] = []  # exactly what the cache holds
+        self.req: GenRequest | None = None
+        self.pending: list[int] = []  # prompt tokens still to evaluate
+        self.next_token: int | None = None  # sampled, to evaluate in the next step
+        self.text: TextStream | None = None
+        self.generated: list[int] = []
+        self.n_gen = self.n_cached = 0
+        self.t_admit = self.t_first = 0.0
+        self.last_used = 0.0
+
+    def truncate(self, n: int) -> None:
+        for layer in self.cache:
+            layer.trim(layer.offset - n)
+        del self.tokens[n:]
+
+    def release(self) -> None:
+        self.req, self.pending, self.next_token, self.text = None, [], None, None
+        self.last_used = time.monotonic()
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """log softmax of the model's logits: the chosen token's value and the k most likely (before sampling filters,
+    as OpenAI reports them)."""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    lp = z - np.log(np.exp(z).sum())
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        idx = np.argpartition(-lp, min(k, len(lp) - 1))[:k]
+        idx = idx[np.argsort(-lp[idx], kind="stable")]
+        top = [(int(i), float(lp[i])) for i in idx]
+    return float(lp[token]), top
+
+
+class Engine:
+    """The slots and the thread that steps them. `submit()` is thread-safe; the engine thread is the only one that
+    touches the model and the caches."""
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, n_slots: int = 1, n_chunk: int = 128,
+                 max_queue: int = 64, prefix_cache: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.slots = [Slot(i, model) for i in range(max(1, n_slots))]
+        self.n_chunk, self.max_queue, self.prefix_cache = max(1, n_chunk), max_queue, prefix_cache
+        self.queue: collections.deque[GenRequest] = collections.deque()
+        self.cond = threading.Condition()
+        self.running = False
+        self.thread: threading.Thread | None = None
+        # counters for /metrics (read from other threads; ints and a deque are safe to read without the lock)
+        self.prefix_hits = self.prefix_tokens = 0
+        self.n_prompt_eval = self.n_generated = 0
+        self.recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens generated)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last `window` seconds (all slots together)."""
+        now = time.monotonic()
+        recent = [n for t, n in list(self.recent) if t >= now - window]
+        return sum(recent) / window
+
+    @property
+    def n_ctx(self) -> int:
+        return self.model.n_ctx
+
+    @property
+    def busy(self) -> int:
+        return sum(s.req is not None for s in self.slots)
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue)
+
+    # --- client side -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="npulm-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def submit(self, req: GenRequest) -> None:
+        if not req.prompt:
+            raise ValueError("empty prompt")
+        with self.cond:
+            if not self.running:
+                raise EngineStopped("the engine is not running")
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"{len(self.queue)} requests already queued (the server queues {self.max_queue})")
+            req.t_submit = time.monotonic()
+            self.queue.append(req)
+            self.cond.notify()
+
+    # --- engine thread ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while self.running and not self.queue and not any(s.req for s in self.slots):
+                        self.cond.wait()
+                    if not self.running:
+                        break
+                    self._admit()
+                self._step()
+        except BaseException as e:  # a bug in a step: every client gets the error, nobody hangs
+            log.exception("engine stopped")
+            self._fail_all(e)
+            self.running = False
+            raise
+        self._fail_all(EngineStopped("the server is shutting down"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self.cond:
+            waiting, self.queue = list(self.queue), collections.deque()
+        for slot in self.slots:
+            if slot.req is not None:
+                slot.req.emit(ErrorEvent(error))
+                slot.truncate(0)
+                slot.release()
+        for req in waiting:
+            req.emit(ErrorEvent(error))
+
+    def _admit(self) -> None:
+        """Queued requests into free slots: the slot holding the longest prefix of the prompt, else the least
+        recently used."""
+        while self.queue:
+            free = [s for s in self.slots if s.req is None]
+            if not free:
+                return
+            req = self.queue.popleft()
+            if req.cancelled:
+                continue
+            # the last prompt token is always evaluated: its logits start the reply
+            reuse = [min(common_prefix(s.tokens, req.prompt), len(req.prompt) - 1) if self.prefix_cache else 0
+                     for s in free]
+            keep, _, slot = max(zip(reuse, [-s.last_used for s in free], free), key=lambda x: x[:2])
+            slot.truncate(keep)
+            if keep:
+                self.prefix_hits += 1
+                self.prefix_tokens += keep
+            slot.req, slot.pending, slot.next_token = req, list(req.prompt[keep:]), None
+            slot.text = TextStream(self.tokenizer, req.stop)
+            slot.n_gen, slot.n_cached, slot.generated = 0, keep, []
+            slot.t_admit, slot.t_first = time.monotonic(), 0.0
+
+    def _step(self) -> None:
+        rows: list[list[int]] = []
+        batch: list[Slot] = []
+        prefilling = False
+        for slot in self.slots:
+            req = slot.req
+            if req is None:
+                continue
+            if req.cancelled:
+                self._finish(slot, "cancelled")
+                continue
+            if slot.pending:
+                if prefilling:  # one prompt chunk per step: the others wait at most one chunk
+                    continue
+                prefilling = True
+                rows.append(slot.pending[:self.n_chunk])
+            else:
+                rows.append([slot.next_token])
+            batch.append(slot)
+        if not batch:
+            return
+        try:
+            outs = self.model.forward_batch(rows, [s.cache for s in batch])
+        except Exception as e:  # a failing pass (e.g. the NPU refused a call) fails this batch's requests only
+            log.exception("forward pass failed")
+            for slot in batch:
+                slot.req.emit(ErrorEvent(e))
+                slot.truncate(0)  # some layers may hold the rows: start this slot over
+                slot.release()
+            return
+        n_gen = 0
+        for slot, row, logits in zip(batch, rows, outs):
+            slot.tokens.extend(row)
+            if slot.pending:
+                self.n_prompt_eval += len(row)
+                del slot.pending[:len(row)]
+                if slot.pending:
+                    continue
+            n_gen += self._sample(slot, logits[-1])
+        self.n_generated += n_gen
+        now = time.monotonic()
+        self.recent.append((now, n_gen))
+        while self.recent and self.recent[0][0] < now - 60:
+            self.recent.popleft()
+
+    def _sample(self, slot: Slot, logits: np.ndarray) -> int:
+        req = slot.req
+        token = req.sampler(logits, slot.tokens)
+        if slot.t_first == 0.0:
+            slot.t_first = time.monotonic()
+        if token in self.tokenizer.eog_ids:
+            self._finish(slot, "stop")
+            return 0
+        slot.n_gen += 1
+        slot.generated.append(token)
+        text = slot.text.feed(token)
+        event = TokenEvent(token, text)
+        if req.logprobs is not None:
+            event.logprob, event.top = token_logprobs(logits, token, req.logprobs)
+        req.emit(event)
+        if slot.text.hit:
+            self._finish(slot, "stop", flush=False)
+        elif req.max_tokens is not None and slot.n_gen >= req.max_tokens:
+            self._finish(slot, "length")
+        elif len(slot.tokens) >= self.n_ctx:
+            self._finish(slot, "length")
+        else:
+            slot.next_token = token
+        return 1
+
+    def _finish(self, slot: Slot, reason: str, flush: bool = True) -> None:
+        req = slot.req
+        now = time.monotonic()
+        first = slot.t_first or now
+        tail = slot.text.flush() if flush and slot.text is not None else ""
+        req.emit(DoneEvent(reason, tail, len(req.prompt), slot.n_cached, slot.n_gen, first - slot.t_admit,
+                           now - first, slot.generated))
+        slot.release()
