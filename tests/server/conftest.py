@@ -59,3 +59,9 @@ def keyed_server(tiny_models):
     s = RunningServer(str(tiny_models["llama"]), api_key="sesame", parallel=1)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """RunningServer itself, for tests that need other options (call .stop() when done)."""
+    return RunningServer

@@ -1,0 +1,78 @@
+"""The server through the official `ollama` client, unmodified."""
+
+from __future__ import annotations
+
+import pytest
+
+ollama = pytest.importorskip("ollama")
+
+OPTIONS = {"temperature": 0, "num_predict": 10}
+
+
+def client(server) -> ollama.Client:
+    return ollama.Client(host=server.url, timeout=60)
+
+
+def test_generate_plain_and_streamed_agree(server):
+    c = client(server)
+    r = c.generate(model="tiny", prompt="the cat", options=OPTIONS, stream=False)
+    assert r.done and r.done_reason in ("stop", "length") and r.response
+    assert r.eval_count <= 10 and r.prompt_eval_count > 0
+    parts = list(c.generate(model="tiny", prompt="the cat", options=OPTIONS, stream=True))
+    assert "".join(p.response for p in parts) == r.response
+    assert parts[-1].done and not any(p.done for p in parts[:-1]) and parts[-1].eval_count == r.eval_count
+    # raw: the prompt as is, and `context` continues it
+    raw = c.generate(model="tiny", prompt="the cat", raw=True, options=OPTIONS, stream=False)
+    assert raw.context[:len(server.state.llm.tokenize("the cat"))] == server.state.llm.tokenize("the cat")
+
+
+def test_chat_plain_and_streamed_agree(server):
+    c = client(server)
+    messages = [{"role": "user", "content": "the hat"}]
+    r = c.chat(model="tiny", messages=messages, options=OPTIONS, stream=False)
+    assert r.message.role == "assistant" and r.message.content and r.done
+    parts = list(c.chat(model="tiny", messages=messages, options=OPTIONS, stream=True))
+    assert "".join(p.message.content for p in parts) == r.message.content and parts[-1].done
+
+
+def test_options_seed_stop_logprobs(server):
+    c = client(server)
+    sampled = {"temperature": 1.5, "top_k": 0, "top_p": 1.0, "num_predict": 12}
+    a = c.generate(model="tiny", prompt="the", options={**sampled, "seed": 3}, stream=False).response
+    assert a == c.generate(model="tiny", prompt="the", options={**sampled, "seed": 3}, stream=False).response
+    full = c.generate(model="tiny", prompt="the cat", options={**OPTIONS, "num_predict": 20}, stream=False).response
+    stop = full[4:6]
+    cut = c.generate(model="tiny", prompt="the cat", options={**OPTIONS, "num_predict": 20, "stop": [stop]},
+                     stream=False)
+    assert cut.response == full[:full.index(stop)] and cut.done_reason == "stop"
+    r = c.chat(model="tiny", messages=[{"role": "user", "content": "a"}], options=OPTIONS, stream=False,
+               logprobs=True, top_logprobs=2)
+    assert len(r.logprobs) == r.eval_count and all(len(x.top_logprobs) == 2 for x in r.logprobs)
+
+
+def test_model_information(server):
+    c = client(server)
+    (m,) = c.list().models
+    assert m.model == "tiny" and m.details.format == "gguf" and m.details.family == "llama" and m.size > 0
+    show = c.show("tiny")
+    assert show.modelinfo["general.architecture"] == "llama" and "im_start" in show.template
+    (p,) = c.ps().models
+    assert p.model == "tiny" and p.context_length == server.state.n_ctx
+    import httpx
+
+    assert httpx.get(server.url + "/api/version").json()["version"]
+
+
+def test_unknown_model_and_missing_messages(server):
+    c = client(server)
+    with pytest.raises(ollama.ResponseError) as e:
+        c.generate(model="llama3:8b", prompt="hi", stream=False)
+    assert e.value.status_code == 404 and "not found" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client(server).show("nope")
+    assert e.value.status_code == 404
+    import httpx
+
+    r = httpx.post(server.url + "/api/chat", json={"model": "tiny"})
+    assert r.status_code == 400 and "messages" in r.json()["error"]
+    assert c.generate(model="tiny", prompt="the", options=OPTIONS, stream=False).done
