@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
-from ..sampling import make_sampler
+from ..sampling import SamplingParams, make_sampler
 from .engine import DoneEvent, Engine, EngineStopped, ErrorEvent, GenRequest, QueueFull, TokenEvent
 
 log = logging.getLogger("npulm.server")
@@ -85,11 +85,16 @@ class ServerState:
             raise ApiError(404, f"model {model!r} not found; this server runs {self.name!r}", param,
                            "model_not_found")
 
-    def sampler(self, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
-                repeat_last_n: int, seed: int | None):
-        if seed is None or seed < 0:
-            seed = int(self.rng.integers(0, 2**31 - 1))
-        return make_sampler(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed=seed)
+    def sampler(self, params: dict[str, Any], where: str = ""):
+        """A seeded sampler from the request's sampling fields (SamplingParams' names); bad values are a 400 naming
+        the field. No seed: one drawn from the server's generator."""
+        if params.get("seed") is None or params["seed"] < 0:
+            params = {**params, "seed": int(self.rng.integers(0, 2**31 - 1))}
+        try:
+            return make_sampler(SamplingParams(**params), n_vocab=self.llm.n_vocab())
+        except (ValueError, TypeError) as e:
+            name = str(e).split(" ", 1)[0]
+            raise ApiError(400, f"{where}{e}", where + name if name in params else None) from None
 
     def token_text(self, token: int) -> str:
         return self.llm.tokenizer.token_to_bytes(token).decode("utf-8", errors="replace")
@@ -169,6 +174,19 @@ def field_of(body: dict, key: str, kind: type | tuple[type, ...], default: Any =
     if lo is not None and value < lo or hi is not None and value > hi:
         raise ApiError(400, f"'{name}' must be in [{lo}, {hi}], got {value}", name)
     return value
+
+
+def sampling_fields(body: dict, names: dict[str, str], defaults: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """The request's sampling fields under SamplingParams' names (names: request field -> SamplingParams field),
+    type-checked; absent ones take `defaults`."""
+    out = dict(defaults)
+    for key, name in names.items():
+        kind = int if name in ("top_k", "repeat_last_n", "seed", "mirostat_mode", "dry_allowed_length",
+                               "dry_penalty_last_n") else float
+        value = field_of(body, key, kind, None, where=where)
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def stop_list(value: Any, name: str = "stop") -> list[str]:

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..generate import TextStream
 from ..models.base import Model
+from ..models.cache import cache_offset
 from ..sampling import Sampler
 from ..tokenizer import Tokenizer
 
@@ -107,7 +108,7 @@ class Slot:
     def truncate(self, n: int) -> None:
         for layer in self.cache:
             layer.trim(layer.offset - n)
-        del self.tokens[n:]
+        del self.tokens[min(n, cache_offset(self.cache)):]  # a recurrent state (RWKV) forgets all it cannot step back
 
     def release(self) -> None:
         self.req, self.pending, self.next_token, self.text = None, [], None, None
@@ -242,6 +243,7 @@ class Engine:
                      for s in free]
             keep, _, slot = max(zip(reuse, [-s.last_used for s in free], free), key=lambda x: x[:2])
             slot.truncate(keep)
+            keep = len(slot.tokens)
             if keep:
                 self.prefix_hits += 1
                 self.prefix_tokens += keep

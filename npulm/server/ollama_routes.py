@@ -23,6 +23,7 @@ from .app import (
     message_list,
     ollama_error,
     read_json,
+    sampling_fields,
     stop_list,
     version,
 )
@@ -47,13 +48,17 @@ def _request(state: ServerState, body: dict, prompt: list[int]) -> GenRequest:
         n_predict = min(n_predict if n_predict > 0 else num_ctx, max(num_ctx - len(prompt), 1))
     max_tokens = n_predict if n_predict > 0 else None
     state.check_length(prompt, max_tokens, "options.num_predict")
-    sampler = state.sampler(opt("temperature", float, 0.8, lo=0), opt("top_k", int, 40, lo=0),
-                            opt("top_p", float, 0.9, lo=0, hi=1), opt("min_p", float, 0.0, lo=0, hi=1),
-                            opt("repeat_penalty", float, 1.1, lo=0), opt("repeat_last_n", int, 64, lo=-1),
-                            opt("seed", int, None))
+    sampler = state.sampler(sampling_fields(options, SAMPLING, DEFAULTS, "options."), "options.")
     top = field_of(body, "top_logprobs", int, None, lo=0, hi=20)
     logprobs = (top or 0) if field_of(body, "logprobs", bool, False) else None
     return GenRequest(prompt, sampler, max_tokens, stop_list(options.get("stop"), "options.stop"), logprobs)
+
+
+# Ollama's option names -> SamplingParams, and Ollama's defaults
+SAMPLING = {k: k for k in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
+                           "frequency_penalty", "presence_penalty", "seed", "mirostat_tau", "mirostat_eta")}
+SAMPLING["mirostat"] = "mirostat_mode"
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1, "repeat_last_n": 64}
 
 
 def _final(done: DoneEvent) -> dict:

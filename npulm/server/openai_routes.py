@@ -14,7 +14,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .app import ApiError, ServerState, collect, field_of, generate, handles, message_list, openai_error, read_json
+from .app import (
+    ApiError,
+    ServerState,
+    collect,
+    field_of,
+    generate,
+    handles,
+    message_list,
+    openai_error,
+    read_json,
+    sampling_fields,
+)
 from .app import stop_list as _stop_list
 from .engine import DoneEvent, GenRequest, TokenEvent
 
@@ -27,14 +38,24 @@ def _request(state: ServerState, body: dict, prompt: list[int], logprobs: int | 
     if max_tokens is None:
         max_tokens = field_of(body, "max_tokens", int, None, lo=1)
     state.check_length(prompt, max_tokens)
-    sampler = state.sampler(field_of(body, "temperature", float, 0.8, lo=0, hi=2),
-                            field_of(body, "top_k", int, 40, lo=0),
-                            field_of(body, "top_p", float, 0.95, lo=0, hi=1),
-                            field_of(body, "min_p", float, 0.05, lo=0, hi=1),
-                            field_of(body, "repeat_penalty", float, 1.0, lo=0),
-                            field_of(body, "repeat_last_n", int, 64, lo=-1),
-                            field_of(body, "seed", int, None))
+    params = sampling_fields(body, SAMPLING, {"temperature": 0.8, "top_p": 0.95, "min_p": 0.05, "top_k": 40})
+    bias = body.get("logit_bias")
+    if bias is not None:
+        try:
+            params["logit_bias"] = {int(k): float(v) for k, v in bias.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ApiError(400, "'logit_bias' must map token ids to numbers", "logit_bias") from None
+    if not 0 <= params["temperature"] <= 2:
+        raise ApiError(400, f"'temperature' must be in [0, 2], got {params['temperature']}", "temperature")
+    sampler = state.sampler(params)
     return GenRequest(prompt, sampler, max_tokens, _stop_list(body.get("stop")), logprobs)
+
+
+# OpenAI's fields and llama-server's extra ones -> SamplingParams
+SAMPLING = {k: k for k in ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
+                           "frequency_penalty", "presence_penalty", "seed", "mirostat_tau", "mirostat_eta",
+                           "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n")}
+SAMPLING["mirostat"] = "mirostat_mode"
 
 
 def _usage(done: DoneEvent) -> dict:
