@@ -54,7 +54,7 @@ class BuildExt(build_ext):
 
 kernels = Extension(  # matmuls over GGUF blocks + the fused small ops of the block (one thread pool for both)
     "npulm.cpu._kernels",
-    sources=["npulm/cpu/module.c", "npulm/cpu/kernels.c", "npulm/cpu/ops.c"],
+    sources=["npulm/cpu/module.c", "npulm/cpu/kernels.c", "npulm/cpu/ops.c", "npulm/cpu/wkv.c"],
     depends=["npulm/cpu/kernels.h"],
     libraries=[] if os.name == "nt" else ["pthread", "m"],
     optional=True,  # a failed build leaves the numpy path

@@ -238,9 +238,11 @@ static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_kernels", "npulm CP
                                     -1, methods};
 
 extern PyMethodDef nl_ops_methods[]; /* ops.c: the fused small ops of the transformer block */
+extern PyMethodDef nl_wkv_methods[]; /* wkv.c: the RWKV recurrences */
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&moddef);
     if (m && PyModule_AddFunctions(m, nl_ops_methods) < 0) Py_CLEAR(m);
+    if (m && PyModule_AddFunctions(m, nl_wkv_methods) < 0) Py_CLEAR(m);
     return m;
 }
