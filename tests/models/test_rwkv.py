@@ -19,7 +19,11 @@ E, FF, HS, LORA, N_LAYER = 128, 256, 64, 32, 2  # llama.cpp's SIMD WKV-7 steps 6
 
 
 def write_rwkv_model(path: Path, version: int, qtype: T = T.F32, seed: int = 0, n_ctx: int = 256,
-                     zero: tuple[str, ...] = (), world_vocab: bool = False) -> Path:
+                     zero: tuple[str, ...] = (), world_vocab: bool = False, n_embd: int = E, n_ff: int = FF,
+                     n_layer: int = N_LAYER) -> Path:
+    """Random weights with llama.cpp's tensor names and shapes (zero: tensors whose name contains one of these are
+    written as zeros)."""
+    E, FF, N_LAYER = n_embd, n_ff, n_layer  # noqa: N806  the module's names, overridable
     rng = np.random.default_rng(seed)
     arch = f"rwkv{version}"
     tokens, scores, types = world_vocab_tokens() if world_vocab else tiny_vocab()
