@@ -115,6 +115,13 @@ class Slot:
         self.last_used = time.monotonic()
 
 
+def cpu_rows_kernel_bound() -> int:
+    """M below which the CPU kernels use their rows algorithm (whose rows do not depend on each other)."""
+    from ..cpu import _kernels
+
+    return _kernels.get_gemm_min_m() if _kernels is not None else 1
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -143,10 +150,13 @@ class Engine:
     touches the model and the caches."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, n_slots: int = 1, n_chunk: int = 128,
-                 max_queue: int = 64, prefix_cache: bool = True):
+                 max_queue: int = 64, prefix_cache: bool = True, same_rows_below: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.slots = [Slot(i, model) for i in range(max(1, n_slots))]
         self.n_chunk, self.max_queue, self.prefix_cache = max(1, n_chunk), max_queue, prefix_cache
+        # passes of fewer rows than this compute each row as it is computed alone (the CPU kernels' rows algorithm);
+        # a prompt chunk joins the decode rows only below it, so greedy replies are the same batched or alone
+        self.same_rows_below = same_rows_below if same_rows_below is not None else cpu_rows_kernel_bound()
         self.queue: collections.deque[GenRequest] = collections.deque()
         self.cond = threading.Condition()
         self.running = False
@@ -253,26 +263,30 @@ class Engine:
             slot.t_admit, slot.t_first = time.monotonic(), 0.0
 
     def _step(self) -> None:
-        rows: list[list[int]] = []
-        batch: list[Slot] = []
-        prefilling = False
+        """One step: every decoding slot's last token, and the next chunk of at most one prefilling slot."""
+        decode: list[Slot] = []
+        prefill: Slot | None = None
         for slot in self.slots:
             req = slot.req
             if req is None:
                 continue
             if req.cancelled:
                 self._finish(slot, "cancelled")
-                continue
-            if slot.pending:
-                if prefilling:  # one prompt chunk per step: the others wait at most one chunk
-                    continue
-                prefilling = True
-                rows.append(slot.pending[:self.n_chunk])
-            else:
-                rows.append([slot.next_token])
-            batch.append(slot)
-        if not batch:
-            return
+            elif not slot.pending:
+                decode.append(slot)
+            elif prefill is None:  # one prompt chunk per step: the others wait at most one chunk
+                prefill = slot
+        rows = [[s.next_token] for s in decode]
+        chunk = prefill.pending[:self.n_chunk] if prefill is not None else []
+        if chunk and len(rows) + len(chunk) < self.same_rows_below:
+            self._pass([*decode, prefill], [*rows, chunk])
+        else:  # a row's result must not depend on the rows beside it: kernels that switch algorithm at some M
+            if decode:
+                self._pass(decode, rows)
+            if chunk:
+                self._pass([prefill], [chunk])
+
+    def _pass(self, batch: list[Slot], rows: list[list[int]]) -> None:
         try:
             outs = self.model.forward_batch(rows, [s.cache for s in batch])
         except Exception as e:  # a failing pass (e.g. the NPU refused a call) fails this batch's requests only
