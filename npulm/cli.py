@@ -206,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             return llama2c_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     from .gguf import GGUFError
+    from .npu.owner import NpuBusy
 
     try:
         return args.func(args)
-    except (assets.AssetError, GGUFError, ValueError, FileNotFoundError) as e:
+    except (assets.AssetError, GGUFError, ValueError, FileNotFoundError, NpuBusy) as e:
         print(f"npulm: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

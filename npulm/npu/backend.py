@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..linear import Linear, Weight, make_linear
+from . import owner
 from .chips import Chip, chip_from_env_or_board, get_chip
 from .pipelines import Prepared, auto_pipeline, pipeline_spec, prepare, resolve
 from .planner import Arena
@@ -39,6 +40,7 @@ class _State:
     warned: bool = False
     fallbacks: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    owner: owner.NpuOwner | None = None  # the board's NPU lock, held for the life of the process
 
 
 _state = _State()
@@ -72,6 +74,8 @@ def configure(chip: Chip | str | None = None, runtime: Runtime | str | None = No
                 if c is None:
                     c = chip_from_env_or_board()
                 rt = open_runtime(kind, c, **(emulator_options or {}))
+                if _state.owner is None and owner.wants_lock(rt.kind):
+                    _state.owner = owner.claim()  # NpuBusy names the process that holds the board's NPU
         if rt is not _state.runtime:
             if _state.arena is not None:
                 log.debug("NPU: switching runtime; weights placed before keep the previous one")
