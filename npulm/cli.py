@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(assets.MODELS))
     p.set_defaults(func=cmd_pull)
 
-    for extra in ("bench", "doctor", "plan"):  # registered by their modules when present
+    for extra in ("bench", "doctor", "plan", "catalog"):  # registered by their modules when present
         try:
             module = __import__(f"npulm.{extra}", fromlist=["add_parser"])
         except ImportError:

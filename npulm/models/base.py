@@ -142,6 +142,17 @@ class Model:
         """The norm before the output matmul (RMSNorm; RWKV's is a LayerNorm)."""
         return rms_norm(x, self.output_norm, self.norm_eps)
 
+    def hidden(self, tokens: np.ndarray | Sequence[int], cache: list[LayerCache]) -> np.ndarray:
+        """(M, n_embd) hidden states after the final norm of M tokens run after those the cache holds (appended to
+        it): what llama.cpp returns as token embeddings."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if cache_offset(cache) + len(tokens) > self.n_ctx:
+            raise ValueError(f"context overflow: {cache_offset(cache) + len(tokens)} tokens exceed n_ctx={self.n_ctx}")
+        x = self.embedding(tokens)
+        for layer_cache, block in zip(cache, self.blocks):
+            x = block(x, [layer_cache], [(0, len(tokens))])
+        return self.final_norm(x)
+
 
 def output_linear(w: WeightLoader) -> Linear:
     """output.weight, or the token embedding when the model ties them."""
