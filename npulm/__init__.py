@@ -8,4 +8,8 @@ def __getattr__(name: str):  # keep `import npulm` light; Llama pulls in numpy, 
         from .api import Llama
 
         return Llama
+    if name == "LlamaGrammar":
+        from .grammar import LlamaGrammar
+
+        return LlamaGrammar
     raise AttributeError(name)

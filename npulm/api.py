@@ -479,14 +479,15 @@ class Llama:
             fmt, kv = self._chat_format, self.gguf.kv
             if fmt is None or fmt in ChatTemplate.names_in_gguf(kv):
                 self._chat_template = ChatTemplate.from_gguf(kv, fmt)
-            elif fmt in ("chatml", "gemma"):
-                base = ChatTemplate.from_gguf(kv)
-                source = CHATML_TEMPLATE if fmt == "chatml" else GEMMA_TEMPLATE
-                self._chat_template = ChatTemplate(source, base.bos_token, base.eos_token, fmt)
             else:
-                raise compat.UnsupportedArgument(
-                    f"chat_format={fmt!r} is not supported by npulm: use a template the GGUF carries "
-                    f"({', '.join(ChatTemplate.names_in_gguf(kv)) or 'none'}) or chatml / gemma")
+                known = {"chatml": CHATML_TEMPLATE, "chatml-function-calling": CHATML_TEMPLATE,
+                         "gemma": GEMMA_TEMPLATE, **compat.CHAT_FORMATS}
+                if fmt not in known:
+                    raise compat.UnsupportedArgument(
+                        f"chat_format={fmt!r} is not supported by npulm: use a template the GGUF carries "
+                        f"({', '.join(ChatTemplate.names_in_gguf(kv)) or 'none'}) or one of {', '.join(known)}")
+                base = ChatTemplate.from_gguf(kv)
+                self._chat_template = ChatTemplate(known[fmt], base.bos_token, base.eos_token, fmt)
         return self._chat_template
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kw: Any) -> list[int]:

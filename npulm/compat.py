@@ -67,7 +67,8 @@ INIT = {
     "lora_scale": Kw(1.0, NO, "LoRA adapters are not implemented"),
     "lora_path": Kw(None, NO, "LoRA adapters are not implemented"),
     "numa": Kw(False, WARN, "no NUMA placement (RK3588 has one memory node)"),
-    "chat_format": Kw(None, YES, "a template name the GGUF carries, or chatml / gemma"),
+    "chat_format": Kw(None, YES, "a template the GGUF carries, or chatml, chatml-function-calling, gemma, llama-2, "
+                                 "llama-3, mistral-instruct, zephyr"),
     "chat_handler": Kw(None, NO, "llama-cpp-python handler objects (multimodal, functionary) are not supported"),
     "draft_model": Kw(None, NO, "llama-cpp-python draft objects are not supported"),
     "tokenizer": Kw(None, NO, "the GGUF's own tokenizer is always used"),
@@ -151,6 +152,25 @@ METHODS = {  # llama-cpp-python's public Llama methods and properties
     "logits_to_logprobs / longest_token_prefix": (YES, ""),
     "from_pretrained": (YES, "resolves package-shipped models and the local cache by name; no model hub"),
     "ctx / model / _ctx / _model (llama.cpp handles)": (NO, "no llama.cpp handles: npulm runs its own engine"),
+}
+
+# llama-cpp-python's chat_format names npulm knows, as Jinja (chatml and gemma come from npulm.chat); written after
+# each family's published format. Other names are refused: a template the GGUF carries is the better choice anyway.
+CHAT_FORMATS = {
+    "llama-2": "{% set ns = namespace(sys='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
+               "{% set ns.sys = m['content'] %}{% endif %}{% endfor %}"
+               "{% for m in messages if m['role'] != 'system' %}{% if m['role'] == 'user' %}"
+               "{{ bos_token + '[INST] ' }}{% if loop.first and ns.sys %}"
+               "{{ '<<SYS>>\n' + ns.sys + '\n<</SYS>>\n\n' }}{% endif %}{{ m['content'] + ' [/INST]' }}"
+               "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}",
+    "llama-3": "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+               " + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    "mistral-instruct": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                        "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m['role'] == 'assistant' %}"
+                        "{{ m['content'] + eos_token }}{% endif %}{% endfor %}",
+    "zephyr": "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}",
 }
 
 _warned: set[str] = set()

@@ -86,10 +86,26 @@ def json_schema_grammar(schema: Mapping[str, Any] | str | None) -> str:
     _require()
     if schema is None:
         schema = {"type": "object"}
+    if isinstance(schema, str):
+        schema = json.loads(schema)
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(closed_objects(schema), defaults=JSON_OPTIONS)
     except (ValueError, TypeError) as e:
         raise GrammarError(f"JSON schema not supported: {e}") from None
+
+
+def closed_objects(schema: Any) -> Any:
+    """Objects with listed properties and no `additionalProperties` get none, as llama.cpp's schema converter (and
+    OpenAI's strict mode) do: JSON Schema's default would let a small model invent keys until max_tokens."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = {k: (closed_objects(v) if k != "properties" else {n: closed_objects(p) for n, p in v.items()})
+           for k, v in schema.items()} if isinstance(schema.get("properties", {}), Mapping) else dict(schema)
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def gbnf_grammar(text: str) -> str:
