@@ -1,0 +1,85 @@
+"""The continuous-batching engine without HTTP: prompt chunks do not stall decoding slots for more than one chunk,
+a cancelled request frees its slot, the prefix cache picks the slot holding the longest prefix."""
+
+from __future__ import annotations
+
+import asyncio
+
+from npulm.api import Llama
+from npulm.sampling import make_sampler
+from npulm.server.engine import DoneEvent, Engine, GenRequest, TokenEvent
+
+
+class Recorded:
+    """The real model, with the rows of every forward_batch pass written down."""
+
+    def __init__(self, model):
+        self.model, self.passes = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward_batch(self, token_lists, caches, logits_from=-1):
+        self.passes.append([len(t) for t in token_lists])
+        return self.model.forward_batch(token_lists, caches, logits_from)
+
+
+def run(engine: Engine, reqs: list[GenRequest], cancel_after: dict[int, int] | None = None) -> list[list]:
+    async def main():
+        loop = asyncio.get_running_loop()
+        outs = [[] for _ in reqs]
+
+        async def one(i, req):
+            req.loop, req.events = loop, asyncio.Queue()
+            engine.submit(req)
+            while True:
+                e = await req.events.get()
+                outs[i].append(e)
+                if isinstance(e, TokenEvent) and cancel_after and len(outs[i]) == cancel_after.get(i):
+                    req.cancel()
+                if isinstance(e, DoneEvent):
+                    return
+        await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
+        return outs
+    engine.start()
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+def greedy(prompt, n):
+    return GenRequest(prompt, make_sampler(0.0), max_tokens=n)
+
+
+def test_prompt_chunks_interleave_with_decoding(tiny_models):
+    llm = Llama(str(tiny_models["llama"]), n_ctx=256, verbose=False)
+    model = Recorded(llm.model)
+    engine = Engine(model, llm.tokenizer, n_slots=2, n_chunk=8)
+    short, long = llm.tokenize("the cat"), llm.tokenize("the hat in the cat " * 6)
+    outs = run(engine, [greedy(short, 40), greedy(long, 4)])
+    assert all(isinstance(o[-1], DoneEvent) for o in outs)
+    assert max(max(p) for p in model.passes) <= 8  # no pass holds more than one chunk of a prompt
+    # while the long prompt was prefilled chunk by chunk, the short request decoded in every step
+    decode_steps = [p for p in model.passes if p == [1]]
+    assert len(decode_steps) >= len(long) // 8 - 1
+
+
+def test_cancel_frees_the_slot_and_queue_drains(tiny_models):
+    llm = Llama(str(tiny_models["llama"]), n_ctx=256, verbose=False)
+    engine = Engine(llm.model, llm.tokenizer, n_slots=1, n_chunk=8)
+    prompt = llm.tokenize("the cat")
+    outs = run(engine, [greedy(prompt, 200), greedy(prompt, 3)], cancel_after={0: 2})
+    assert outs[0][-1].reason == "cancelled" and outs[0][-1].n_gen < 200
+    assert outs[1][-1].n_gen <= 3 and engine.busy == 0
+
+
+def test_prefix_cache_picks_the_slot_with_the_longest_prefix(tiny_models):
+    llm = Llama(str(tiny_models["llama"]), n_ctx=256, verbose=False)
+    engine = Engine(llm.model, llm.tokenizer, n_slots=3, n_chunk=64)
+    a, b = llm.tokenize("the cat in the hat"), llm.tokenize("a hat on the cat in a")
+    first = run(engine, [greedy(a, 5), greedy(b, 5)])
+    again = run(engine, [greedy(b + llm.tokenize("the"), 5)])[0][-1]
+    assert again.n_cached == len(b) and engine.prefix_hits >= 1
+    same = run(engine, [greedy(a, 5)])[0]
+    assert [e.token for e in same[:-1]] == [e.token for e in first[0][:-1]]  # cached prefix: the same reply
