@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import __version__
+from .. import __version__, embeddings
 from ..sampling import SamplingParams, make_sampler
 from .engine import DoneEvent, Engine, EngineStopped, ErrorEvent, GenRequest, QueueFull, TokenEvent
 
@@ -64,6 +64,7 @@ class ServerState:
     started: float = field(default_factory=time.time)
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    embed_cache: list | None = None
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -104,6 +105,45 @@ class ServerState:
             return self.llm.apply_chat_template(messages)
         except ValueError as e:  # the template raised or failed (ChatTemplate's messages name which)
             raise ApiError(400, str(e), "messages", "chat_template_error") from None
+
+    def embed_inputs(self, value: Any, param: str = "input") -> list[list[int]]:
+        """A text, texts, token ids or lists of token ids -> token lists, each within the context."""
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(t, int) for t in value)):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ApiError(400, f"'{param}' must be a string, a list of strings or of token ids", param)
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                tokens = self.llm.tokenize(item)
+            elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) and
+                                                          0 <= t < self.llm.n_vocab() for t in item):
+                tokens = item
+            else:
+                raise ApiError(400, f"'{param}' must be a string, a list of strings or of token ids", param)
+            if not tokens or len(tokens) > self.n_ctx:
+                raise ApiError(400, f"an input of {len(tokens)} tokens does not fit this server's context of "
+                                    f"{self.n_ctx} tokens", param, "context_length_exceeded")
+            out.append(tokens)
+        return out
+
+    async def embed(self, token_lists: list[list[int]]) -> list[np.ndarray]:
+        """Unit-length embeddings (npulm.embeddings: the GGUF's pooling, mean when it declares none), computed on
+        the engine thread between two steps."""
+        pooling = self.llm.pooling_type() or embeddings.POOLING_MEAN
+
+        def job() -> list[np.ndarray]:
+            if self.embed_cache is None:
+                self.embed_cache = self.llm.model.make_cache()
+            return embeddings.embed_tokens(self.llm.model, self.embed_cache, token_lists, pooling, True)
+
+        try:
+            future = self.engine.run_job(job)
+        except QueueFull as e:
+            raise ApiError(429, f"server busy: {e}; retry later", code="queue_full") from None
+        except EngineStopped as e:
+            raise ApiError(503, str(e), code="unavailable") from None
+        return await asyncio.wrap_future(future)
 
     def check_length(self, prompt: list[int], max_tokens: int | None, param: str = "max_tokens") -> None:
         """OpenAI's rule: the prompt plus the requested completion must fit the context."""

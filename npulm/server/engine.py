@@ -14,7 +14,8 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +159,7 @@ class Engine:
         # a prompt chunk joins the decode rows only below it, so greedy replies are the same batched or alone
         self.same_rows_below = same_rows_below if same_rows_below is not None else cpu_rows_kernel_bound()
         self.queue: collections.deque[GenRequest] = collections.deque()
+        self.jobs: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self.cond = threading.Condition()
         self.running = False
         self.thread: threading.Thread | None = None
@@ -209,16 +211,36 @@ class Engine:
             self.queue.append(req)
             self.cond.notify()
 
+    def run_job(self, fn: Callable[[], Any]) -> Future:
+        """Run fn on the engine thread between two steps (other work on the model, e.g. embeddings: the engine
+        thread is the only one that runs the model)."""
+        future: Future = Future()
+        with self.cond:
+            if not self.running:
+                raise EngineStopped("the engine is not running")
+            if len(self.jobs) >= self.max_queue:
+                raise QueueFull(f"{len(self.jobs)} jobs already queued (the server queues {self.max_queue})")
+            self.jobs.append((fn, future))
+            self.cond.notify()
+        return future
+
     # --- engine thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while True:
                 with self.cond:
-                    while self.running and not self.queue and not any(s.req for s in self.slots):
+                    while self.running and not self.queue and not self.jobs and not any(s.req for s in self.slots):
                         self.cond.wait()
                     if not self.running:
                         break
                     self._admit()
+                    jobs, self.jobs = list(self.jobs), collections.deque()
+                for fn, future in jobs:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except Exception as e:
+                            future.set_exception(e)
                 self._step()
         except BaseException as e:  # a bug in a step: every client gets the error, nobody hangs
             log.exception("engine stopped")
@@ -230,6 +252,10 @@ class Engine:
     def _fail_all(self, error: BaseException) -> None:
         with self.cond:
             waiting, self.queue = list(self.queue), collections.deque()
+            jobs, self.jobs = list(self.jobs), collections.deque()
+        for _, future in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
         for slot in self.slots:
             if slot.req is not None:
                 slot.req.emit(ErrorEvent(error))

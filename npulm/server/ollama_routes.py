@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import json
 import os
+import time
 from typing import Any
 
 from starlette.requests import Request
@@ -152,6 +153,23 @@ async def api_chat(request: Request, state: ServerState) -> Response:
     return await _reply(request, state, body, req, shape)
 
 
+@handles(ollama_error)
+async def api_embed(request: Request, state: ServerState) -> Response:
+    body = await read_json(request, state.max_body)
+    if body.get("model") is None:
+        raise ApiError(400, "'model' is required", "model")
+    state.check_model(body["model"])
+    legacy = request.url.path.endswith("/embeddings")  # /api/embeddings: {"prompt"} -> {"embedding"}
+    token_lists = state.embed_inputs(body.get("prompt" if legacy else "input"), "prompt" if legacy else "input")
+    t0 = time.perf_counter()
+    vectors = await state.embed(token_lists)
+    if legacy:
+        return JSONResponse({"embedding": vectors[0].tolist()})
+    return JSONResponse({"model": state.name, "embeddings": [v.tolist() for v in vectors],
+                         "total_duration": int((time.perf_counter() - t0) * 1e9), "load_duration": 0,
+                         "prompt_eval_count": sum(map(len, token_lists))})
+
+
 # --- model information -----------------------------------------------------------------------------------------
 def _details(state: ServerState) -> dict:
     kv = state.llm.metadata
@@ -215,4 +233,5 @@ async def api_version(request: Request) -> Response:
 def routes() -> list[Route]:
     return [Route("/api/generate", api_generate, methods=["POST"]), Route("/api/chat", api_chat, methods=["POST"]),
             Route("/api/tags", api_tags), Route("/api/ps", api_ps), Route("/api/show", api_show, methods=["POST"]),
-            Route("/api/version", api_version)]
+            Route("/api/version", api_version), Route("/api/embed", api_embed, methods=["POST"]),
+            Route("/api/embeddings", api_embed, methods=["POST"])]

@@ -3,12 +3,14 @@ llama-server's extra sampling fields (top_k, min_p, repeat_penalty) accepted as 
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -229,9 +231,34 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
         "usage": _usage(done), "timings": _timings(done)})
 
 
+# --- /v1/embeddings -------------------------------------------------------------------------------------------
+@handles(openai_error)
+async def create_embeddings(request: Request, state: ServerState) -> Response:
+    body = await read_json(request, state.max_body)
+    state.check_model(body.get("model"))
+    if body.get("input") is None:
+        raise ApiError(400, "'input' is required", "input")
+    token_lists = state.embed_inputs(body["input"])
+    encoding = field_of(body, "encoding_format", str, "float")
+    if encoding not in ("float", "base64"):
+        raise ApiError(400, "'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    dims = field_of(body, "dimensions", int, None, lo=1)
+    vectors = await state.embed(token_lists)
+    if dims is not None:  # OpenAI's shortened embeddings: the first dims values, renormalized
+        vectors = [v[:dims] / max(float(np.linalg.norm(v[:dims])), 1e-12) for v in vectors]
+    data = [{"object": "embedding", "index": i,
+             "embedding": (base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() if encoding == "base64"
+                           else np.asarray(v, np.float32).tolist())} for i, v in enumerate(vectors)]
+    n = sum(map(len, token_lists))
+    return JSONResponse({"object": "list", "model": state.name, "data": data,
+                         "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+
 def routes() -> list[Route]:
     return [Route("/v1/models", models), Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", create_embeddings, methods=["POST"]),
             # llama-server's unversioned aliases
             Route("/models", models), Route("/completions", completions, methods=["POST"]),
-            Route("/chat/completions", chat_completions, methods=["POST"])]
+            Route("/chat/completions", chat_completions, methods=["POST"]),
+            Route("/embeddings", create_embeddings, methods=["POST"])]

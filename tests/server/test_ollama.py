@@ -76,3 +76,12 @@ def test_unknown_model_and_missing_messages(server):
     r = httpx.post(server.url + "/api/chat", json={"model": "tiny"})
     assert r.status_code == 400 and "messages" in r.json()["error"]
     assert c.generate(model="tiny", prompt="the", options=OPTIONS, stream=False).done
+
+
+def test_embed(server):
+    import numpy as np
+
+    r = client(server).embed(model="tiny", input=["the cat", "a hat"])
+    assert len(r.embeddings) == 2 and abs(np.linalg.norm(r.embeddings[0]) - 1) < 1e-5
+    one = client(server).embeddings(model="tiny", prompt="the cat").embedding
+    np.testing.assert_allclose(one, r.embeddings[0], atol=1e-6)

@@ -159,3 +159,19 @@ def test_metrics(server):
                  "npulm_prefix_cache_hits_total", "npulm_generated_tokens_total",
                  "npulm_time_to_first_token_seconds_bucket"):
         assert name in text
+
+
+def test_embeddings(server):
+    """OpenAI's client asks for base64 by default; both encodings give the Python API's unit vectors."""
+    import numpy as np
+
+    c = client(server)
+    r = c.embeddings.create(model="tiny", input=["the cat", "a hat"])
+    assert [d.index for d in r.data] == [0, 1] and r.usage.prompt_tokens > 2
+    v = np.array(r.data[0].embedding)
+    assert abs(np.linalg.norm(v) - 1) < 1e-5
+    plain = c.embeddings.create(model="tiny", input="the cat", encoding_format="float").data[0].embedding
+    np.testing.assert_allclose(plain, v, atol=1e-6)
+    ref = server.state.llm.create_embedding("the cat", pooling="mean")["data"][0]["embedding"]
+    np.testing.assert_allclose(v, ref, atol=1e-5)
+    assert len(c.embeddings.create(model="tiny", input="the cat", dimensions=8).data[0].embedding) == 8
