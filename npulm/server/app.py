@@ -86,13 +86,26 @@ class ServerState:
             raise ApiError(404, f"model {model!r} not found; this server runs {self.name!r}", param,
                            "model_not_found")
 
-    def sampler(self, params: dict[str, Any], where: str = ""):
-        """A seeded sampler from the request's sampling fields (SamplingParams' names); bad values are a 400 naming
-        the field. No seed: one drawn from the server's generator."""
+    async def grammar_tokenizer(self):
+        """llguidance's view of the vocabulary, built once (seconds on a large vocabulary: off the event loop)."""
+        return await asyncio.to_thread(self.llm._lltok)
+
+    def sampler(self, params: dict[str, Any], where: str = "", grammar: str | None = None, lltok: Any = None):
+        """A seeded sampler from the request's sampling fields (SamplingParams' names), constrained by `grammar`
+        (npulm.grammar) when given; bad values are a 400 naming the field. No seed: one drawn from the server's
+        generator."""
         if params.get("seed") is None or params["seed"] < 0:
             params = {**params, "seed": int(self.rng.integers(0, 2**31 - 1))}
         try:
-            return make_sampler(SamplingParams(**params), n_vocab=self.llm.n_vocab())
+            constraint = None
+            if grammar is not None:
+                from ..grammar import GrammarConstraint, GrammarError
+
+                try:
+                    constraint = GrammarConstraint(lltok, grammar)
+                except GrammarError as e:
+                    raise ApiError(400, str(e), "response_format") from None
+            return make_sampler(SamplingParams(**params), n_vocab=self.llm.n_vocab(), constraint=constraint)
         except (ValueError, TypeError) as e:
             name = str(e).split(" ", 1)[0]
             raise ApiError(400, f"{where}{e}", where + name if name in params else None) from None

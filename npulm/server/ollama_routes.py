@@ -35,7 +35,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _request(state: ServerState, body: dict, prompt: list[int]) -> GenRequest:
+async def _request(state: ServerState, body: dict, prompt: list[int]) -> GenRequest:
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'options' must be an object", "options")
@@ -49,7 +49,19 @@ def _request(state: ServerState, body: dict, prompt: list[int]) -> GenRequest:
         n_predict = min(n_predict if n_predict > 0 else num_ctx, max(num_ctx - len(prompt), 1))
     max_tokens = n_predict if n_predict > 0 else None
     state.check_length(prompt, max_tokens, "options.num_predict")
-    sampler = state.sampler(sampling_fields(options, SAMPLING, DEFAULTS, "options."), "options.")
+    fmt = body.get("format")  # Ollama: "json" or a JSON schema
+    grammar = None
+    if fmt not in (None, ""):
+        from ..grammar import json_schema_grammar
+
+        if fmt != "json" and not isinstance(fmt, dict):
+            raise ApiError(400, "'format' must be \"json\" or a JSON schema object", "format")
+        try:
+            grammar = json_schema_grammar(None if fmt == "json" else fmt)
+        except (ValueError, TypeError) as e:
+            raise ApiError(400, str(e), "format") from None
+    lltok = await state.grammar_tokenizer() if grammar is not None else None
+    sampler = state.sampler(sampling_fields(options, SAMPLING, DEFAULTS, "options."), "options.", grammar, lltok)
     top = field_of(body, "top_logprobs", int, None, lo=0, hi=20)
     logprobs = (top or 0) if field_of(body, "logprobs", bool, False) else None
     return GenRequest(prompt, sampler, max_tokens, stop_list(options.get("stop"), "options.stop"), logprobs)
@@ -126,7 +138,7 @@ async def api_generate(request: Request, state: ServerState) -> Response:
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         tokens = state.chat_prompt(messages)
-    req = _request(state, body, tokens)
+    req = await _request(state, body, tokens)
 
     def shape(text: str, fields: dict, req: GenRequest | None = None, done: DoneEvent | None = None) -> dict:
         out = {"model": state.name, "created_at": _now(), "response": text, **fields}
@@ -144,7 +156,7 @@ async def api_chat(request: Request, state: ServerState) -> Response:
         raise ApiError(400, "'model' is required", "model")
     state.check_model(body["model"])
     messages = message_list(body.get("messages"))
-    req = _request(state, body, state.chat_prompt(messages))
+    req = await _request(state, body, state.chat_prompt(messages))
 
     def shape(text: str, fields: dict, req: GenRequest | None = None, done: DoneEvent | None = None) -> dict:
         return {"model": state.name, "created_at": _now(), "message": {"role": "assistant", "content": text},

@@ -32,7 +32,24 @@ from .app import stop_list as _stop_list
 from .engine import DoneEvent, GenRequest, TokenEvent
 
 
-def _request(state: ServerState, body: dict, prompt: list[int], logprobs: int | None) -> GenRequest:
+def grammar_of(body: dict) -> str | None:
+    """response_format (OpenAI), or llama-server's `grammar` (GBNF) / `json_schema`, as a grammar (npulm.grammar)."""
+    from ..grammar import as_grammar, json_schema_grammar, response_format_grammar
+
+    given = [k for k in ("response_format", "grammar", "json_schema") if body.get(k) is not None]
+    if len(given) > 1:
+        raise ApiError(400, f"give one of {', '.join(given)}", given[1])
+    try:
+        if body.get("grammar") is not None:
+            return as_grammar(field_of(body, "grammar", str))
+        if body.get("json_schema") is not None:
+            return json_schema_grammar(body["json_schema"])
+        return response_format_grammar(body.get("response_format"))
+    except (ValueError, TypeError) as e:
+        raise ApiError(400, str(e), given[0] if given else None) from None
+
+
+async def _request(state: ServerState, body: dict, prompt: list[int], logprobs: int | None) -> GenRequest:
     """The sampling fields both endpoints share, checked; defaults are llama-server's."""
     if field_of(body, "n", int, 1) != 1:
         raise ApiError(400, "only n=1 is supported", "n")
@@ -49,7 +66,9 @@ def _request(state: ServerState, body: dict, prompt: list[int], logprobs: int | 
             raise ApiError(400, "'logit_bias' must map token ids to numbers", "logit_bias") from None
     if not 0 <= params["temperature"] <= 2:
         raise ApiError(400, f"'temperature' must be in [0, 2], got {params['temperature']}", "temperature")
-    sampler = state.sampler(params)
+    grammar = grammar_of(body)
+    lltok = await state.grammar_tokenizer() if grammar is not None else None
+    sampler = state.sampler(params, grammar=grammar, lltok=lltok)
     return GenRequest(prompt, sampler, max_tokens, _stop_list(body.get("stop")), logprobs)
 
 
@@ -138,7 +157,7 @@ async def completions(request: Request, state: ServerState) -> Response:
     state.check_model(body.get("model"))
     prompt, prompt_text = _completion_prompt(state, body.get("prompt"))
     logprobs = field_of(body, "logprobs", int, None, lo=0, hi=20)
-    req = _request(state, body, prompt, logprobs)
+    req = await _request(state, body, prompt, logprobs)
     echo = field_of(body, "echo", bool, False)
     head = prompt_text if echo else ""
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
@@ -194,7 +213,7 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     top = field_of(body, "top_logprobs", int, None, lo=0, hi=20)
     if top is not None and not want_logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    req = _request(state, body, state.chat_prompt(messages), (top or 0) if want_logprobs else None)
+    req = await _request(state, body, state.chat_prompt(messages), (top or 0) if want_logprobs else None)
     cid, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
 
     def chunk(delta: dict, reason: str | None, events: list[TokenEvent] = ()) -> dict:

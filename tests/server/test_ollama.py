@@ -85,3 +85,12 @@ def test_embed(server):
     assert len(r.embeddings) == 2 and abs(np.linalg.norm(r.embeddings[0]) - 1) < 1e-5
     one = client(server).embeddings(model="tiny", prompt="the cat").embedding
     np.testing.assert_allclose(one, r.embeddings[0], atol=1e-6)
+
+
+def test_format_schema(server):
+    import json
+
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    r = client(server).generate(model="tiny", prompt="the cat", format=schema, stream=False,
+                                options={"num_predict": 20, "temperature": 0.8, "seed": 2})
+    assert json.loads(r.response) in ("yes", "no")

@@ -175,3 +175,17 @@ def test_embeddings(server):
     ref = server.state.llm.create_embedding("the cat", pooling="mean")["data"][0]["embedding"]
     np.testing.assert_allclose(v, ref, atol=1e-5)
     assert len(c.embeddings.create(model="tiny", input="the cat", dimensions=8).data[0].embedding) == 8
+
+
+def test_response_format_json_schema(server):
+    import json
+
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+              "required": ["answer"]}
+    r = client(server).chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=40, temperature=0.8, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert json.loads(r.choices[0].message.content)["answer"] in ("yes", "no")
+    with pytest.raises(openai.BadRequestError):
+        client(server).chat.completions.create(model="tiny", messages=MESSAGES,
+                                               response_format={"type": "xml"})
