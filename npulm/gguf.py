@@ -19,6 +19,13 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+MAX_ARRAY_DEPTH = 4  # arrays of arrays: real files use none; gguf-py can write a few levels
+# Every key/value needs >= 13 bytes (key length, type, a 1-byte value), every tensor info >= 32 (name length, rank,
+# one dimension, type, offset): counts are bounded by the file size first, then by these caps (real models have
+# ~50 keys and < 10k tensors), so absurd files fail in microseconds instead of parsing for minutes.
+MIN_KV_BYTES, MIN_TENSOR_INFO_BYTES = 13, 32
+MAX_METADATA_KEYS, MAX_TENSORS = 1 << 16, 1 << 18
+_U64 = struct.Struct("<Q")
 
 # GGUF value type id -> struct format (scalars); 8 = string, 9 = array
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -102,21 +109,64 @@ class GGUFFile:
         if vtype == 8:
             return self._string(f"value of {key!r}")
         if vtype == 9:
+            return self._array(key)
+        raise GGUFError(f"{self.path}: metadata {key!r} has unknown value type {vtype}")
+
+    def _array(self, key: str) -> Any:
+        """An array value, read iteratively: arrays of arrays nest at most MAX_ARRAY_DEPTH deep."""
+        parents: list[tuple[list, int]] = []  # the enclosing arrays of arrays: (elements so far, element count)
+        while True:
             itype, n = self._take("IQ", f"array header of {key!r}")
-            if itype in _SCALAR:
+            left = self.size - self._off
+            if itype == 9:
+                if len(parents) + 1 >= MAX_ARRAY_DEPTH:
+                    raise GGUFError(f"{self.path}: array {key!r} nests arrays more than {MAX_ARRAY_DEPTH} deep")
+                if n * 12 > left:  # every element needs at least its own 12-byte array header
+                    raise GGUFError(f"{self.path}: array {key!r} claims {n} elements, past the end of the file")
+                if n:
+                    parents.append(([], n))
+                    continue
+                value: Any = []
+            elif itype in _SCALAR:
                 width = struct.calcsize(_SCALAR[itype])
-                if n * width > self.size - self._off:
+                if n * width > left:
                     raise GGUFError(f"{self.path}: array {key!r} claims {n} elements, past the end of the file")
                 # a numpy copy: 4 bytes a float of a 262k-token vocabulary's scores instead of a Python float's 32
-                arr = np.frombuffer(self._mmap, _NP_SCALAR[itype], n, self._off).copy()
+                value = np.frombuffer(self._mmap, _NP_SCALAR[itype], n, self._off).copy()
                 self._off += n * width
-                return arr
-            if itype in (8, 9):
-                if n * 8 > self.size - self._off:  # every element needs at least an 8-byte length
+            elif itype == 8:
+                if n * 8 > left:  # every element needs at least an 8-byte length
                     raise GGUFError(f"{self.path}: array {key!r} claims {n} elements, past the end of the file")
-                return [self._value(itype, key) for _ in range(n)]
-            raise GGUFError(f"{self.path}: array {key!r} has unknown element type {itype}")
-        raise GGUFError(f"{self.path}: metadata {key!r} has unknown value type {vtype}")
+                value = self._strings(n, key)
+            else:
+                raise GGUFError(f"{self.path}: array {key!r} has unknown element type {itype}")
+            while parents:  # close every array this value completes
+                elements, count = parents[-1]
+                elements.append(value)
+                if len(elements) < count:
+                    break
+                parents.pop()
+                value = elements
+            else:
+                return value
+
+    def _strings(self, n: int, key: str) -> list[str]:
+        """n length-prefixed strings: the vocabulary's loop, kept tight (one bounds check per string)."""
+        mm, off, size, out = self._mmap, self._off, self.size, []
+        unpack = _U64.unpack_from
+        try:
+            for _ in range(n):
+                if off + 8 > size:
+                    raise GGUFError(f"{self.path}: truncated in string {len(out)} of array {key!r}")
+                end = off + 8 + unpack(mm, off)[0]
+                if end > size:
+                    raise GGUFError(f"{self.path}: string {len(out)} of array {key!r} runs past the end of the file")
+                out.append(mm[off + 8:end].decode("utf-8"))
+                off = end
+        except UnicodeDecodeError:
+            raise GGUFError(f"{self.path}: string {len(out)} of array {key!r} is not valid UTF-8") from None
+        self._off = off
+        return out
 
     # --- the file ------------------------------------------------------------------------------------------
     def _parse(self) -> None:
@@ -129,13 +179,17 @@ class GGUFFile:
             hint = " (big-endian file?)" if version > 0xFFFF else ""
             raise GGUFError(f"{self.path}: unsupported GGUF version {version}{hint}; versions 2 and 3 load")
         n_tensors, n_kv = self._take("QQ", "counts")
-        # each kv needs >= 12 bytes, each tensor info >= 24: bound counts by the file size before looping
-        if n_kv * 12 > self.size or n_tensors * 24 > self.size:
-            raise GGUFError(f"{self.path}: absurd counts ({n_tensors} tensors, {n_kv} metadata keys) "
-                            f"for a {self.size}-byte file")
+        if n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES > self.size - self._off:
+            raise GGUFError(f"{self.path}: absurd counts: {n_tensors} tensors and {n_kv} metadata keys, more than "
+                            f"a {self.size}-byte file can hold")
+        if n_kv > MAX_METADATA_KEYS or n_tensors > MAX_TENSORS:
+            raise GGUFError(f"{self.path}: absurd counts: {n_tensors} tensors and {n_kv} metadata keys (at most "
+                            f"{MAX_TENSORS} and {MAX_METADATA_KEYS} load)")
         for _ in range(n_kv):
             key = self._string("metadata key")
             (vtype,) = self._take("I", f"type of {key!r}")
+            if key in self.kv:
+                raise GGUFError(f"{self.path}: duplicate metadata key {key!r}")
             self.kv[key] = self._value(vtype, key)
         infos, seen = [], set()
         for _ in range(n_tensors):

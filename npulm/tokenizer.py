@@ -265,6 +265,57 @@ def _split_merge(m: str) -> tuple[str, str]:
     return (m[:pos], m[pos + 1:]) if pos > 0 else (m, "")
 
 
+def _strings(kv: dict, key: str) -> list[str]:
+    """A string-array metadata value ([] when absent); another type is a GGUFError naming the key."""
+    v = kv.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise GGUFError(f"{key}: expected an array of strings, found {_kind(v)}")
+    return v
+
+
+def _numbers(kv: dict, key: str, integer: bool = False) -> np.ndarray | None:
+    """A numeric-array metadata value (None when absent); another type is a GGUFError naming the key."""
+    v = kv.get(key)
+    if v is None:
+        return None
+    ok = isinstance(v, np.ndarray) and (v.dtype.kind in "iub" if integer else v.dtype.kind in "iuf")
+    if not ok or (v.dtype.kind == "f" and not np.isfinite(v).all()):
+        what = "integers" if integer else "finite numbers"
+        raise GGUFError(f"{key}: expected an array of {what}, found {_kind(v)}")
+    return v
+
+
+def _flag(kv: dict, key: str, default: bool) -> bool:
+    v = kv.get(key, default)
+    if not isinstance(v, (bool, int)):
+        raise GGUFError(f"{key}: expected a boolean, found {_kind(v)}")
+    return bool(v)
+
+
+def _kind(v: object) -> str:
+    if isinstance(v, np.ndarray):
+        return f"an array of {v.dtype}" + (" with non-finite values" if v.dtype.kind == "f" else "")
+    if isinstance(v, list):
+        inner = {type(x).__name__ for x in v[:1000]}
+        return f"an array of {'/'.join(sorted(inner)) or 'nothing'}"
+    return type(v).__name__
+
+
+def _check_text(text: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (from invalid UTF-8 decoded with surrogateescape, or sent as
+    such through the API) cannot be tokenized."""
+    if not isinstance(text, str):
+        raise TypeError(f"text to tokenize must be str, not {type(text).__name__}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text is not valid Unicode: lone surrogate U+{ord(text[e.start]):04X} at character "
+                             f"{e.start} (invalid UTF-8 input?)") from None
+
+
 def _id(kv: dict, key: str, default: int | None, n: int) -> int | None:
     """A special-token id from the GGUF, else the model's default; out-of-range ids are dropped as llama.cpp does."""
     v = kv.get(f"tokenizer.ggml.{key}")
@@ -281,23 +332,25 @@ class Tokenizer:
         if model not in SUPPORTED_MODELS:
             raise GGUFError(f"unsupported tokenizer model {model!r} (tokenizer.ggml.model); supported: "
                             f"{', '.join(SUPPORTED_MODELS)}")
-        tokens = kv.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list) or not tokens:
+        tokens = _strings(kv, "tokenizer.ggml.tokens")
+        if not tokens:
             raise GGUFError("GGUF has no tokenizer.ggml.tokens")
         self.model = model
         self.pre = kv.get("tokenizer.ggml.pre") or "default"
+        if not isinstance(self.pre, str):
+            raise GGUFError(f"tokenizer.ggml.pre: expected a string, found {type(self.pre).__name__}")
         if "" in tokens:  # llama.cpp renames empty entries so that every text is unique
             tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
         self.tokens: list[str] = tokens
         n = len(tokens)
-        raw_types = kv.get("tokenizer.ggml.token_type")
-        types = [NORMAL] * n if raw_types is None or len(raw_types) == 0 else list(map(int, raw_types))
+        raw_types = _numbers(kv, "tokenizer.ggml.token_type", integer=True)
+        types = [NORMAL] * n if raw_types is None or len(raw_types) == 0 else raw_types[:n].tolist()
         if len(types) < n:
             raise GGUFError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
 
         spm = model == "llama"
         self.escaped_spaces = model in ("llama", "gemma4")  # tokens spell spaces as "▁"
-        self.add_space_prefix = bool(kv.get("tokenizer.ggml.add_space_prefix", spm))
+        self.add_space_prefix = _flag(kv, "tokenizer.ggml.add_space_prefix", spm)
         defaults = {"llama": (1, 2, 0), "gpt2": (11, 11, None), "gemma4": (None, None, None)}[model]
         bpe_pre = self.pre if model == "gpt2" else None
         self.bos_id = _id(kv, "bos_token_id", None if bpe_pre in NO_BOS else defaults[0], n)
@@ -305,8 +358,8 @@ class Tokenizer:
         self.unk_id = _id(kv, "unknown_token_id", defaults[2], n)
         self.pad_id = _id(kv, "padding_token_id", None, n)
         add_bos_default = spm or bpe_pre in ADD_BOS
-        self.add_bos = bool(kv.get("tokenizer.ggml.add_bos_token", add_bos_default)) or model == "gemma4"
-        self.add_eos = bool(kv.get("tokenizer.ggml.add_eos_token", False))
+        self.add_bos = _flag(kv, "tokenizer.ggml.add_bos_token", add_bos_default) or model == "gemma4"
+        self.add_eos = _flag(kv, "tokenizer.ggml.add_eos_token", False)
         self.eot_id = _id(kv, "eot_token_id", None, n)
         self.eom_id = _id(kv, "eom_token_id", None, n)
         self.eog_ids: set[int] = set()
@@ -316,7 +369,18 @@ class Tokenizer:
         self._detect_special(kv, types)
         self.types = types
 
-        self._tk = None if spm else self._build(kv, types)
+        if spm:
+            self._tk = None
+        else:
+            try:
+                self._tk = self._build(kv, types)
+            except GGUFError:
+                raise
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # the tokenizers library raises bare Exceptions, and panics (BaseException)
+                raise GGUFError(f"the {model} vocabulary or tokenizer.ggml.merges is invalid: "
+                                f"{type(e).__name__}: {e}") from None
         if spm:
             self._init_spm(kv, types)
         self._rstrip = self._rstrip_patterns(kv, self.tokens, types)
@@ -383,7 +447,11 @@ class Tokenizer:
 
     def _build(self, kv: dict, types: list[int]) -> _HFTokenizer:
         tokens, vocab = self.tokens, self._index
-        merges = [_split_merge(m) for m in kv.get("tokenizer.ggml.merges") or []]
+        merges = [_split_merge(m) for m in _strings(kv, "tokenizer.ggml.merges")]
+        for i, (a, b) in enumerate(merges):  # the tokenizers library panics or raises a bare Exception on these
+            if not a or not b or a not in vocab or b not in vocab or a + b not in vocab:
+                raise GGUFError(f"tokenizer.ggml.merges[{i}] = {a + ' ' + b!r}: expected two vocabulary tokens "
+                                f"whose concatenation is a token")
         if self.model == "gemma4":
             if not merges:
                 raise GGUFError("gemma4 tokenizer without tokenizer.ggml.merges")
@@ -415,7 +483,7 @@ class Tokenizer:
     def _init_spm(self, kv: dict, types: list[int]) -> None:
         """What spm_encode needs: scores, byte tokens, and the special tokens cut out first (llama.cpp's
         cache_special_tokens: longest first; control/unknown ones only when parsing special text)."""
-        scores = kv.get("tokenizer.ggml.scores")
+        scores = _numbers(kv, "tokenizer.ggml.scores")
         if scores is None:
             raise GGUFError("llama (SentencePiece) tokenizer without tokenizer.ggml.scores")
         if len(scores) < len(self.tokens):
@@ -470,6 +538,7 @@ class Tokenizer:
                add_eos: bool | None = None) -> list[int]:
         """Token ids of `text`. special=False: special-token text (e.g. "<|im_start|>") is tokenized as plain text,
         as llama.cpp does with parse_special=false. add_bos/add_eos None: the GGUF's defaults."""
+        _check_text(text)
         if (strip := self._rstrip[special]) is not None:
             text = strip.sub(r"\1", text)
         if self._tk is None:
@@ -486,6 +555,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], special: bool = False) -> list[list[int]]:
         """Token ids of several texts without BOS/EOS (parallel in the Rust library)."""
+        for t in texts:
+            _check_text(t)
         if (strip := self._rstrip[special]) is not None:
             texts = [strip.sub(r"\1", t) for t in texts]
         if self._tk is None:
@@ -497,10 +568,16 @@ class Tokenizer:
     # --- decoding ----------------------------------------------------------------------------------------------
     def token_str(self, token_id: int) -> str:
         """The vocabulary entry as stored in the GGUF (e.g. "▁Hello", "ĠHello", "<0x0A>")."""
-        return self.tokens[token_id]
+        return self.tokens[self._check_id(token_id)]
 
     def is_special(self, token_id: int) -> bool:
-        return self.types[token_id] in (CONTROL, UNKNOWN)
+        return self.types[self._check_id(token_id)] in (CONTROL, UNKNOWN)
+
+    def _check_id(self, token_id: int) -> int:
+        if not isinstance(token_id, (int, np.integer)) or isinstance(token_id, bool) \
+                or not 0 <= token_id < len(self.tokens):
+            raise ValueError(f"token id {token_id!r} is not in the vocabulary (0..{len(self.tokens) - 1})")
+        return token_id
 
     def is_eog(self, token_id: int) -> bool:
         return token_id in self.eog_ids
@@ -508,7 +585,7 @@ class Tokenizer:
     def token_to_bytes(self, token_id: int, special: bool = False) -> bytes:
         """The bytes a token contributes to the text (llama_token_to_piece). Byte tokens give single, possibly
         partial UTF-8 bytes; control tokens give b"" unless special."""
-        ty = self.types[token_id]
+        ty = self.types[self._check_id(token_id)]
         if ty in (CONTROL, UNKNOWN):
             return self.tokens[token_id].encode() if special else b""
         piece = self._pieces.get(token_id)

@@ -173,3 +173,48 @@ def test_template_corpus_counts(template_dir):
             failed.append(p.stem)
     assert set(failed) <= set(KNOWN), f"unexpected failures: {sorted(set(failed) - set(KNOWN))}"
     assert len(ok) >= 65, f"only {len(ok)} of {len(ok) + len(failed)} templates render"
+
+
+# --- hostile templates (issue 14 item 5): every one a ValueError naming the template, none hangs -------------------
+@pytest.mark.parametrize("source, message", [
+    ("{{ 1/0 }}", "failed: ZeroDivisionError"),
+    ("{{ range(10**9)|list }}", "stopped: an argument of 1000000000 exceeds the size limit"),
+    ("{{ 'a' * 10**10 }}", "stopped: a repetition would build a value beyond the size limit"),
+    ("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}", "failed: RecursionError"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran longer than 0.5 s"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "stopped"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "stopped: it built a value of"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+     "stopped: a concatenation beyond the size limit"),
+    ("{{ 'x'|center(10**10) }}", "stopped: an argument of 10000000000"),
+    ("{{ 'x'.center(10**10) }}", "stopped: an argument of 10000000000"),
+    ("{{ '%99999999999d' % 1 }}", "stopped: a format string asks for a width"),
+    ("{{ '{:>99999999999}'.format(1) }}", "stopped: a format string asks for a width"),
+    ("{{ ('a' * 100000)|replace('a', 'b' * 100000) }}", "stopped: replace() would build"),
+    ("{{ 7 ** 100000 }}", "stopped: a power beyond 4096 bits"),
+    ("{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}", "failed: RecursionError"),
+])
+def test_hostile_templates_are_clear_errors(source, message):
+    import time
+
+    t = ChatTemplate(source, name="hostile", max_seconds=0.5)
+    start = time.monotonic()
+    with pytest.raises(ValueError) as e:
+        t.render(CONVERSATION)
+    assert time.monotonic() - start < 5
+    assert str(e.value).startswith("chat template 'hostile' ") and message in str(e.value)
+
+
+def test_a_template_too_large_or_too_deep_to_compile():
+    with pytest.raises(ValueError, match="does not compile"):
+        ChatTemplate("{% if 1 %}" * 3000 + "{% endif %}" * 3000)
+
+
+def test_limits_leave_a_tracer_alone_and_restore_none():
+    import sys
+
+    t = ChatTemplate(CHATML_TEMPLATE)
+    before = sys.gettrace()  # None, or coverage's / a debugger's tracer, which must survive
+    t.render(CONVERSATION)
+    assert sys.gettrace() is before

@@ -129,7 +129,7 @@ def _write(tmp_path, data: bytes):
     (_header(n_kv=1) + _kv_string("general.alignment", "x"), "not a power of two"),
 ])
 def test_malformed_files_raise_gguf_error(tmp_path, data, message):
-    path = _write(tmp_path, data)
+    path = _write(tmp_path, data + bytes(16))  # room for the smallest key/value, so the count check passes
     with pytest.raises(GGUFError) as e:
         GGUFFile(path)
     assert message in str(e.value)
@@ -171,3 +171,34 @@ def test_missing_file_and_tensor(tmp_path, tiny_models):
         GGUFFile(tmp_path / "nope.gguf")
     with pytest.raises(GGUFError, match="missing tensor 'nope'"):
         GGUFFile(tiny_models["llama"]).tensor("nope")
+
+
+def test_deeply_nested_arrays_are_an_error_not_a_recursion(tmp_path):
+    """Issue 14 item 1: arrays nested ~500 deep (a 6 KB file) raised RecursionError."""
+    kv = struct.pack("<Q", 1) + b"a" + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 500 + struct.pack("<IQ", 4, 0)
+    with pytest.raises(GGUFError, match="nests arrays more than"):
+        GGUFFile(_write(tmp_path, _header(n_kv=1) + kv + bytes(32)))
+
+
+def test_nested_arrays_within_the_bound_parse(tmp_path):
+    inner = struct.pack("<IQ", 4, 2) + struct.pack("<II", 7, 8)
+    kv = struct.pack("<Q", 1) + b"a" + struct.pack("<I", 9) + struct.pack("<IQ", 9, 2) + inner + inner
+    g = GGUFFile(_write(tmp_path, _header(n_kv=1) + kv + bytes(32)))
+    assert [list(x) for x in g.kv["a"]] == [[7, 8], [7, 8]]
+
+
+def test_metadata_counts_are_bounded(tmp_path, monkeypatch):
+    """Issue 14 item 9: 7M tiny key/value pairs parsed for 86 s; counts are now capped before any parsing."""
+    import npulm.gguf as reader
+
+    pairs = b"".join(struct.pack("<Q", 2) + b"k%d" % (i % 10) + struct.pack("<IB", 0, 1) for i in range(10))
+    path = _write(tmp_path, _header(n_kv=10) + pairs + bytes(32))
+    monkeypatch.setattr(reader, "MAX_METADATA_KEYS", 5)
+    with pytest.raises(GGUFError, match="absurd counts"):
+        GGUFFile(path)
+
+
+def test_duplicate_metadata_key(tmp_path):
+    data = _header(n_kv=2) + _kv_string("a", "x") + _kv_string("a", "y")
+    with pytest.raises(GGUFError, match="duplicate metadata key 'a'"):
+        GGUFFile(_write(tmp_path, data + bytes(32)))

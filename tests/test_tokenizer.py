@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 from npulm import assets
@@ -447,3 +448,47 @@ def test_pre_tokenizer_matches_live_llama_cpp(vocab_dir, tmp_path, pre):
     bad = [s for s in random_strings(150, seed=41) + whitespace_strings(150, seed=42)
            if tok.encode(s) != llm.tokenize(s.encode(), add_bos=True, special=False)]
     assert not bad, f"pre {pre!r} ({PRE_TYPES[pre]}): {len(bad)}/300 mismatches, e.g. {bad[:3]}"
+
+
+# --- bad input (issue 14) -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    ({"tokenizer.ggml.merges": ["h zz"]}, r"tokenizer.ggml.merges\[0\] = 'h zz'"),
+    ({"tokenizer.ggml.merges": ["h"]}, r"tokenizer.ggml.merges\[0\]"),
+    ({"tokenizer.ggml.merges": np.arange(3)}, "tokenizer.ggml.merges: expected an array of strings"),
+    ({"tokenizer.ggml.token_type": ["a", "b"]}, "tokenizer.ggml.token_type: expected an array of integers"),
+    ({"tokenizer.ggml.token_type": np.array([1.5])}, "tokenizer.ggml.token_type: expected an array of integers"),
+    ({"tokenizer.ggml.tokens": [["nested"]]}, "tokenizer.ggml.tokens: expected an array of strings"),
+    ({"tokenizer.ggml.add_bos_token": np.arange(2)}, "tokenizer.ggml.add_bos_token: expected a boolean"),
+    ({"tokenizer.ggml.pre": 7}, "tokenizer.ggml.pre: expected a string"),
+])
+def test_bad_vocabulary_metadata_names_the_key(tmp_path, change, message):
+    """Issue 14 item 2: a merge naming a missing token gave a bare Exception, a retyped key a TypeError."""
+    kv = {**bpe_kv(tmp_path, "gpt-2"), **change}
+    with pytest.raises(GGUFError, match=message):
+        Tokenizer.from_gguf(kv)
+
+
+def test_bad_scores_name_the_key(tmp_path):
+    kv = {**spm_kv(tmp_path), "tokenizer.ggml.scores": ["x"] * 400}
+    with pytest.raises(GGUFError, match="tokenizer.ggml.scores: expected an array of finite numbers"):
+        Tokenizer.from_gguf(kv)
+
+
+def test_invalid_unicode_text_is_a_clear_error(spm, bpe):
+    """Issue 14 item 6: a lone surrogate (invalid UTF-8 from argv, or sent through the API) gave a TypeError."""
+    bad = b"caf\xff".decode("utf-8", "surrogateescape")
+    for tok in (spm, bpe):
+        with pytest.raises(ValueError, match="lone surrogate U\\+DCFF at character 3"):
+            tok.encode(bad)
+        with pytest.raises(ValueError, match="lone surrogate"):
+            tok.encode_batch(["ok", "\ud800"])
+
+
+@pytest.mark.parametrize("token", [10**6, -1, 1.0, True])
+def test_token_ids_out_of_range_are_errors(spm, bpe, token):
+    """Issue 14 item 7: detokenize([10**6]) raised IndexError and [-1] returned the last token's bytes."""
+    for tok in (spm, bpe):
+        with pytest.raises(ValueError, match="is not in the vocabulary"):
+            tok.decode([token])
+        with pytest.raises(ValueError, match="is not in the vocabulary"):
+            tok.token_str(token)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from ..gguf import GGUFError, GGUFFile
 from ..linear import Weight
 from .base import Model, WeightLoader
+from .validate import check_tensor_shapes
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "olmoe", "gemma3", "rwkv6", "rwkv7")
 
@@ -20,7 +21,11 @@ def load_model(gguf: GGUFFile, n_ctx: int, spec_for: Callable[[Weight], str] = l
         raise GGUFError(f"{gguf.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
     module = importlib.import_module(f"{__name__}.{arch}")
     loader = WeightLoader(gguf, spec_for, progress)
-    model = module.from_gguf(loader, n_ctx)
-    loader.close()
+    try:
+        model = module.from_gguf(loader, n_ctx)
+    finally:
+        loader.close()  # the progress bar's line is cleared before any error is printed
+    tokens = gguf.kv.get("tokenizer.ggml.tokens")
+    check_tensor_shapes(gguf, model.config, len(tokens) if isinstance(tokens, list) else None)
     model.arch = arch
     return model

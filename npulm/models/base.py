@@ -16,14 +16,18 @@ from ..gguf import GGUFError, GGUFFile
 from ..linear import Linear, Weight, make_linear
 from .blocks import rms_norm
 from .cache import LayerCache, cache_offset
+from .validate import check_hparam
 
 
 def hparam(kv: dict[str, Any], arch: str, key: str, default: Any = GGUFError) -> Any:
-    """`{arch}.{key}` from GGUF metadata; a missing required key raises GGUFError naming it."""
-    value = kv.get(f"{arch}.{key}", default)
-    if value is GGUFError:
-        raise GGUFError(f"missing metadata key {arch}.{key}")
-    return value
+    """`{arch}.{key}` from GGUF metadata, type- and range-checked by validate.HPARAMS; a missing required key or a
+    bad value raises GGUFError naming it."""
+    name = f"{arch}.{key}"
+    if name not in kv:
+        if default is GGUFError:
+            raise GGUFError(f"missing metadata key {name}")
+        return default
+    return check_hparam(name, key, kv[name])
 
 
 class WeightLoader:
