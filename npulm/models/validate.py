@@ -109,8 +109,8 @@ def check_hparam(name: str, key: str, value: Any) -> Any:
 
 # --- tensor shapes ----------------------------------------------------------------------------------------------
 # GGUF tensor name (with "blk.N." removed) -> expected shape in ggml order (ne0 = the input / row dimension first),
-# each dimension a product of config fields and integers.
-TENSOR_SHAPES: dict[str, tuple[str, ...]] = {
+# each dimension a product of config fields and integers; a list gives alternatives.
+TENSOR_SHAPES: dict[str, tuple[str, ...] | list[tuple[str, ...]]] = {
     "token_embd.weight": ("n_embd", "n_vocab"),
     "output.weight": ("n_embd", "n_vocab"),
     "output_norm.weight": ("n_embd",),
@@ -125,8 +125,8 @@ TENSOR_SHAPES: dict[str, tuple[str, ...]] = {
     "attn_q.bias": ("n_head*head_dim",),
     "attn_k.bias": ("n_head_kv*head_dim",),
     "attn_v.bias": ("n_head_kv*head_dim_v",),
-    "attn_q_norm.weight": ("head_dim",),
-    "attn_k_norm.weight": ("head_dim",),
+    "attn_q_norm.weight": [("head_dim",), ("n_head*head_dim",)],  # per head (qwen3, gemma3) or all heads (olmoe)
+    "attn_k_norm.weight": [("head_dim",), ("n_head_kv*head_dim",)],
     "ffn_gate.weight": ("n_embd", "n_ff"),
     "ffn_up.weight": ("n_embd", "n_ff"),
     "ffn_down.weight": ("n_ff", "n_embd"),
@@ -138,7 +138,7 @@ TENSOR_SHAPES: dict[str, tuple[str, ...]] = {
 # Optional tensors that come together or not at all, per block.
 TENSOR_GROUPS: list[tuple[str, ...]] = [("attn_q.bias", "attn_k.bias", "attn_v.bias")]
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
-_FALLBACK = {"head_dim_v": "head_dim", "n_ff_exp": "n_ff"}  # configs without the field use the other
+_FALLBACK = {"head_dim_v": "head_dim"}  # configs without the field use the other
 
 
 def _field(config: Any, name: str) -> int | None:
@@ -188,9 +188,14 @@ def check_tensor_shapes(gguf: GGUFFile, config: Any, n_vocab: int | None = None)
         expected = TENSOR_SHAPES.get(name[m.end():] if m else name)
         if expected is None:
             continue
-        dims = [n_vocab if e == "n_vocab" else _dim(config, e) for e in expected]
-        if any(d is None for d in dims):
-            continue
-        if list(info.shape) != dims:
-            raise GGUFError(f"{gguf.path}: tensor {name!r} has shape {list(info.shape)}, expected {dims} "
-                            f"({', '.join(expected)}) from the metadata")
+        shapes = []
+        for alternative in expected if isinstance(expected, list) else [expected]:
+            dims = [n_vocab if e == "n_vocab" else _dim(config, e) for e in alternative]
+            if any(d is None for d in dims):
+                break  # the config does not have what this row needs: not checked
+            shapes.append((dims, alternative))
+        else:
+            if all(list(info.shape) != dims for dims, _ in shapes):
+                said = " or ".join(f"{dims} ({', '.join(names)})" for dims, names in shapes)
+                raise GGUFError(f"{gguf.path}: tensor {name!r} has shape {list(info.shape)}, expected {said} "
+                                f"from the metadata")
