@@ -117,6 +117,7 @@ def bench_outlines(tokenizer, n_vocab: int, doc_tokens: list[int]) -> dict:
 XGRAMMAR_CHILD = r"""
 import json, sys, time, statistics
 import xgrammar as xgr, torch
+from importlib.metadata import version
 tokens, eos, n_vocab, doc, schema = json.loads(sys.stdin.read())
 enc = [bytes.fromhex(t) for t in tokens]
 t0 = time.perf_counter()
@@ -134,7 +135,7 @@ for tok in doc:
     matcher.fill_next_token_bitmask(bitmask)
     times.append(time.perf_counter() - t0)
     assert matcher.accept_token(tok), tok
-print(json.dumps({"engine": "xgrammar " + xgr.__version__, "setup_s": setup, "compile_s": compile_s,
+print(json.dumps({"engine": "xgrammar " + version("xgrammar"), "setup_s": setup, "compile_s": compile_s,
                   "times": times}))
 """
 

@@ -26,7 +26,7 @@ from .generate import Session, stream_text
 from .gguf import GGUFFile
 from .models import load_model
 from .placement import Placement, parse_overrides
-from .sampling import SamplingParams, make_sampler
+from .sampling import SamplingParams, make_sampler, token_logprobs
 from .tokenizer import Tokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # as llama.cpp: "random"
@@ -60,15 +60,10 @@ class _Record:
     top: list[list[tuple[int, float]]] = field(default_factory=list)
 
     def add(self, token: int, logits: np.ndarray) -> None:
-        lp = log_softmax(logits)
+        lp, top = token_logprobs(logits, token, self.n_top)
         self.tokens.append(token)
-        self.logprobs.append(float(lp[token]))
-        if self.n_top > 0:
-            best = np.argpartition(-lp, min(self.n_top, len(lp) - 1))[:self.n_top]
-            best = best[np.argsort(-lp[best], kind="stable")]
-            self.top.append([(int(t), float(lp[t])) for t in best])
-        else:
-            self.top.append([])
+        self.logprobs.append(lp)
+        self.top.append(top)
 
 
 def _npu_present() -> bool:

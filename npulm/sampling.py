@@ -238,6 +238,20 @@ def softmax(lg: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """log softmax of the model's logits: the chosen token's value and the k most likely (before sampling filters,
+    as OpenAI reports them)."""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    lp = z - np.log(np.exp(z).sum())
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        idx = np.argpartition(-lp, min(k, len(lp) - 1))[:k]
+        idx = idx[np.argsort(-lp[idx], kind="stable")]
+        top = [(int(i), float(lp[i])) for i in idx]
+    return float(lp[token]), top
+
+
 def top_k(c: Candidates, k: int) -> Candidates:
     ids, lg = c
     if k <= 0 or k >= len(ids):

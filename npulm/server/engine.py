@@ -24,7 +24,7 @@ import numpy as np
 from ..generate import TextStream
 from ..models.base import Model
 from ..models.cache import cache_offset
-from ..sampling import Sampler
+from ..sampling import Sampler, token_logprobs
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger("npulm.server")
@@ -130,20 +130,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
-
-
-def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
-    """log softmax of the model's logits: the chosen token's value and the k most likely (before sampling filters,
-    as OpenAI reports them)."""
-    z = logits.astype(np.float64)
-    z -= z.max()
-    lp = z - np.log(np.exp(z).sum())
-    top: list[tuple[int, float]] = []
-    if k > 0:
-        idx = np.argpartition(-lp, min(k, len(lp) - 1))[:k]
-        idx = idx[np.argsort(-lp[idx], kind="stable")]
-        top = [(int(i), float(lp[i])) for i in idx]
-    return float(lp[token]), top
 
 
 class Engine:
