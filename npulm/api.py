@@ -100,8 +100,14 @@ class Llama:
             from . import npu  # configures the NPU backend (chip, runtime) before weights are placed
 
             npu.configure(chip=chip)
+        overrides = parse_overrides(tensor_overrides)
+        if npu_layers == "auto":  # the cost model's plan: per tensor and phase, never predicted slower than the CPU
+            from .plan import auto_specs
+
+            overrides += list(auto_specs(self.model_path, npu.current()[0].chip).items())
+            npu_layers = 0
         self.placement = Placement(n_layer=int(self.gguf.kv.get(f"{arch}.block_count", 0)), npu_layers=npu_layers,
-                                   pipeline=pipeline, overrides=parse_overrides(tensor_overrides))
+                                   pipeline=pipeline, overrides=overrides)
         self.model = load_model(self.gguf, self._n_ctx, self.placement.spec_for, progress=verbose)
         self.n_batch = max(1, min(n_batch, n_ubatch))
         self.session = Session(self.model, self.n_batch)

@@ -63,14 +63,14 @@ def _finite(text: str) -> float:
 
 
 def _npu_layers(text: str) -> int | str:
-    if text.strip().lower() == "all":
-        return "all"
+    if text.strip().lower() in ("all", "auto"):
+        return text.strip().lower()
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of layers or 'all', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of layers, 'all' or 'auto', got {text!r}") from None
     if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of layers >= 0 or 'all', got {v}")
+        raise argparse.ArgumentTypeError(f"expected a number of layers >= 0, 'all' or 'auto', got {v}")
     return v
 
 
@@ -88,7 +88,8 @@ def _add_runtime(p: argparse.ArgumentParser, n_ctx: int) -> None:
     p.add_argument("-b", "--batch-size", type=_int_at_least(1), default=512, help="prompt tokens per forward pass")
     p.add_argument("-t", "--threads", type=_int_at_least(1), default=None, help="CPU threads (default: all cores)")
     p.add_argument("-ngl", "--npu-layers", "--n-gpu-layers", dest="npu_layers", type=_npu_layers, default=0,
-                   help="number of last blocks whose matmuls run on the NPU, or 'all' (as llama.cpp's -ngl)")
+                   help="number of last blocks whose matmuls run on the NPU, 'all' (as llama.cpp's -ngl), or 'auto' "
+                        "(the cost model's plan per tensor and phase: `npulm plan`)")
     p.add_argument("--pipeline", default=None, help="NPU pipeline (W16A16, W8A8_*, W4A4_*, ...); default by GGUF type")
     p.add_argument("-ot", "--override-tensor", action="append", default=None, metavar="PATTERN=TARGET",
                    help="place tensors matching a glob on 'cpu', 'cpu:a8' (int8 activations, fastest), 'cpu:a16', "

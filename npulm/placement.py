@@ -46,6 +46,8 @@ class Placement:
     def spec_for(self, weight: Weight) -> str:
         for pattern, target in self.overrides:
             if fnmatch.fnmatchcase(weight.name, pattern):
+                if target.lower().startswith("npu:"):  # a full spec (e.g. from `-ngl auto`: "npu:W16A16@64")
+                    return target
                 return target.lower() if target.lower().startswith("cpu") else self._npu(target)
         n = self.n_layer + 1 if self.npu_layers == "all" else int(self.npu_layers)
         if n <= 0:

@@ -120,13 +120,17 @@ class NpuLinear(Linear):
         super().__init__(weight)
         rt, arena = current()
         requested = spec.split(":", 1)[1] if ":" in spec else "auto"
+        # "PIPE@M": per-phase placement, the NPU from M token rows up, the CPU path below (same load)
+        requested, _, at = requested.partition("@")
+        self.min_m = _min_m(at, spec)
+        self._weight = weight  # zero-copy GGUF view: kept for a CPU fallback and the CPU phase
+        self._cpu: Linear | None = None
+        self._cpu_phase: Linear | None = None
+        self._impl: Prepared | None = None
         if requested.lower() != "auto":
             pipeline_spec(requested)  # unknown names are an error, not a fallback
         self.pipeline = resolve(requested, weight.type, rt.chip)
-        self.spec = f"npu:{self.pipeline}"
-        self._weight = weight  # zero-copy GGUF view: kept for a CPU fallback
-        self._cpu: Linear | None = None
-        self._impl: Prepared | None = None
+        self.spec = f"npu:{self.pipeline}" + (f"@{self.min_m}" if self.min_m > 1 else "")
         try:
             self._impl = prepare(self.pipeline, weight, arena, gguf_chunk=_state.gguf_chunk)
         except (RknnError, MemoryError) as e:
@@ -147,6 +151,10 @@ class NpuLinear(Linear):
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self._cpu is not None:
             return self._cpu(x)
+        if x.shape[0] < self.min_m:  # a phase the NPU is not placed for: the CPU path, exactly
+            if self._cpu_phase is None:
+                self._cpu_phase = make_linear(self._weight, "cpu")
+            return self._cpu_phase(x)
         try:
             with self._lock:
                 return self._impl(x)
@@ -160,6 +168,14 @@ class NpuLinear(Linear):
 
     def describe(self) -> str:
         return self._impl.describe() if self._impl is not None else self.spec
+
+
+def _min_m(text: str, spec: str) -> int:
+    if not text:
+        return 1
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{spec!r}: the part after '@' must be a token count >= 1 (the NPU from that batch size up)")
+    return int(text)
 
 
 def default_pipeline(weight: Weight) -> str:

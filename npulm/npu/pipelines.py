@@ -58,7 +58,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType as Q
 
 from . import quant as qm
-from .planner import Arena, NpuMatmul, ceil_to, equal_chunks, int16_safe_chunk
+from .planner import Arena, NpuMatmul, _host, ceil_to, equal_chunks, int16_safe_chunk
 from .rknn import (
     FLOAT16_MM_FLOAT16_TO_FLOAT32,
     INT4_MM_INT4_TO_INT16,
@@ -285,6 +285,14 @@ class FloatPrepared(Prepared):
 
     def _call(self, x: np.ndarray) -> np.ndarray:
         # rows scaled by a power of two: amax -> [2^13, 2^14), far from fp16's limits, and exact
+        if _host is not None:  # the same numbers, packed and reduced in C
+            m, op = x.shape[0], self.op
+            x = np.ascontiguousarray(x, np.float32)
+            s = np.empty(m, np.float32)  # filled by the packing: the power-of-two row scales below
+            c, rows = op.run_rows(x, s, 2)
+            y = np.empty((m, self.n_out), np.float32)
+            _host.unpack_c(c, y, s, s, m, self.n_out, op.n_chunks, op.n_pad, rows, op.c_sub, 0)
+            return y
         if x.shape[0] == 1:
             s = np.float32(2.0 ** (math.frexp(float(np.abs(x).max()))[1] - 14))
         else:
@@ -307,6 +315,7 @@ class RowScaledPrepared(Prepared):
         self.real = realize(arena.chip, self.act_bits, w_bits)
         codes = pw.codes  # (N, K') int8, K' = rotated/padded K
         self.sw = pw.scale[:, 0][None, :] if pw.scale.shape[0] > 1 else pw.scale[0, 0]
+        self.sw_flat = np.ascontiguousarray(pw.scale[:, 0], np.float64)  # for the C epilogue
         b = _split_rows(codes) if self.real.b_split else codes
         self.k_eff = codes.shape[1]
         k_al, _ = arena.chip.padded_align(self.real.mm_type)
@@ -330,6 +339,12 @@ class RowScaledPrepared(Prepared):
         x64 = x.astype(np.float64)
         if self.rotation is not None:
             x64 = qm.rotate_activation(x64, self.rotation)
+        if _host is not None and real.mm_type == INT8_MM_INT8_TO_INT32 and not (real.a_split or real.b_split):
+            sx = np.abs(x64).max(axis=1) / qm.qmax(self.act_bits)  # quantize_rows' scales, packed in C
+            c, rows = op.run_rows(np.ascontiguousarray(x64), sx, 1)
+            y = np.empty((m, self.n_out), np.float32)
+            _host.unpack_c(c, y, sx, self.sw_flat, m, self.n_out, op.n_chunks, op.n_pad, rows, op.c_sub, 1)
+            return y
         xq, sx = quantize_rows(x64, self.act_bits)
         a = _split_rows(xq.astype(np.int8)) if real.a_split else xq
         c = op.run(_chunked(a, op.n_chunks, op.chunk_k), m=m)

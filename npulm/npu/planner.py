@@ -36,6 +36,11 @@ from . import layout as L
 from .rknn import CORE_0, CORE_1, CORE_2, LAYOUT_NATIVE, MATMUL_TYPES, SYNC_FROM_DEVICE, SYNC_TO_DEVICE
 from .runtime import MatmulInfo, Mem, Runtime
 
+try:  # the host work in C (A packing, C epilogue); the numpy path otherwise
+    from . import _host
+except ImportError:  # pragma: no cover - the extension is optional
+    _host = None
+
 log = logging.getLogger("npulm.npu")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # token rows a context is made for (on first use); A rows padded up
@@ -431,6 +436,20 @@ class NpuMatmul:
         self.arena.run_cores(bk.ctxs)
         rt.mem_sync(anchor, bk.c.mem, SYNC_FROM_DEVICE)
         return bk.c_arr[:, :, :r, :]
+
+    def run_rows(self, x: np.ndarray, scale: np.ndarray, kind: int) -> tuple[np.ndarray, int]:
+        """x (m, K) -> native C (n_chunks, N_pad / s, rows, s) and its row count, A packed by the C extension in
+        one pass: kind 0: fp16(x / scale) from float32, kind 1: int8 rint(x / scale) from float64 (scale per row;
+        0 reads as 1), kind 2: as 0 with W16A16's power-of-two row scales computed into `scale`. Only for
+        row_factor 1 and fp16 / int8 A; callers check `_host`."""
+        m = x.shape[0]
+        bk = self.bucket(m)
+        _host.pack_a(x, scale, bk.a_arr, m, self.k, self.n_chunks, self.chunk_k, bk.rows, self.a_sub, kind)
+        rt, anchor = self.rt, bk.ctxs[0][0]
+        rt.mem_sync(anchor, bk.a.mem, SYNC_TO_DEVICE)
+        self.arena.run_cores(bk.ctxs)
+        rt.mem_sync(anchor, bk.c.mem, SYNC_FROM_DEVICE)
+        return bk.c_arr, bk.rows
 
     def _write_a(self, bk: _Bucket, a: np.ndarray, r: int) -> None:
         nch, kc, sub = self.n_chunks, self.chunk_k, self.a_sub

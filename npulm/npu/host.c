@@ -1,0 +1,195 @@
+/* The host work around an NPU matmul call, in C: activations into the native A layout (fp16 or int8 codes), and
+ * native C back to rows with the chunk sum and the scales. One pass over A and one over C instead of numpy's
+ * several (measured by benchmarks/npu_overhead.py). Results are bit-identical to the numpy path of
+ * npulm/npu/pipelines.py: the same float32 / float64 operations in the same order.
+ *
+ * Native layouts (SDK 2.x): A (K/sub, rows, sub) per K-chunk, C (N/sub, rows, sub) per K-chunk.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* float32 -> IEEE half, round to nearest even (what numpy's astype(float16) does): the compiler's _Float16
+ * conversion (one instruction with F16C / AVX512-FP16 / ARMv8.2) where it exists, else in software */
+#ifdef __FLT16_MAX__
+static inline uint16_t f32_to_f16(float f) {
+    _Float16 h = (_Float16)f;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+}
+#else
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t exp = (x >> 23) & 0xffu;
+    uint32_t man = x & 0x7fffffu;
+    if (exp == 0xffu) /* inf / nan */
+        return (uint16_t)(sign | 0x7c00u | (man ? 0x200u | (man >> 13) : 0));
+    int e = (int)exp - 127 + 15;
+    if (e >= 31) return (uint16_t)(sign | 0x7c00u);
+    if (e <= 0) { /* subnormal half (or zero) */
+        if (e < -10) return (uint16_t)sign;
+        man |= 0x800000u;
+        int shift = 14 - e;
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1u))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((uint32_t)e << 10) | (man >> 13), rem = man & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++; /* may carry into the exponent: still right */
+    return (uint16_t)(sign | h);
+}
+#endif
+
+static int get_buf(PyObject *o, Py_buffer *b, int writable, Py_ssize_t need, const char *what) {
+    if (PyObject_GetBuffer(o, b, (writable ? PyBUF_WRITABLE : 0) | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (b->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need %zd", what, b->len, need);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
+/* pack_a(x, scale, dst, m, k, n_chunks, chunk_k, rows, sub, kind)
+ * kind 0: x float32 (m, k), scale float32 (m,), a power of two: dst fp16 = half(x / scale)   (W16A16)
+ * kind 1: x float64 (m, k), scale float64 (m,): dst int8 = rint(x / scale)   (int8 codes; |x / scale| <= 127)
+ * kind 2: as kind 0, the scales computed here and written into scale: 2^(e - 14) for amax = f * 2^e, f in
+ *         [0.5, 1) (W16A16's rows: amax lands in [2^13, 2^14), far from fp16's limits; numpy's frexp / ldexp)
+ * dst (n_chunks, chunk_k / sub, rows, sub); rows m.. and K beyond k are zeroed. */
+static PyObject *py_pack_a(PyObject *self, PyObject *args) {
+    PyObject *ox, *os, *od;
+    Py_ssize_t m, k, nch, ck, rows, sub;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OOOnnnnnni", &ox, &os, &od, &m, &k, &nch, &ck, &rows, &sub, &kind)) return NULL;
+    if (m > rows || nch * ck < k || ck % sub || kind < 0 || kind > 2) {
+        PyErr_SetString(PyExc_ValueError, "pack_a: inconsistent shapes");
+        return NULL;
+    }
+    Py_ssize_t esz = kind == 1 ? 8 : 4, dsz = kind == 1 ? 1 : 2;
+    Py_buffer bx, bs, bd;
+    if (get_buf(ox, &bx, 0, m * k * esz, "x") < 0) return NULL;
+    if (get_buf(os, &bs, kind == 2, m * esz, "scale") < 0) { PyBuffer_Release(&bx); return NULL; }
+    if (get_buf(od, &bd, 1, nch * ck * rows * dsz, "A") < 0) {
+        PyBuffer_Release(&bx); PyBuffer_Release(&bs); return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (kind == 2) {
+        for (Py_ssize_t r = 0; r < m; r++) {
+            const float *x = (const float *)bx.buf + r * k;
+            float amax = 0.0f;
+            for (Py_ssize_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(x[i]));
+            int e;
+            frexpf(amax, &e);
+            ((float *)bs.buf)[r] = ldexpf(1.0f, e - 14);
+        }
+        kind = 0;
+    }
+    Py_ssize_t ksub = ck / sub;
+    for (Py_ssize_t j = 0; j < nch; j++) {
+        for (Py_ssize_t t = 0; t < ksub; t++) {
+            Py_ssize_t k0 = j * ck + t * sub;
+            for (Py_ssize_t r = 0; r < rows; r++) {
+                Py_ssize_t off = ((j * ksub + t) * rows + r) * sub;
+                if (kind == 0) {
+                    uint16_t *d = (uint16_t *)bd.buf + off;
+                    if (r >= m) { memset(d, 0, sub * 2); continue; }
+                    const float *x = (const float *)bx.buf + r * k;
+                    /* scale is a power of two: times its (exact) reciprocal is the same correctly rounded value */
+                    float inv = 1.0f / ((const float *)bs.buf)[r];
+                    if (k0 + sub <= k)
+                        for (Py_ssize_t i = 0; i < sub; i++) d[i] = f32_to_f16(x[k0 + i] * inv);
+                    else
+                        for (Py_ssize_t i = 0; i < sub; i++) d[i] = k0 + i < k ? f32_to_f16(x[k0 + i] * inv) : 0;
+                } else {
+                    int8_t *d = (int8_t *)bd.buf + off;
+                    if (r >= m) { memset(d, 0, sub); continue; }
+                    const double *x = (const double *)bx.buf + r * k;
+                    double s = ((const double *)bs.buf)[r];
+                    if (s == 0) s = 1.0;
+                    for (Py_ssize_t i = 0; i < sub; i++) d[i] = k0 + i < k ? (int8_t)nearbyint(x[k0 + i] / s) : 0;
+                }
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&bx); PyBuffer_Release(&bs); PyBuffer_Release(&bd);
+    Py_RETURN_NONE;
+}
+
+/* unpack_c(c, out, row_scale, col_scale, m, n, n_chunks, n_pad, rows, sub, kind)
+ * kind 0: c float32: out[r, i] = (sum_j c[j, r, i]) * row_scale[r]                (float32, numpy's order)
+ * kind 1: c int32:   out[r, i] = float((double(sum_j c) * row_scale[r]) * col_scale[i or 0])
+ *         row_scale float64 (m,), col_scale float64 (n,) or (1,)
+ * c (n_chunks, n_pad / sub, rows, sub); out float32 (m, n). */
+static PyObject *py_unpack_c(PyObject *self, PyObject *args) {
+    PyObject *oc, *oo, *orow, *ocol;
+    Py_ssize_t m, n, nch, npad, rows, sub;
+    int kind;
+    if (!PyArg_ParseTuple(args, "OOOOnnnnnni", &oc, &oo, &orow, &ocol, &m, &n, &nch, &npad, &rows, &sub, &kind))
+        return NULL;
+    if (m > rows || n > npad || npad % sub || (kind != 0 && kind != 1)) {
+        PyErr_SetString(PyExc_ValueError, "unpack_c: inconsistent shapes");
+        return NULL;
+    }
+    Py_buffer bc, bo, br, bl;
+    if (get_buf(oc, &bc, 0, nch * npad * rows * 4, "C") < 0) return NULL;
+    if (get_buf(oo, &bo, 1, m * n * 4, "out") < 0) { PyBuffer_Release(&bc); return NULL; }
+    if (get_buf(orow, &br, 0, m * (kind == 0 ? 4 : 8), "row_scale") < 0) {
+        PyBuffer_Release(&bc); PyBuffer_Release(&bo); return NULL;
+    }
+    if (get_buf(ocol, &bl, 0, kind == 0 ? 0 : 8, "col_scale") < 0) {
+        PyBuffer_Release(&bc); PyBuffer_Release(&bo); PyBuffer_Release(&br); return NULL;
+    }
+    Py_ssize_t ncol = kind == 1 ? bl.len / 8 : 0;
+    if (kind == 1 && ncol != 1 && ncol < n) {
+        PyErr_SetString(PyExc_ValueError, "unpack_c: col_scale must hold 1 or n values");
+        PyBuffer_Release(&bc); PyBuffer_Release(&bo); PyBuffer_Release(&br); PyBuffer_Release(&bl);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t chunk = npad * rows; /* elements per K-chunk */
+    float *out = (float *)bo.buf;
+    for (Py_ssize_t t = 0; t * sub < n; t++) { /* C's native order: contiguous reads */
+        for (Py_ssize_t r = 0; r < m; r++) {
+            Py_ssize_t at = (t * rows + r) * sub, i0 = t * sub, w = n - i0 < sub ? n - i0 : sub;
+            float *o = out + r * n + i0;
+            if (kind == 0) {
+                const float *c = (const float *)bc.buf + at;
+                float s = ((const float *)br.buf)[r];
+                for (Py_ssize_t l = 0; l < w; l++) {
+                    float acc = c[l];
+                    for (Py_ssize_t j = 1; j < nch; j++) acc += c[j * chunk + l];
+                    o[l] = acc * s;
+                }
+            } else {
+                const int32_t *c = (const int32_t *)bc.buf + at;
+                const double *cs = (const double *)bl.buf;
+                double s = ((const double *)br.buf)[r];
+                for (Py_ssize_t l = 0; l < w; l++) {
+                    int64_t acc = c[l];
+                    for (Py_ssize_t j = 1; j < nch; j++) acc += c[j * chunk + l];
+                    o[l] = (float)(((double)acc * s) * cs[ncol == 1 ? 0 : i0 + l]);
+                }
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&bc); PyBuffer_Release(&bo); PyBuffer_Release(&br); PyBuffer_Release(&bl);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"pack_a", py_pack_a, METH_VARARGS, "activations -> native A (fp16 or int8 codes), padding zeroed"},
+    {"unpack_c", py_unpack_c, METH_VARARGS, "native C -> rows: chunk sum and scales (float32 out)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_host", "npulm NPU host work (A packing, C epilogue)", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__host(void) { return PyModule_Create(&moddef); }
