@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
                    help="librknnrt (rknn), the emulator, or librknnrt when found (auto)")
     p.add_argument("--chip", default=None, help="chip rules to use (default: detected on a board, else rk3588)")
     p.add_argument("--lib", default=None, help="path of librknnrt.so (default: RKNN_LIB, standard paths)")
+    p.add_argument("--calibrate", metavar="PROFILE", default=None,
+                   help="time this board's NPU and write the cost model's profile (JSON) for `npulm plan --profile` "
+                        "and $NPULM_COST_PROFILE (refused on the emulator)")
     p.set_defaults(func=cmd_doctor)
 
 
@@ -66,6 +69,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"npulm doctor: cannot open the {args.runtime} runtime: {e}", file=sys.stderr)
         return 1
     emulated = rt.kind == "emulator"
+    if getattr(args, "calibrate", None):
+        from .npu.calibrate import run_cli
+
+        return run_cli(rt, args.calibrate)
     if emulated:
         print("*** EMULATOR: no librknnrt here. Every result below comes from npulm's numpy emulator of the matmul\n"
               "*** API and checks npulm's code and the emulator's assumptions, NOT an NPU. Run this on the board.",

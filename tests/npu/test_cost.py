@@ -118,3 +118,33 @@ def test_rk3576_has_no_int4xint4():
     g = C.npulm_geometry("W16A16", 1024, 1024, "F16", chip)
     assert g.n_slices == 2 and g.dtype == "fp16"
     assert math.isfinite(C.tg_tok_s(C.constants("rk3576"), C.published_shape("qwen2_0_5b", "Q8_0"), C.IMPLS["rkllm"]))
+
+
+def test_calibrate_refuses_the_emulator():
+    from npulm.npu.calibrate import CalibrationError, calibrate
+    from npulm.npu.emulator import EmulatorRuntime
+
+    with pytest.raises(CalibrationError, match="emulator has no timing"):
+        calibrate(EmulatorRuntime("rk3588"))
+
+
+def test_calibrate_writes_a_profile_the_cost_model_loads(double_lib, tmp_path):
+    """Through the real ctypes path (the librknnrt test double: timings meaningless, the plumbing real)."""
+    from npulm.npu.calibrate import calibrate, write_profile
+    from npulm.npu.runtime import RknnRuntime
+
+    prof = calibrate(RknnRuntime(double_lib, chip="rk3588"), reps=3, quick=True)
+    assert prof["chip"] == "rk3588" and prof["constants"]["launch_s"] > 0
+    assert {"bw_core", "bw_total", "ops_int8_native", "ops_fp16_native", "host_a76_factor"} <= set(prof["constants"])
+    path = tmp_path / "board.json"
+    write_profile(prof, str(path))
+    c = C.constants("rk3588", str(path))
+    assert c["launch_s"] == prof["constants"]["launch_s"] and c["bw_total"] == prof["constants"]["bw_total"]
+
+
+def test_doctor_calibrate_says_it_cannot_on_the_emulator(capsys, tmp_path):
+    from npulm import cli
+
+    assert cli.main(["doctor", "--runtime", "emulator", "--calibrate", str(tmp_path / "p.json")]) == 1
+    assert "emulator has no timing" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
