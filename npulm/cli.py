@@ -68,9 +68,9 @@ def _npu_layers(text: str) -> int | str:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of layers, 'all' or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of layers or 'all' (or 'auto'), got {text!r}") from None
     if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of layers >= 0, 'all' or 'auto', got {v}")
+        raise argparse.ArgumentTypeError(f"expected a number of layers >= 0 or 'all' (or 'auto'), got {v}")
     return v
 
 
