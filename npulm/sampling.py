@@ -324,11 +324,11 @@ class Mirostat:
 
     def __call__(self, c: Candidates, n_vocab: int, rng: np.random.Generator) -> int:
         ids, lg = c
-        head = min(len(ids), self.m)
-        order = np.argpartition(-lg, head - 1)[:head] if head < len(ids) else np.arange(len(ids))
-        order = order[np.argsort(-lg[order], kind="stable")]
         probs = softmax(lg)
         if self.version == 1:  # estimate the Zipf exponent from the top m tokens, choose k from it and mu
+            head = min(len(ids), self.m)
+            order = np.argpartition(-lg, head - 1)[:head] if head < len(ids) else np.arange(len(ids))
+            order = order[np.argsort(-lg[order], kind="stable")]
             p = probs[order]
             t = np.log(np.arange(2, head + 1) / np.arange(1, head))
             b = np.log(p[:-1] / p[1:])
