@@ -21,6 +21,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -28,7 +29,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from npulm import Llama, assets  # noqa: E402
-from npulm.evaluate import divergence, log_softmax  # noqa: E402
+from npulm.evaluate import Divergence, log_softmax  # noqa: E402
+from npulm.evaluate import divergence as _divergence  # noqa: E402
 from npulm.npu import pipelines as P  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -87,12 +89,43 @@ def evaluate(path: str, n_chunks: int, label: str, **kw) -> tuple[np.ndarray, np
         logits.append(llm.session.eval(chunk, logits_from=first)[: N_CTX - 1 - first])
         targets.append(np.asarray(chunk[first + 1:]))
         say(f"  {label}: chunk {i + 1}/{n_chunks} ({time.perf_counter() - t0:.0f} s)")
-    return np.concatenate(logits), np.concatenate(targets), (time.perf_counter() - t0) / n_chunks, llm
+    return _to_disk(logits, label), np.concatenate(targets), (time.perf_counter() - t0) / n_chunks, llm
 
 
-def perplexity(logits: np.ndarray, targets: np.ndarray) -> float:
-    lp = log_softmax(logits)
-    return float(np.exp(-lp[np.arange(len(targets)), targets].mean()))
+_SPILL = tempfile.TemporaryDirectory(prefix="npulm-accuracy-")  # a 262k vocabulary: 2 GB of logits per row
+
+
+def _to_disk(chunks: list[np.ndarray], label: str) -> np.ndarray:
+    """The logits as a float32 memmap on disk: three models' worth of Gemma-3 logits do not fit in RAM with
+    the log-softmax temporaries; everything below reads them a block of rows at a time."""
+    n, v = sum(len(c) for c in chunks), chunks[0].shape[1]
+    out = np.lib.format.open_memmap(Path(_SPILL.name) / f"{label}-{time.monotonic_ns()}.npy", mode="w+",
+                                    dtype=np.float32, shape=(n, v))
+    at = 0
+    for c in chunks:
+        out[at: at + len(c)] = c
+        at += len(c)
+    chunks.clear()
+    return out
+
+
+def _drop(a: np.ndarray) -> None:
+    if isinstance(a, np.memmap) and a.filename:
+        os.remove(a.filename)
+
+
+def divergence(ref: np.ndarray, logits: np.ndarray, step: int = 128) -> Divergence:
+    parts = [_divergence(np.asarray(ref[i: i + step]), np.asarray(logits[i: i + step]))
+             for i in range(0, len(ref), step)]
+    return Divergence(np.concatenate([p.kl for p in parts]), np.concatenate([p.top1 for p in parts]))
+
+
+def perplexity(logits: np.ndarray, targets: np.ndarray, step: int = 128) -> float:
+    nll = []
+    for i in range(0, len(targets), step):
+        lp = log_softmax(np.asarray(logits[i: i + step]))
+        nll.append(-lp[np.arange(len(lp)), targets[i: i + step]])
+    return float(np.exp(np.concatenate(nll).mean()))
 
 
 def npu_description(llm: Llama) -> str:
@@ -134,9 +167,12 @@ def run_model(model: str, pipelines: list[str], n_chunks: int) -> tuple[list[Row
         d = divergence(ref, lg)
         rows.append(Row(name, kind, npu, perplexity(lg, targets), d.mean_kl, d.top1_rate, secs,
                         divergence(cpu_logits, lg).mean_kl))
+        _drop(lg)
         r = rows[-1]
         say(f"  -> {name}: PPL {r.ppl:.4f} ({100 * (r.ppl / rows[1].ppl - 1):+.2f} % vs cpu), KLD {r.kld:.5f}, "
             f"KLD vs cpu {r.kld_cpu:.5f}, top-1 {100 * r.top1:.1f} %")
+    _drop(ref)
+    _drop(cpu_logits)
     return rows, {"n_layer": n_layer, "tokens": len(targets)}
 
 

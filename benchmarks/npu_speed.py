@@ -21,6 +21,7 @@ from npulm.npu.chips import get_chip
 from npulm.plan import Planner, markdown, resolve_shape
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+BEGIN, END = "<!-- npulm plan: begin (benchmarks/npu_speed.py) -->", "<!-- npulm plan: end -->"
 MODELS = {assets.SMOLLM2: "smollm2-135m", assets.GEMMA3: "gemma3-270m", "qwen2_5_1_5b:Q4_0": None}
 
 
@@ -75,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         *[p + "\n" for p in parts],
         "![accuracy vs predicted speed](npu-speed.png)", ""])
     (out / "npu-speed.md").write_text(text)
+    readme = out.parent / "README.md"
+    if readme.is_file():  # the same tables in the README, between its plan markers
+        body = readme.read_text()
+        a, b = body.find(BEGIN), body.find(END)
+        if 0 <= a < b:
+            block = "\n".join([BEGIN, *[p.replace("### ", "**", 1).replace("\n", "**\n", 1) + "\n" for p in parts]])
+            readme.write_text(body[:a] + block + body[b:])
     plot(results, out / "npu-speed.png")
     print(f"wrote {out / 'npu-speed.md'} and {out / 'npu-speed.png'}", file=sys.stderr)
     return 0

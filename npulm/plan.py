@@ -37,11 +37,15 @@ def host_cost(pipeline: str, c: dict[str, float]) -> C.HostCost:
     return C.HostCost(per_call * f, per_elem * f)
 
 
-def measured_accuracy(pipeline: str) -> tuple[float, float] | None:
-    """(worst ΔPPL % vs the CPU path, worst mean KLD) over the measured models, or None when never measured."""
+def measured_accuracy(pipeline: str, model: str = "") -> tuple[float, float] | None:
+    """(ΔPPL % vs the CPU path, mean KLD) as measured on this model when it is one of the measured ones, else the
+    worst over the measured models; None when the pipeline was never measured."""
     from .npu.accuracy_measured import MEASURED
 
     vals = [v for (p, _), v in MEASURED.items() if p == pipeline]
+    key = model.lower().replace("-", "").replace("_", "")
+    own = [v for (p, m), v in MEASURED.items() if p == pipeline and m.split("-")[0].replace("_", "") in key]
+    vals = own or vals
     if not vals:
         return None
     return max(v[0] for v in vals), max(v[1] for v in vals)
@@ -138,7 +142,7 @@ class Planner:
         for li, ch in choices.items():
             if ch.pipeline is None:
                 continue
-            acc = measured_accuracy(ch.pipeline)
+            acc = measured_accuracy(ch.pipeline, self.shape.name)
             if acc is None:
                 return None
             total += acc[1] * li.k * li.n * li.count / self.shape.block_params
@@ -152,7 +156,7 @@ class Planner:
         for li in self.shape.linears:
             t_cpu = C.cpu_linear_time(self.c, li, p) + n * C.cpu_linear_time(self.c, li, 1)
             for name in pipelines or pipeline_names():
-                acc = measured_accuracy(name)
+                acc = measured_accuracy(name, self.shape.name)
                 if acc is None or self.geometry(name, li) is None:
                     continue
                 m0 = self.threshold(name, li)
@@ -185,7 +189,7 @@ class Planner:
             choices = {li: Choice(name) for li in self.shape.linears if self.geometry(name, li) is not None}
             if not choices:
                 continue
-            acc = measured_accuracy(name)
+            acc = measured_accuracy(name, self.shape.name)
             out.append({"name": name, **self.speeds(choices, p, n), **self.stats(choices),
                         "dppl_pct": None if acc is None else acc[0], "kld": None if acc is None else acc[1]})
         best = self.best(p, n, max_kld)
