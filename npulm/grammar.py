@@ -3,9 +3,10 @@ that the sampler applies before anything else (npulm/sampling.py's TokenConstrai
 
 The engine is llguidance, chosen by measurement (benchmarks/grammar_mask.py, table in the README): on Gemma-3's
 262k vocabulary llguidance's and xgrammar's per-token masks are far below a tenth of a decode step (xgrammar's is
-the fastest), so the choice rests on the rest: llguidance compiles a schema in milliseconds (xgrammar: over a second, outlines-core:
-minutes, per schema, and a server meets a new one per request), imports nothing else (xgrammar imports torch and
-transformers) and reads llama.cpp's GBNF, so `grammar=` strings written for llama-cpp-python keep working.
+the fastest), so the choice rests on the rest: llguidance compiles a schema in milliseconds (xgrammar: over a
+second, outlines-core: minutes, per schema, and a server meets a new one per request), imports nothing else
+(xgrammar imports torch and transformers) and reads llama.cpp's GBNF, so `grammar=` strings written for
+llama-cpp-python keep working.
 """
 
 from __future__ import annotations
