@@ -132,8 +132,11 @@ class Planner:
             if ch.min_m <= 1:
                 calls += li.count * g.calls(1)
                 serial += li.count * g.serial_calls(1)
+        contexts = sum(li.count * self.geometry(ch.pipeline, li).calls(1) for li, ch in choices.items()
+                       if ch.pipeline and self.geometry(ch.pipeline, li) is not None)
         return {"calls_per_token": calls, "serial_calls_per_token": serial,
-                "npu_bytes_per_param": npu_bytes / self.shape.block_params}
+                "npu_bytes_per_param": npu_bytes / self.shape.block_params,
+                "contexts": contexts, "mem_views": 3 * contexts}  # per M bucket in use (planner: 3 views each)
 
     def kld(self, choices: dict[C.LinearShape, Choice]) -> float | None:
         """Estimated mean KLD of a placement: each pipeline's measured whole-model KLD times the share of block
@@ -260,7 +263,23 @@ def markdown(rows: list[dict], title: str) -> str:
                    f"{r['npu_bytes_per_param']:.3f} | {_fmt(r['dppl_pct'], 2)} | {kld} |")
     plan = rows[-1].get("placement") or {}
     out += ["", "plan: " + (", ".join(f"{k} -> {v}" for k, v in sorted(plan.items())) or "every weight on the CPU")]
+    budget = handle_budget()
+    for r in rows:
+        if r["mem_views"] > budget:
+            out.append(f"warning: {r['name']} creates {r['contexts']} contexts and {r['mem_views']} memory views per "
+                       f"batch size, over this machine's budget of {budget} (open files / ~64k DMA handles)")
     return "\n".join(out)
+
+
+DMA_HANDLES = 64 * 1024  # "RKNPU DMA handle space ~64k" (Mojo24x7 BENCHMARKS.md 8)
+
+
+def handle_budget() -> int:
+    """Memory views a process may hold: the open-file limit (one fd per NPU allocation) and the DMA handle space."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return DMA_HANDLES if soft == resource.RLIM_INFINITY else min(int(soft), DMA_HANDLES)
 
 
 def resolve_shape(model: str | None) -> C.ModelShape:

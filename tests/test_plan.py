@@ -19,6 +19,9 @@ def test_plan_json_rows(model, capsys):
             assert key in r
         assert r["pp_tok_s"] > 0 and r["tg_tok_s"] > 0
     assert rows[0]["calls_per_token"] == 0 and rows[0]["npu_bytes_per_param"] == 0
+    by = {r["name"]: r for r in rows}
+    assert by["W16A16"]["mem_views"] == 3 * by["W16A16"]["contexts"] == 3 * by["W16A16"]["calls_per_token"]
+    assert by["W8A8_GGUF_HADAMARD"]["contexts"] > 10 * by["W16A16"]["contexts"]  # counted before loading
 
 
 def test_plan_markdown(capsys):

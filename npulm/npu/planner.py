@@ -319,6 +319,7 @@ class NpuMatmul:
     def _pack(self, b: np.ndarray) -> None:
         """Pad, cut and pack B into the native segments of one (or more) allocations."""
         sizes = [self._segment_bytes(n1 - n0) for n0, n1 in self.slices]
+        self._check_b_sizes(sizes)
         seg = [(j, i) for j in range(self.n_chunks) for i in range(len(self.slices))]
         # group segments into allocations of at most max_alloc_bytes
         groups, cur, total = [], [], 0
@@ -355,6 +356,23 @@ class NpuMatmul:
             self.close()
             raise
 
+    def _check_b_sizes(self, sizes: list[int]) -> None:
+        """Native B sizes from npulm's tile table against the runtime's io_attr.B.size, before anything is packed:
+        a board whose tiles differ would have the layout helper write past a segment. A mismatch is an RknnError,
+        so the weight falls back to the CPU path like any other NPU refusal."""
+        from .rknn import RknnParamInvalid
+
+        for width, want in {n1 - n0: sz for (n0, n1), sz in zip(self.slices, sizes)}.items():
+            ctx, io = self.rt.create(MatmulInfo(1, self.chunk_k, width, self.type, LAYOUT_NATIVE,
+                                                AC_layout=LAYOUT_NATIVE))
+            try:
+                if io.B.size != want:
+                    raise RknnParamInvalid(-5, "rknn_matmul_create", f"native B of K={self.chunk_k} N={width} is "
+                                                                     f"{io.B.size} bytes on this runtime, npulm's "
+                                                                     f"tiles give {want}")
+            finally:
+                self.rt.destroy(ctx)
+
     def bucket(self, m: int) -> _Bucket:
         """The contexts for m token rows (created on first use)."""
         got = self._by_m.get(m)
@@ -389,7 +407,10 @@ class NpuMatmul:
                     if pinned:
                         rt.set_core_mask(ctx, _CORE_MASKS[i])
                     if io.A.size != a_bytes or io.C.size != L.nbytes(self.c_dt, (n1 - n0) * rows):
-                        raise ValueError(f"unexpected native sizes A {io.A.size} / C {io.C.size} for {info}")
+                        from .rknn import RknnParamInvalid  # an NPU refusal: the CPU path takes the weight
+
+                        raise RknnParamInvalid(-5, "rknn_matmul_create", f"unexpected native sizes A {io.A.size} / "
+                                                                         f"C {io.C.size} for {info}")
                     b_mem, b_off = self.offsets[(j, i)]
                     for mem, off, attr in ((a_s.mem, j * a_bytes, io.A), (b_mem, b_off, io.B),
                                            (c_s.mem, j * c_bytes + L.nbytes(self.c_dt, n0 * rows), io.C)):

@@ -57,3 +57,31 @@ def test_ngl_auto_places_by_the_plan(tiny_models, monkeypatch):
     out = llm.session.eval(toks[:3])  # 3 rows < 8: every linear on the CPU path
     ref.reset()
     assert np.array_equal(out, ref.session.eval(toks[:3]))
+
+
+class _OddTiles(EmulatorRuntime):
+    """A runtime whose native sizes differ from npulm's tile table (as a board with other tiles would)."""
+
+    part = "B"
+
+    def create(self, info):
+        ctx, io = super().create(info)
+        getattr(io, self.part).size += 64
+        return ctx, io
+
+
+@pytest.mark.parametrize("part", ["B", "A", "C"])
+def test_native_size_mismatch_falls_back_to_the_cpu(tiny_models, part):
+    import warnings
+
+    rt = _OddTiles("rk3588")
+    rt.part = part
+    configure(runtime=rt)
+    w = Weight.from_gguf(GGUFFile(tiny_models["llama-q4_0"]), "blk.0.ffn_up.weight")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        lin = make_linear(w, "npu:W8A8_CHANNEL")
+    assert not lin.on_npu and "refused" in lin.spec
+    assert any("sizes" in str(r.message) or "native B" in str(r.message) for r in record)
+    x = np.random.default_rng(0).standard_normal((2, w.n_in)).astype(np.float32)
+    assert np.array_equal(lin(x), make_linear(w, "cpu")(x))
