@@ -214,17 +214,29 @@ def markdown(results: dict[str, tuple[list[Row], dict]], conts: dict, n_chunks: 
            "the NPU through the pipeline (`--npu-layers <n_layer> --pipeline NAME`); the output matmul stays on "
            "`cpu-ref`, so the rows measure the pipelines alone. ΔPPL is relative to the `cpu` row (the CPU path "
            "of the same GGUF); the Δ vs cpu-ref column is relative to the float reference.", "",
+           "Speed columns: `npulm plan`'s prediction for RK3588 (docs/cost-model.md; every block linear on the NPU, "
+           "the output matmul on the CPU): NPU bytes per parameter incl. padding, decode rknn_matmul_run calls per "
+           "token, pp512 and tg128 in tok/s and against the CPU. docs/npu-speed.png plots accuracy against predicted "
+           "speed.", "",
            "Kinds: **anchor** = rk-llama.cpp's recipes (the prior art; its W16A16 is the plain fp16 path), **npulm** "
            "= pipelines of our own, variant = intermediate recipes. The dotted line in the plot is KLD 0.002.", ""]
     for model, (rows, meta) in results.items():
         cpu, ref = rows[1], rows[0]
+        speed = predicted(model)
         out += [f"## {model} ({meta['n_layer']} blocks, {meta['tokens']} scored tokens)", "",
                 "| pipeline | kind | NPU realization (RK3588) | PPL | ΔPPL vs cpu | ΔPPL vs cpu-ref | mean KLD | "
-                "KLD vs cpu | top-1 % | s / chunk |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "KLD vs cpu | top-1 % | NPU B/param | calls/token | pred. pp512 | pred. tg128 | s / chunk |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
+            sp = speed.get(r.name if r.kind != "cpu" else "cpu")
+            cols = "- | - | - | -"
+            if sp:
+                cols = (f"{sp['npu_bytes_per_param']:.3f} | {sp['calls_per_token']} | {sp['pp_tok_s']:.0f} "
+                        f"({sp['pp_vs_cpu']:.2f}x) | {sp['tg_tok_s']:.1f} ({sp['tg_vs_cpu']:.2f}x)")
             out.append(f"| {r.name} | {r.kind} | {r.npu} | {r.ppl:.4f} | {100 * (r.ppl / cpu.ppl - 1):+.2f} % | "
                        f"{100 * (r.ppl / ref.ppl - 1):+.2f} % | {_kld(r.kld)} | "
-                       f"{_kld(r.kld_cpu) if r.kind != 'cpu' else '-'} | {100 * r.top1:.1f} | {r.seconds:.1f} |")
+                       f"{_kld(r.kld_cpu) if r.kind != 'cpu' else '-'} | {100 * r.top1:.1f} | {cols} | "
+                       f"{r.seconds:.1f} |")
         npu_rows = [r for r in rows if r.kind != "cpu"]
         w8 = best(npu_rows, lambda r: r.name.startswith("W8A8"))
         w4 = best(npu_rows, lambda r: r.name.startswith("W4"))
@@ -275,6 +287,16 @@ MEASURED: dict[tuple[str, str], tuple[float, float, float, float]] = {{
 {chr(10).join(lines)}
 }}
 ''')
+
+
+def predicted(model: str) -> dict[str, dict]:
+    """`npulm plan`'s rows for the model on RK3588 (the cost model): NPU bytes/param, calls per token, pp512, tg128."""
+    from npulm.npu.chips import get_chip
+    from npulm.npu.cost import ModelShape
+    from npulm.plan import Planner
+
+    rows = Planner(ModelShape.from_gguf(assets.model_path(model)), get_chip("rk3588")).rows(512, 128)
+    return {r["name"]: r for r in rows}
 
 
 def _kld(v: float) -> str:
