@@ -36,7 +36,10 @@ router_settings:
   timeout: 60
 litellm_settings:
   drop_params: true
+general_settings:
+  master_key: os.environ/LITELLM_MASTER_KEY
 """
+KEY = "sk-npulm-scaleout-test"  # the proxy refuses to start without a master key
 DEPLOYMENT = """  - model_name: tiny
     litellm_params:
       model: openai/tiny
@@ -89,26 +92,27 @@ def test_litellm_spreads_requests_and_survives_a_dead_server(tiny_models, tmp_pa
         port = free_port()
         proxy = subprocess.Popen([LITELLM, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 env={**os.environ, "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR"})
+                                 env={**os.environ, "LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR",
+                                      "LITELLM_MASTER_KEY": KEY})
         procs.append(proxy)
         wait_http(f"http://127.0.0.1:{port}/health/liveliness", proxy)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=120)
 
         def ask(i: int) -> str:
             r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"the cat {i}"}],
-                                               max_tokens=24, temperature=0)
+                                               max_tokens=48, temperature=0)
             return r.choices[0].message.content
 
-        with cf.ThreadPoolExecutor(6) as pool:
-            assert all(isinstance(x, str) for x in pool.map(ask, range(12)))
+        with cf.ThreadPoolExecutor(8) as pool:
+            assert all(isinstance(x, str) for x in pool.map(ask, range(16)))
             counts = [served(u) for u in urls]
-            assert sum(counts) >= 12 and min(counts) >= 2, counts  # spread over both
+            assert sum(counts) >= 16 and min(counts) >= 3, counts  # spread over both
             # kill one server while requests are in flight: the proxy retries on the other one
-            futures = [pool.submit(ask, i) for i in range(12, 24)]
+            futures = [pool.submit(ask, i) for i in range(16, 28)]
             time.sleep(0.2)
             procs[0].send_signal(signal.SIGKILL)
             procs[0].wait(10)
-            futures += [pool.submit(ask, i) for i in range(24, 36)]
+            futures += [pool.submit(ask, i) for i in range(28, 40)]
             answers = [f.result() for f in futures]
         assert len(answers) == 24 and all(isinstance(x, str) for x in answers)
         assert served(urls[1]) > counts[1]
