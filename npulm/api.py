@@ -368,18 +368,25 @@ class Llama:
                                presence_penalty=presence_penalty, mirostat_mode=mirostat_mode,
                                mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, seed=self._seed),
                           as_grammar(grammar), logits_processor=logits_processor)
+        if self._owner == threading.get_ident():
+            raise RuntimeError("this Llama is already generating in this thread (an unfinished generator?): "
+                               "finish or close it first")
         with self._lock:
-            session = self._live()
-            if reset:
-                session.reset()
-            logits = session.prefill(list(tokens)) if tokens else session.eval([self.token_bos()])[-1]
-            while True:
-                token = s(logits, session.tokens)
-                if stopping_criteria and any(c(np.asarray(session.tokens + [token]), logits)
-                                             for c in stopping_criteria):
-                    return
-                yield token
-                logits = session.eval([token])[-1]
+            self._owner = threading.get_ident()
+            try:
+                session = self._live()
+                if reset:
+                    session.reset()
+                logits = session.prefill(list(tokens)) if tokens else session.eval([self.token_bos()])[-1]
+                while True:
+                    token = s(logits, session.tokens)
+                    if stopping_criteria and any(c(np.asarray(session.tokens + [token]), logits)
+                                                 for c in stopping_criteria):
+                        return
+                    yield token
+                    logits = session.eval([token])[-1]
+            finally:
+                self._owner = None
 
     def _stream(self, prompt_tokens: list[int], max_tokens: int | None, stop: str | list[str] | None,
                 sampler) -> Iterator[tuple[str, str | None, int]]:

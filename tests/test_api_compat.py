@@ -176,6 +176,16 @@ def test_save_and_load_state_replay_a_generation(tiny_models):
     assert first == again
 
 
+def test_an_open_generator_is_a_clear_error_not_a_deadlock(tiny_models):
+    a = Llama(str(tiny_models["llama"]), n_ctx=64, verbose=False)
+    g = a.generate(a.tokenize("the"), temp=0)
+    next(g)
+    with pytest.raises(RuntimeError, match="already generating"):
+        a("x", max_tokens=2)
+    g.close()
+    assert a("x", max_tokens=2)["choices"]
+
+
 def _take(it, n):
     for i, x in enumerate(it):
         if i >= n:
