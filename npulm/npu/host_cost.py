@@ -11,6 +11,7 @@ HOST_COST: dict[str, tuple[float, float]] = {  # pipeline: (per_call s, per_elem
     'W4A4_GGUF_BLOCK': (3.305e-04, 3.383e-09),
     'W4A4_GGUF_HADAMARD': (9.260e-04, 6.048e-09),
     'W4A4_HADAMARD': (5.635e-05, 6.209e-09),
+    'W4A8_BLOCK': (1.324e-04, 6.152e-09),
     'W4A8_CHANNEL': (1.094e-04, 7.477e-09),
     'W4A8_GGUF_BLOCK': (8.649e-04, 4.138e-09),
     'W8A8_CHANNEL': (1.971e-05, 3.377e-09),

@@ -102,6 +102,9 @@ PIPELINES: dict[str, PipelineSpec] = {p.name: p for p in [
                  "pad-to-2^n Hadamard, int4 W per channel (MSE clip), int4 x per token"),
     PipelineSpec("W4A8_CHANNEL", "channel-mse", 8, None, "pad", "",
                  "pad-to-2^n Hadamard, int4 W per channel (MSE clip), int8 x per token as two int4 passes"),
+    PipelineSpec("W4A8_BLOCK", "channel-mse", 8, None, "block", "npulm",
+                 "block Hadamard on K (no padding: 0.5 B/param in NPU memory), int4 W per channel (MSE clip), int8 x "
+                 "per token as two int4 passes"),
     PipelineSpec("W4A8_GGUF_BLOCK", "gguf", 8, "block", "none", "npulm",
                  "the GGUF's codes exactly, int8 x per (token, block) (two int4 passes), block scales on the CPU"),
     PipelineSpec("W4A4_GGUF_BLOCK", "gguf", 4, "block", "none", "npulm",

@@ -638,6 +638,7 @@ PIPELINES: dict[str, Recipe] = {r.name: r for r in [
            "rk-llama.cpp"),
     Recipe("W4A4_CHANNEL", "channel-mse", 4, 4, None, "pad", "INT4xINT4->INT16, K chunks <= 511"),
     Recipe("W4A8_CHANNEL", "channel-mse", 4, 8, None, "pad", "INT8xINT8 (int4 codes widened) or 2 x INT4xINT4"),
+    Recipe("W4A8_BLOCK", "channel-mse", 4, 8, None, "block", "2 x INT4xINT4 (x halves): 4-bit weights, no padding"),
     Recipe("W4A8_GGUF", "gguf", 4, 8, None, "none",
            "INT8xINT8 per block group, or 2 x INT4xINT4 (x split) when the codes fit int4",
            "exact GGUF weights"),
