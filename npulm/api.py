@@ -25,6 +25,7 @@ from . import tools as tools_mod  # `tools` is create_chat_completion's keyword
 from .generate import Session, stream_text
 from .gguf import GGUFFile
 from .models import load_model
+from .models.base import hparam
 from .placement import Placement, parse_overrides
 from .sampling import SamplingParams, make_sampler, token_logprobs
 from .tokenizer import Tokenizer
@@ -92,7 +93,7 @@ class Llama:
         self.metadata = {k: v for k, v in self.gguf.kv.items() if not isinstance(v, (list, np.ndarray))}
         self.tokenizer = Tokenizer.from_gguf(self.gguf.kv)
         arch = self.gguf.architecture
-        n_ctx_train = int(self.gguf.kv.get(f"{arch}.context_length", 4096))
+        n_ctx_train = hparam(self.gguf.kv, arch, "context_length", 4096)  # type- and range-checked
         self._n_ctx = n_ctx_train if n_ctx <= 0 else n_ctx
         if n_threads:
             self.set_threads(n_threads)
@@ -106,7 +107,7 @@ class Llama:
 
             overrides += list(auto_specs(self.model_path, npu.current()[0].chip).items())
             npu_layers = 0
-        self.placement = Placement(n_layer=int(self.gguf.kv.get(f"{arch}.block_count", 0)), npu_layers=npu_layers,
+        self.placement = Placement(n_layer=hparam(self.gguf.kv, arch, "block_count", 0), npu_layers=npu_layers,
                                    pipeline=pipeline, overrides=overrides)
         self.model = load_model(self.gguf, self._n_ctx, self.placement.spec_for, progress=verbose)
         self.n_batch = max(1, min(n_batch, n_ubatch))
@@ -182,7 +183,7 @@ class Llama:
         return self.model.n_vocab
 
     def n_embd(self) -> int:
-        return int(self.gguf.kv.get(f"{self.gguf.architecture}.embedding_length", 0))
+        return hparam(self.gguf.kv, self.gguf.architecture, "embedding_length", 0)
 
     def token_bos(self) -> int:
         return self.tokenizer.bos_id

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from . import assets
+from .generate import ContextOverflow
 
 HELP = "Enter sends. Ctrl-C stops a reply; Ctrl-C twice or Ctrl-D leaves. /clear starts over, /exit leaves."
 
@@ -125,8 +126,10 @@ def chat(llm, args: argparse.Namespace, sampling: dict[str, Any]) -> int:
             reply, stopped = _reply(llm, messages, args, sampling)
         except ValueError as e:  # the conversation outgrew the context, or the template refused it
             messages.pop()
-            print(f"npulm: error: {' '.join(str(e).split())}" + (" (/clear starts over)" if interactive else ""),
-                  file=sys.stderr)
+            said = " ".join(str(e).split())
+            if isinstance(e, ContextOverflow):
+                said = f"the conversation no longer fits the context of {llm.n_ctx()} tokens (-c): {said}"
+            print(f"npulm: error: {said}" + (" (/clear starts over)" if interactive else ""), file=sys.stderr)
             status = 1
             continue
         if stopped:

@@ -61,7 +61,7 @@ HPARAMS: dict[str, Int | Float | Flags] = {
     "attention.sliding_window_pattern": Flags(Int(0, 4096)),
     "attention.logit_softcapping": Float(0.0, 1e6),
     "final_logit_softcapping": Float(0.0, 1e6),
-    "rope.dimension_count": Int(0, 1 << 16),
+    "rope.dimension_count": Int(2, 1 << 16),
     "rope.freq_base": Float(0.0, 1e12, lo_open=True),
     "rope.freq_base_swa": Float(0.0, 1e12, lo_open=True),
     "rope.scaling.factor": Float(0.0, 1e6),
@@ -135,6 +135,10 @@ TENSOR_SHAPES: dict[str, tuple[str, ...] | list[tuple[str, ...]]] = {
     "ffn_up_exps.weight": ("n_embd", "n_ff_exp", "n_expert"),
     "ffn_down_exps.weight": ("n_ff_exp", "n_embd", "n_expert"),
 }
+# Rows an architecture narrows (its block reads only one of the alternatives).
+ARCH_TENSOR_SHAPES: dict[str, dict[str, tuple[str, ...] | list[tuple[str, ...]]]] = {
+    "gemma3": {"attn_q_norm.weight": ("head_dim",), "attn_k_norm.weight": ("head_dim",)},
+}
 # Optional tensors that come together or not at all, per block.
 TENSOR_GROUPS: list[tuple[str, ...]] = [("attn_q.bias", "attn_k.bias", "attn_v.bias")]
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
@@ -173,6 +177,7 @@ def check_config(config: Any) -> None:
 def check_tensor_shapes(gguf: GGUFFile, config: Any, n_vocab: int | None = None) -> None:
     """Every tensor of TENSOR_SHAPES the file has must have the shape its config implies (GGUFError naming it)."""
     check_config(config)
+    table = {**TENSOR_SHAPES, **ARCH_TENSOR_SHAPES.get(str(gguf.kv.get("general.architecture")), {})}
     n_layer = _field(config, "n_layer")
     for group in TENSOR_GROUPS:
         for i in range(n_layer or 0):
@@ -185,7 +190,7 @@ def check_tensor_shapes(gguf: GGUFFile, config: Any, n_vocab: int | None = None)
         m = _BLOCK.match(name)
         if m and n_layer is not None and int(m.group(1)) >= n_layer:
             continue  # tensors of blocks past block_count are not loaded (e.g. a draft model's extra layers)
-        expected = TENSOR_SHAPES.get(name[m.end():] if m else name)
+        expected = table.get(name[m.end():] if m else name)
         if expected is None:
             continue
         shapes = []

@@ -29,6 +29,7 @@ def _load(path):
     ("llama.rope.freq_base", (F32, -math.inf), "llama.rope.freq_base"),
     ("llama.attention.head_count_kv", (U32, 3), "head_count_kv = 3 does not divide attention.head_count = 4"),
     ("llama.rope.dimension_count", (U32, 17), "rope.dimension_count = 17"),
+    ("llama.rope.dimension_count", (U32, 0), "llama.rope.dimension_count: expected an integer in 2..65536, found 0"),
     ("llama.embedding_length", None, "missing metadata key llama.embedding_length"),
 ])
 def test_bad_hyper_parameters_name_the_key(tiny_models, tmp_path, key, value, message):
@@ -44,6 +45,7 @@ def test_bad_hyper_parameters_name_the_key(tiny_models, tmp_path, key, value, me
     ("qwen2", "blk.0.attn_k.bias", [16], "[32]"),
     ("gemma3", "blk.2.attn_q_norm.weight", [32], "[16]"),
     ("llama", "output_norm.weight", [32], "[64]"),
+    ("gemma3", "blk.1.attn_k_norm.weight", [32], "[16]"),  # over all KV heads: olmoe's layout, not gemma3's
 ])
 def test_tensor_shapes_are_checked_at_load(tiny_models, tmp_path, arch, name, dims, expected):
     from fuzzing import serialize, spec_from_file
