@@ -74,6 +74,7 @@ class GenRequest:
     max_tokens: int | None = None  # None: until an end-of-generation token or a full context
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely
+    ignore_eos: bool = False  # llama-server's: end-of-generation tokens do not end the reply (benchmarks)
     events: asyncio.Queue | None = None
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: bool = False
@@ -328,7 +329,7 @@ class Engine:
         token = req.sampler(logits, slot.tokens)
         if slot.t_first == 0.0:
             slot.t_first = time.monotonic()
-        if token in self.tokenizer.eog_ids:
+        if token in self.tokenizer.eog_ids and not req.ignore_eos:
             self._finish(slot, "stop")
             return 0
         slot.n_gen += 1

@@ -69,7 +69,8 @@ async def _request(state: ServerState, body: dict, prompt: list[int], logprobs: 
     grammar = grammar_of(body)
     lltok = await state.grammar_tokenizer() if grammar is not None else None
     sampler = state.sampler(params, grammar=grammar, lltok=lltok)
-    return GenRequest(prompt, sampler, max_tokens, _stop_list(body.get("stop")), logprobs)
+    return GenRequest(prompt, sampler, max_tokens, _stop_list(body.get("stop")), logprobs,
+                      ignore_eos=field_of(body, "ignore_eos", bool, False))
 
 
 # OpenAI's fields and llama-server's extra ones -> SamplingParams
