@@ -87,6 +87,15 @@ def _logprobs(state: ServerState, e: TokenEvent) -> list[dict]:
              "top_logprobs": [{"token": state.token_text(t), "logprob": lp} for t, lp in e.top or []]}]
 
 
+async def _body(request: Request, state: ServerState) -> dict:
+    """The request's JSON, which must name the served model (Ollama requires `model`)."""
+    body = await read_json(request, state.max_body)
+    if body.get("model") is None:
+        raise ApiError(400, "'model' is required", "model")
+    state.check_model(body["model"])
+    return body
+
+
 async def _reply(request: Request, state: ServerState, body: dict, req: GenRequest, shape) -> Response:
     """Stream NDJSON (Ollama's default) or answer one object; `shape(text, done_fields)` builds each line."""
     if field_of(body, "stream", bool, True):
@@ -121,10 +130,7 @@ async def _reply(request: Request, state: ServerState, body: dict, req: GenReque
 
 @handles(ollama_error)
 async def api_generate(request: Request, state: ServerState) -> Response:
-    body = await read_json(request, state.max_body)
-    if body.get("model") is None:
-        raise ApiError(400, "'model' is required", "model")
-    state.check_model(body["model"])
+    body = await _body(request, state)
     prompt = field_of(body, "prompt", str, "")
     system = field_of(body, "system", str, None)
     context = body.get("context") or []
@@ -151,10 +157,7 @@ async def api_generate(request: Request, state: ServerState) -> Response:
 
 @handles(ollama_error)
 async def api_chat(request: Request, state: ServerState) -> Response:
-    body = await read_json(request, state.max_body)
-    if body.get("model") is None:
-        raise ApiError(400, "'model' is required", "model")
-    state.check_model(body["model"])
+    body = await _body(request, state)
     messages = message_list(body.get("messages"))
     req = await _request(state, body, state.chat_prompt(messages))
 
@@ -167,10 +170,7 @@ async def api_chat(request: Request, state: ServerState) -> Response:
 
 @handles(ollama_error)
 async def api_embed(request: Request, state: ServerState) -> Response:
-    body = await read_json(request, state.max_body)
-    if body.get("model") is None:
-        raise ApiError(400, "'model' is required", "model")
-    state.check_model(body["model"])
+    body = await _body(request, state)
     legacy = request.url.path.endswith("/embeddings")  # /api/embeddings: {"prompt"} -> {"embedding"}
     token_lists = state.embed_inputs(body.get("prompt" if legacy else "input"), "prompt" if legacy else "input")
     t0 = time.perf_counter()
