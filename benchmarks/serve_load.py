@@ -132,6 +132,41 @@ async def chat_ttft(url: str, turns: int, max_tokens: int) -> list[float]:
     return out
 
 
+def decode_steps(model_name: str, ctx: int, slots: int, reps: int = 10) -> list[tuple[int, str, float]]:
+    """One batched decode step (each sequence at its own position) at M = 1 and M = slots, with the CPU kernels'
+    rows algorithm (what serve uses: rows computed as alone) and their gemm: (M, kernel, ms) medians."""
+    from npulm.api import Llama
+    from npulm.cpu import _kernels
+
+    llm = Llama(model_name, n_ctx=ctx, verbose=False)
+    model = llm.model
+    caches = [model.make_cache() for _ in range(slots)]
+    for cache, prompt in zip(caches, PROMPTS * slots):
+        model.forward(llm.tokenize(prompt), cache)
+    default, out = _kernels.get_gemm_min_m(), []
+    try:
+        for m in (1, slots):
+            for kernel, min_m in (("rows", slots + 1), ("gemm", 1)):
+                if m == 1 and kernel == "gemm":
+                    continue
+                _kernels.set_gemm_min_m(min_m)
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    model.forward_batch([[PROMPT_TOKEN]] * m, caches[:m])
+                    times.append(time.perf_counter() - t0)
+                    for cache in caches[:m]:
+                        for layer in cache:
+                            layer.trim(1)
+                out.append((m, kernel, 1e3 * float(np.median(times))))
+    finally:
+        _kernels.set_gemm_min_m(default)
+    return out
+
+
+PROMPT_TOKEN = 42
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--model", default="smollm2-135m")
@@ -142,6 +177,14 @@ def main() -> int:
     ap.add_argument("-c", "--ctx-size", type=int, default=1024)
     ap.add_argument("--turns", type=int, default=10, help="turns of the prefix-cache chat (0: skip)")
     args = ap.parse_args()
+    print(f"# serve_load: {args.clients} clients x {args.requests} streaming requests, max_tokens {args.max_tokens}, "
+          f"{args.model}, {os.cpu_count()} CPUs\n")
+
+    steps = decode_steps(args.model, args.ctx_size, max(args.parallel))
+    print("| decode step | kernel | ms | tokens/s |\n|---|---|---|---|")
+    for m, kernel, ms in steps:
+        print(f"| M = {m} | {kernel} | {ms:.1f} | {1e3 * m / ms:.1f} |")
+    print()
 
     from npulm.api import Llama
 
@@ -149,8 +192,6 @@ def main() -> int:
     expected = {p: llm.create_completion(p, max_tokens=args.max_tokens, temperature=0)["choices"][0]["text"]
                 for p in PROMPTS}
     del llm
-    print(f"# serve_load: {args.clients} clients x {args.requests} streaming requests, max_tokens {args.max_tokens}, "
-          f"{args.model}, {os.cpu_count()} CPUs\n")
     print("| --parallel | requests | errors | mismatches | TTFT p50 (s) | TTFT p99 (s) | tokens | wall (s) "
           "| aggregate tok/s |")
     print("|---|---|---|---|---|---|---|---|---|")
