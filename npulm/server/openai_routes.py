@@ -210,6 +210,8 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.max_body)
     state.check_model(body.get("model"))
     messages = message_list(body.get("messages"))
+    if body.get("tools") or body.get("functions"):  # the Python API has them (npulm.tools); the server not yet
+        raise ApiError(400, "tools / functions are not supported by npulm serve yet", "tools")
     want_logprobs = field_of(body, "logprobs", bool, False)
     top = field_of(body, "top_logprobs", int, None, lo=0, hi=20)
     if top is not None and not want_logprobs:

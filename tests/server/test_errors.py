@@ -71,7 +71,8 @@ def test_bad_max_tokens(server, after, value):
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 2), ("n", 2), ("stop", 5),
-                                         ("top_logprobs", 3), ("stream", "yes")])
+                                         ("top_logprobs", 3), ("stream", "yes"), ("logit_bias", {"x": 1}),
+                                         ("tools", [{"type": "function", "function": {"name": "f"}}])])
 def test_bad_fields(server, after, field, value):
     assert error_of(post(server, "/v1/chat/completions", json={**GOOD, field: value}), 400)["param"] == field
 

@@ -94,3 +94,12 @@ def test_format_schema(server):
     r = client(server).generate(model="tiny", prompt="the cat", format=schema, stream=False,
                                 options={"num_predict": 20, "temperature": 0.8, "seed": 2})
     assert json.loads(r.response) in ("yes", "no")
+
+
+def test_auth(keyed_server):
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama.Client(host=keyed_server.url).list()
+    assert e.value.status_code == 401
+    c = ollama.Client(host=keyed_server.url, headers={"Authorization": "Bearer sesame"})
+    assert c.list().models[0].model == "tiny"
+    assert c.generate(model="tiny", prompt="the", options=OPTIONS, stream=False).done
