@@ -22,8 +22,7 @@ from gguf.constants import GGMLQuantizationType as T
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest import write_tiny_model  # noqa: E402
-from models.test_rwkv import write_rwkv_model  # noqa: E402
+from gguf_writers import write_rwkv_model, write_tiny_model  # noqa: E402
 
 from npulm import bench  # noqa: E402
 from npulm.linear import Linear  # noqa: E402

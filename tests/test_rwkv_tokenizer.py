@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from models.test_rwkv import write_rwkv_model
+from gguf_writers import write_rwkv_model
 
 from npulm.gguf import GGUFFile
 from npulm.rwkv_tokenizer import unescape

@@ -116,7 +116,15 @@ class LinearShape:
     k: int
     n: int
     qtype: str  # GGUF type name
-    count: int = 1  # how many layers hold it
+    count: int = 1  # how many layers hold it (x experts for a mixture-of-experts matrix)
+    experts: int = 0  # a mixture of experts: matrices per layer; `used` of them chosen per token
+    used: int = 0
+
+    def expert_runs(self, m: int) -> tuple[float, int]:
+        """(experts that run per layer, their M) for a call of m tokens grouped per expert as npulm.models.moe runs
+        them: of E experts each chosen by a token with probability used / E, E (1 - (1 - used/E)^m) run."""
+        active = self.experts * (1.0 - (1.0 - self.used / self.experts) ** m)
+        return active, max(1, round(m * self.used / active))
 
 
 @dataclass(frozen=True)
@@ -153,13 +161,18 @@ class ModelShape:
         n_layer = int(g.kv.get(f"{arch}.block_count", 0))
         heads = int(g.kv.get(f"{arch}.attention.head_count", 0) or 0)
         groups: dict[tuple[str, int, int, str], int] = {}
+        experts: dict[tuple[str, int, int, str], int] = {}  # 3-D expert tensors (k, n, n_expert): per layer
         for name, t in g.tensors.items():
-            if not name.startswith("blk.") or len(t.shape) != 2 or not name.endswith(".weight"):
+            if not name.startswith("blk.") or len(t.shape) not in (2, 3) or not name.endswith(".weight"):
                 continue
             role = name.split(".")[2]
             key = (role, t.shape[0], t.shape[1], t.type.name)
-            groups[key] = groups.get(key, 0) + 1
-        linears = tuple(LinearShape(r, k, n, ty, c) for (r, k, n, ty), c in sorted(groups.items()))
+            groups[key] = groups.get(key, 0) + (t.shape[2] if len(t.shape) == 3 else 1)
+            if len(t.shape) == 3:
+                experts[key] = t.shape[2]
+        used = int(g.kv.get(f"{arch}.expert_used_count", 0) or 0)
+        linears = tuple(LinearShape(r, k, n, ty, c, experts.get((r, k, n, ty), 0), used if (r, k, n, ty) in experts
+                                    else 0) for (r, k, n, ty), c in sorted(groups.items()))
         tied = "output.weight" not in g.tensors
         out = g.tensors["token_embd.weight" if tied else "output.weight"]
         q_dim = next((li.n for li in linears if li.role == "attn_q"), heads * 64)
@@ -370,7 +383,10 @@ def token_times(c: dict[str, float], shape: ModelShape, impl: Impl, m: int) -> t
     t = 0.0
     for li in shape.linears:
         g = impl.geometry(li, c) if impl.geometry is not None and m >= impl.min_m else None
-        t += li.count * (cpu_linear_time(c, li, m) if g is None else npu_time(c, g, m, impl.host(c, g)))
+        runs, mm = (li.count, m) if not li.experts else li.expert_runs(m)  # experts: priced at their real M
+        if li.experts:
+            runs *= li.count // li.experts
+        t += runs * (cpu_linear_time(c, li, mm) if g is None else npu_time(c, g, mm, impl.host(c, g)))
     out = shape.output
     og = impl.geometry(out, c) if impl.output_on_npu and impl.geometry is not None else None
     t_out = cpu_linear_time(c, out, 1) if og is None else npu_time(c, og, 1, impl.host(c, og))

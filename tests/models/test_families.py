@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import write_tiny_model
 from gguf.constants import GGMLQuantizationType as T
+from gguf_writers import write_tiny_model
 
 from npulm.evaluate import divergence
 from npulm.gguf import GGUFFile
@@ -137,3 +137,21 @@ def test_cpu_moe_override_keeps_experts_on_the_cpu(tmp_path):
     block = model.blocks[0]
     assert all(lin.spec == "cpu" for lin in block.moe.gate + block.moe.up + block.moe.down)
     assert block.wq.spec.startswith("npu:") and block.moe.router.spec == "cpu"
+
+
+def test_cost_model_prices_experts_at_their_real_m(tmp_path):
+    """A MoE's expert matrices: in the shape with all their parameters, at decode only the chosen ones run (M = 1),
+    at prefill every expert runs once with M = its share of the tokens."""
+    from npulm.npu import cost as C
+
+    shape = C.ModelShape.from_gguf(family_model(tmp_path, "qwen3moe", T.Q8_0, n_ctx=32))
+    up = next(li for li in shape.linears if li.role == "ffn_up_exps")
+    assert (up.k, up.n, up.count, up.experts, up.used) == (64, 128, 2 * 8, 8, 2)
+    assert up.expert_runs(1) == (pytest.approx(2.0), 1)
+    active, m = up.expert_runs(512)
+    assert active == pytest.approx(8.0) and m == 128
+    c, cpu = C.constants("rk3588"), C.IMPLS["llama.cpp CPU"] if "llama.cpp CPU" in C.IMPLS else C._cpu_impl()
+    t1, _ = C.token_times(c, shape, cpu, 1)
+    dense = C.ModelShape(shape.name, shape.n_layer, tuple(
+        C.LinearShape(li.role, li.k, li.n, li.qtype, li.count) for li in shape.linears), shape.output, shape.q_dim)
+    assert t1 < C.token_times(c, dense, cpu, 1)[0]  # decode pays for 2 of 8 experts, not all 8

@@ -3,122 +3,14 @@ tokens against token-by-token, several sequences in one batch, the state as the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import gguf
 import numpy as np
 import pytest
-from conftest import tiny_vocab
 from gguf.constants import GGMLQuantizationType as T
+from gguf_writers import write_rwkv_model
 
 from npulm.evaluate import divergence
 from npulm.gguf import GGUFFile
 from npulm.models import load_model, rwkv
-
-E, FF, HS, LORA, N_LAYER = 128, 256, 64, 32, 2  # llama.cpp's SIMD WKV-7 steps 64 floats (AVX-512): heads of 64
-
-
-def write_rwkv_model(path: Path, version: int, qtype: T = T.F32, seed: int = 0, n_ctx: int = 256,
-                     zero: tuple[str, ...] = (), world_vocab: bool = False, n_embd: int = E, n_ff: int = FF,
-                     n_layer: int = N_LAYER) -> Path:
-    """Random weights with llama.cpp's tensor names and shapes (zero: tensors whose name contains one of these are
-    written as zeros)."""
-    E, FF, N_LAYER = n_embd, n_ff, n_layer  # noqa: N806  the module's names, overridable
-    rng = np.random.default_rng(seed)
-    arch = f"rwkv{version}"
-    tokens, scores, types = world_vocab_tokens() if world_vocab else tiny_vocab()
-    V = len(tokens)
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(N_LAYER)
-    w.add_context_length(n_ctx)
-    w.add_embedding_length(E)
-    w.add_feed_forward_length(FF)
-    w.add_head_count(0)
-    w.add_wkv_head_size(HS)
-    w.add_layer_norm_eps(1e-5)
-    w.add_token_shift_count(2)
-    if version == 6:
-        w.add_time_mix_extra_dim(LORA)
-        w.add_time_decay_extra_dim(LORA)
-        w.add_rescale_every_n_layers(0)
-    else:
-        w.add_decay_lora_rank(LORA)
-        w.add_iclr_lora_rank(LORA)
-        w.add_value_residual_mix_lora_rank(LORA)
-        w.add_gate_lora_rank(LORA)
-    w.add_tokenizer_model("rwkv" if world_vocab else "llama")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    if not world_vocab:
-        w.add_token_scores(scores)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-
-    def mat(name, *shape, scale=0.1):
-        a = (rng.standard_normal(shape) * scale).astype(np.float32) * (not any(z in name for z in zero))
-        if qtype == T.F32:
-            w.add_tensor(name, a)
-        elif qtype == T.F16:
-            w.add_tensor(name, a.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
-
-    def vec(name, *shape, around=0.0, scale=0.1):
-        w.add_tensor(name, (around + scale * rng.standard_normal(shape)).astype(np.float32))
-
-    def norm(name):
-        vec(name + ".weight", E, around=1.0)
-        vec(name + ".bias", E)
-
-    mat("token_embd.weight", V, E, scale=0.5)
-    norm("token_embd_norm")
-    norm("output_norm")
-    mat("output.weight", V, E)
-    for i in range(N_LAYER):
-        p = f"blk.{i}."
-        norm(p + "attn_norm")
-        norm(p + "attn_norm_2")
-        norm(p + "time_mix_ln")
-        for n in ("key", "value", "receptance", "output"):
-            mat(p + f"time_mix_{n}.weight", E, E)
-        mat(p + "channel_mix_key.weight", FF, E)
-        mat(p + "channel_mix_value.weight", E, FF)
-        vec(p + "channel_mix_lerp_k.weight", 1, 1, E, around=0.5, scale=0.2)
-        if version == 6:
-            mat(p + "time_mix_gate.weight", E, E)
-            mat(p + "channel_mix_receptance.weight", E, E)
-            vec(p + "channel_mix_lerp_r.weight", 1, 1, E, around=0.5, scale=0.2)
-            vec(p + "time_mix_lerp_x.weight", 1, 1, E, around=0.5, scale=0.2)
-            vec(p + "time_mix_lerp_fused.weight", 5, 1, 1, E, around=0.5, scale=0.2)
-            mat(p + "time_mix_w1.weight", 5 * LORA, E)
-            mat(p + "time_mix_w2.weight", 5, E, LORA)
-            vec(p + "time_mix_first.weight", E // HS, HS, scale=0.3)
-            vec(p + "time_mix_decay.weight", E, around=-1.0, scale=0.5)
-            mat(p + "time_mix_decay_w1.weight", LORA, E)
-            mat(p + "time_mix_decay_w2.weight", E, LORA)
-        else:
-            vec(p + "time_mix_lerp_fused.weight", 6, 1, 1, E, around=0.5, scale=0.2)
-            for n, around in (("w", -0.5), ("a", 0.0), ("v", 0.0)):
-                vec(p + f"time_mix_{n}0.weight", E, around=around, scale=0.5)
-            for n in ("w", "a", "v", "g"):
-                mat(p + f"time_mix_{n}1.weight", LORA, E)
-                mat(p + f"time_mix_{n}2.weight", E, LORA)
-            vec(p + "time_mix_k_k.weight", E, around=1.0, scale=0.2)
-            vec(p + "time_mix_k_a.weight", E, around=1.0, scale=0.2)
-            vec(p + "time_mix_r_k.weight", E, scale=0.3)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
-def world_vocab_tokens() -> tuple[list[str], list[float], list[int]]:
-    """A world-style vocabulary: "<s>", every byte (escaped as the world vocabulary spells them), words."""
-    tokens = ["<s>"] + [{9: "\\t", 10: "\\n", 13: "\\r", 92: "\\\\"}.get(b, chr(b) if 32 <= b < 127 else f"\\x{b:02x}")
-                        for b in range(256)]
-    tokens += ["he", "hel", "hello", " w", " world", "th", " the", "wor", "\\n\\n", "\\xe4\\xbd\\xa0", ", "]
-    return tokens, [], [3] + [1] * (len(tokens) - 1)
 
 
 def random_tokens(n: int, seed: int = 0) -> list[int]:
