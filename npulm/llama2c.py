@@ -218,6 +218,54 @@ def load_model(path: str | os.PathLike, n_ctx: int = 0, spec_for=lambda w: "cpu"
     return model
 
 
+def to_gguf(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a checkpoint and its tokenizer as a GGUF `llama` file (float32 tensors, the SentencePiece vocabulary with
+    its spaces as "▁" again): the same model for llama.cpp and for npulm's GGUF path. llama2.c's q / k already rotate
+    adjacent pairs, GGUF llama's layout, so no permutation."""
+    import gguf
+
+    ckpt = Checkpoint(checkpoint)
+    h = ckpt.header
+    tok = Llama2cTokenizer(tokenizer, h.vocab_size)
+    w = gguf.GGUFWriter(os.fspath(out), "llama")
+    w.add_block_count(h.n_layers)
+    w.add_context_length(h.seq_len)
+    w.add_embedding_length(h.dim)
+    w.add_feed_forward_length(h.hidden_dim)
+    w.add_head_count(h.n_heads)
+    w.add_head_count_kv(h.n_kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(h.dim // h.n_heads)
+    w.add_tokenizer_model("llama")
+    names, types = [], []
+    for i, piece in enumerate(tok.pieces):
+        if i < 3:
+            names.append(("<unk>", "<s>", "</s>")[i])
+            types.append(2 if i == 0 else 3)  # unknown, control
+        elif i < 259:
+            names.append(f"<0x{i - 3:02X}>")
+            types.append(6)  # byte
+        else:
+            names.append(piece.decode("utf-8", errors="replace").replace(" ", "\u2581"))
+            types.append(1)
+    w.add_token_list(names)
+    w.add_token_scores(tok.scores.tolist())
+    w.add_token_types(types)
+    w.add_bos_token_id(Llama2cTokenizer.BOS)
+    w.add_eos_token_id(Llama2cTokenizer.EOS)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(True)
+    for name, a in ckpt.tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(out)
+
+
 class Llama2cTokenizer:
     """tokenizer.bin: int32 max_token_length, then per token float32 score, int32 length, bytes. Encoding is
     run.c's: BOS, a dummy-prefix space, code points (bytes + 3 where a code point is not in the vocabulary), then

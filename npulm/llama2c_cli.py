@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .llama2c import Llama2cError, Llama2cTokenizer, is_checkpoint, load_model
+from .llama2c import Llama2cError, Llama2cTokenizer, is_checkpoint, load_model, to_gguf
 
 
 def wants(argv: list[str]) -> bool:
@@ -58,7 +58,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--cpu", action="store_true", help="every matmul on the CPU instead of the NPU")
     ap.add_argument("--pipeline", default="W16A16", help="NPU pipeline of every matmul (default W16A16)")
     ap.add_argument("--chip", default=None, help="NPU chip (rk3588, rk3576, ...); detected on a board")
+    ap.add_argument("--export-gguf", metavar="OUT", default=None,
+                    help="write the checkpoint and tokenizer as a GGUF llama file and exit")
     return ap.parse_args(argv)
+
+
+def tokenizer_path(args: argparse.Namespace) -> Path:
+    return Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint).with_name("tokenizer.bin")
 
 
 class Sampler:
@@ -99,8 +105,7 @@ class Sampler:
 
 class Runner:
     def __init__(self, args: argparse.Namespace):
-        ckpt = Path(args.checkpoint)
-        tok = Path(args.tokenizer) if args.tokenizer else ckpt.with_name("tokenizer.bin")
+        ckpt, tok = Path(args.checkpoint), tokenizer_path(args)
         if args.threads:
             from . import cpu
 
@@ -186,6 +191,9 @@ class Runner:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     try:
+        if args.export_gguf:
+            print(to_gguf(args.checkpoint, tokenizer_path(args), args.export_gguf))
+            return 0
         runner = Runner(args)
         if args.mode == "chat":
             return runner.chat(args.prompt, args.system)

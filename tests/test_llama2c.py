@@ -218,3 +218,25 @@ def test_cli_greedy_run(tmp_path, capfdbinary, dialect):
     pieces = [tok.piece(p, t) for p, t in zip(want, want[1:])]
     printable = [p for p in pieces if len(p) > 1 or 32 <= p[0] < 127 or p in (b"\t", b"\n", b"\v", b"\f", b"\r")]
     assert out == b"".join(printable) + b"\n"
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("version, shared", [(1, False), (0, True)])
+def test_gguf_export_matches_llama_cpp(tmp_path, version, shared):
+    """The checkpoint exported to GGUF: llama.cpp's logits and tokens equal the llama2.c loader's."""
+    pytest.importorskip("llama_cpp")
+    from npulm.reference import LlamaCpp
+
+    path = tmp_path / "model.bin"
+    write_checkpoint(path, random_weights(3), version, shared)
+    write_tokenizer(tmp_path / "tokenizer.bin")
+    out = tmp_path / "model.gguf"
+    assert cli.main(["run", str(path), "--export-gguf", str(out)]) == 0
+    ref = LlamaCpp(str(out), n_ctx=SEQ)
+    tok = Llama2cTokenizer(tmp_path / "tokenizer.bin", VOCAB)
+    for text in ("Once upon a time", "the time a tree"):
+        assert ref.tokenize(text) == tok.encode(text)
+    tokens = [1] + np.random.default_rng(4).integers(3, VOCAB, SEQ - 1).tolist()
+    model = load_model(path)
+    d = divergence(ref.logits(tokens), model.forward(tokens, model.make_cache(), logits_from=0))
+    assert d.mean_kl <= 1e-3 and d.top1_rate >= 0.99
