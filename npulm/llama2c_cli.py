@@ -201,5 +201,7 @@ def main(argv: list[str]) -> int:
     except (Llama2cError, ValueError, FileNotFoundError) as e:
         print(f"npulm: error: {e}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, EOFError):
+    except EOFError:  # the chat's input ended
+        return 0
+    except KeyboardInterrupt:
         return 130

@@ -240,3 +240,16 @@ def test_gguf_export_matches_llama_cpp(tmp_path, version, shared):
     model = load_model(path)
     d = divergence(ref.logits(tokens), model.forward(tokens, model.make_cache(), logits_from=0))
     assert d.mean_kl <= 1e-3 and d.top1_rate >= 0.99
+
+
+def test_cli_chat_mode(tmp_path, monkeypatch, capfdbinary):
+    """run.c's chat: [INST] turns from stdin, the assistant speaks until EOS; the end of input ends the chat."""
+    import io
+
+    path = tmp_path / "model.bin"
+    write_checkpoint(path, random_weights(5), 1, True)
+    write_tokenizer(tmp_path / "tokenizer.bin")
+    monkeypatch.setattr("sys.stdin", io.StringIO("\nonce\nupon\n"))  # no system prompt, two turns
+    assert cli.main(["run", str(path), "-m", "chat", "-t", "0", "-n", "0", "--cpu"]) == 0
+    out = capfdbinary.readouterr().out
+    assert out.startswith(b"Enter system prompt (optional): User: Assistant: ")
