@@ -61,7 +61,8 @@ kernels = Extension(  # matmuls over GGUF blocks + the fused small ops of the bl
 )
 
 npu_host = Extension(  # the host work around NPU calls (A packing, C epilogue); numpy when missing
-    "npulm.npu._host", sources=["npulm/npu/host.c"], libraries=[] if os.name == "nt" else ["m"], optional=True)
+    "npulm.npu._host", sources=["npulm/npu/host.c"], libraries=[] if os.name == "nt" else ["pthread", "m"],
+    optional=True)
 
 # the header ships as package data: `depends` alone leaves it out of the sdist
 setup(ext_modules=[kernels, npu_host], cmdclass={"build_ext": BuildExt}, package_data={"npulm.cpu": ["kernels.h"]})

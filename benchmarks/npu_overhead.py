@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     samples: dict[str, list[tuple[int, int, float]]] = {}
     global CLOCK
+    if P._host is not None:  # one thread: the CPU time of the calling thread is then the whole host work
+        P._host.set_threads(1)
     if args.clock == "wall":
         CLOCK = time.perf_counter
     elif args.parallel:

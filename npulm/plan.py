@@ -31,10 +31,12 @@ def chip_for(name: str | None):
 def host_cost(pipeline: str, c: dict[str, float]) -> C.HostCost:
     """npulm's measured host time per invocation, scaled from the development VM to the board's CPU."""
     from .npu.host_cost import HOST_COST
+    from .npu.pipelines import C_HOST
 
     per_call, per_elem = HOST_COST.get(pipeline, max(HOST_COST.values()))
     f = c["host_a76_factor"]
-    return C.HostCost(per_call * f, per_elem * f)
+    threads = c["host_threads"] if pipeline in C_HOST else 1.0  # numpy host work runs on one thread
+    return C.HostCost(per_call * f, per_elem * f / threads)
 
 
 def measured_accuracy(pipeline: str, model: str = "") -> tuple[float, float] | None:

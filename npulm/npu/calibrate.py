@@ -8,6 +8,7 @@ timed is what npulm runs:
   ops_<type>_native   M=512 x K x N per matmul type (fp16 at K=2048, 4096, 8192: the fp16 collapse), one core
   overlap             time of all cores in parallel / time of one core (1.0: the cores overlap fully)
   host_a76_factor     npulm's host work for W16A16 per call timed here / the same work in npulm.npu.host_cost
+  host_threads        how much faster the threaded C host work runs at M=128 than one thread would
 The emulator has no timing: calibrating there is refused with a clear message.
 """
 
@@ -92,7 +93,7 @@ def calibrate(rt, reps: int = 20, quick: bool = False) -> dict:
             t = _median_time(lambda b=bk: arena.run_cores([b.ctxs[0]]), max(3, reps // 4))
             n_core = op.slices[0][1] - op.slices[0][0]
             consts[name] = 2.0 * bk.rows * op.chunk_k * op.n_chunks * n_core / max(t - consts["launch_s"], 1e-9)
-        consts["host_a76_factor"] = _host_factor(arena, reps, 256 if quick else 2048)
+        consts["host_a76_factor"], consts["host_threads"] = _host_factor(arena, reps, 256 if quick else 2048)
     finally:
         for op in ops:
             op.close()
@@ -101,8 +102,9 @@ def calibrate(rt, reps: int = 20, quick: bool = False) -> dict:
             "measured": measured}
 
 
-def _host_factor(arena: Arena, reps: int, size: int = 2048) -> float:
-    """npulm's W16A16 host work at K=N=size, M=1 and M=128 here, over the development VM's (host_cost.py)."""
+def _host_factor(arena: Arena, reps: int, size: int = 2048) -> tuple[float, float]:
+    """npulm's W16A16 host work here against the development VM's single-thread figures (host_cost.py): at M=1
+    (one thread) the CPU factor, at M=128 (rows split over the cores) the effective thread count."""
     from gguf.constants import GGMLQuantizationType as Q
 
     from ..linear import Weight
@@ -123,8 +125,9 @@ def _host_factor(arena: Arena, reps: int, size: int = 2048) -> float:
             t_npu = _median_time(lambda b=bk: arena.run_cores(b.ctxs), reps)
             g = cost.npulm_geometry("W16A16", size, size, "F16", arena.chip)
             vm = per_call + per_elem * m * (g.k_pad + g.n_chunks * g.n_pad)
-            ratios.append(max(t_call - t_npu, 0.0) / vm)
-        return float(statistics.mean(ratios))
+            ratios.append(max(t_call - t_npu, 1e-9) / vm)
+        factor = ratios[0]
+        return float(factor), float(max(factor / ratios[1], 1.0))
     finally:
         pr.close()
 

@@ -8,6 +8,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -55,12 +56,95 @@ static int get_buf(PyObject *o, Py_buffer *b, int writable, Py_ssize_t need, con
     return 0;
 }
 
+/* Threads: the host work of one call is split by rows over up to n_threads threads (created per call, so only for
+ * calls big enough to pay for it: at least MIN_PARALLEL values). The board's 4 A76 cores are idle while the host
+ * packs A or reduces C; the rows are independent, so the results do not depend on the split. */
+#define MAX_THREADS 8
+#define MIN_PARALLEL (1 << 16)
+static int n_threads = 1;
+
+static int split_threads(Py_ssize_t rows, Py_ssize_t work) {
+    if (work < MIN_PARALLEL || rows < 2) return 1;
+    return (int)(rows < n_threads ? rows : n_threads);
+}
+
+static void fan_out(void *(*fn)(void *), void *jobs, size_t size, int nt) {
+    pthread_t tid[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int i = 1; i < nt; i++) started[i] = pthread_create(&tid[i], NULL, fn, (char *)jobs + i * size) == 0;
+    fn(jobs);
+    for (int i = 1; i < nt; i++) {
+        if (started[i]) pthread_join(tid[i], NULL);
+        else fn((char *)jobs + i * size); /* no thread: do its rows here */
+    }
+}
+
+static PyObject *py_set_threads(PyObject *self, PyObject *arg) {
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    n_threads = v < 1 ? 1 : (v > MAX_THREADS ? MAX_THREADS : (int)v);
+    return PyLong_FromLong(n_threads);
+}
+
+static PyObject *py_get_threads(PyObject *self, PyObject *noargs) { return PyLong_FromLong(n_threads); }
+
 /* pack_a(x, scale, dst, m, k, n_chunks, chunk_k, rows, sub, kind)
  * kind 0: x float32 (m, k), scale float32 (m,), a power of two: dst fp16 = half(x / scale)   (W16A16)
  * kind 1: x float64 (m, k), scale float64 (m,): dst int8 = rint(x / scale)   (int8 codes; |x / scale| <= 127)
  * kind 2: as kind 0, the scales computed here and written into scale: 2^(e - 14) for amax = f * 2^e, f in
  *         [0.5, 1) (W16A16's rows: amax lands in [2^13, 2^14), far from fp16's limits; numpy's frexp / ldexp)
  * dst (n_chunks, chunk_k / sub, rows, sub); rows m.. and K beyond k are zeroed. */
+typedef struct {
+    const void *x;
+    void *scale, *dst;
+    Py_ssize_t m, k, nch, ck, rows, sub, r0, r1;
+    int kind;
+} PackJob;
+
+static void pack_rows(const PackJob *a) {
+    Py_ssize_t m = a->m, k = a->k, ck = a->ck, rows = a->rows, sub = a->sub, ksub = ck / sub;
+    int kind = a->kind;
+    if (kind == 2) {
+        for (Py_ssize_t r = a->r0; r < a->r1 && r < m; r++) {
+            const float *x = (const float *)a->x + r * k;
+            float amax = 0.0f;
+            for (Py_ssize_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(x[i]));
+            int e;
+            frexpf(amax, &e);
+            ((float *)a->scale)[r] = ldexpf(1.0f, e - 14);
+        }
+        kind = 0;
+    }
+    for (Py_ssize_t j = 0; j < a->nch; j++) {
+        for (Py_ssize_t t = 0; t < ksub; t++) {
+            Py_ssize_t k0 = j * ck + t * sub;
+            for (Py_ssize_t r = a->r0; r < a->r1; r++) {
+                Py_ssize_t off = ((j * ksub + t) * rows + r) * sub;
+                if (kind == 0) {
+                    uint16_t *d = (uint16_t *)a->dst + off;
+                    if (r >= m) { memset(d, 0, sub * 2); continue; }
+                    const float *x = (const float *)a->x + r * k;
+                    /* scale is a power of two: times its (exact) reciprocal is the same correctly rounded value */
+                    float inv = 1.0f / ((const float *)a->scale)[r];
+                    if (k0 + sub <= k)
+                        for (Py_ssize_t i = 0; i < sub; i++) d[i] = f32_to_f16(x[k0 + i] * inv);
+                    else
+                        for (Py_ssize_t i = 0; i < sub; i++) d[i] = k0 + i < k ? f32_to_f16(x[k0 + i] * inv) : 0;
+                } else {
+                    int8_t *d = (int8_t *)a->dst + off;
+                    if (r >= m) { memset(d, 0, sub); continue; }
+                    const double *x = (const double *)a->x + r * k;
+                    double s = ((const double *)a->scale)[r];
+                    if (s == 0) s = 1.0;
+                    for (Py_ssize_t i = 0; i < sub; i++) d[i] = k0 + i < k ? (int8_t)nearbyint(x[k0 + i] / s) : 0;
+                }
+            }
+        }
+    }
+}
+
+static void *pack_thread(void *a) { pack_rows((const PackJob *)a); return NULL; }
+
 static PyObject *py_pack_a(PyObject *self, PyObject *args) {
     PyObject *ox, *os, *od;
     Py_ssize_t m, k, nch, ck, rows, sub;
@@ -77,45 +161,13 @@ static PyObject *py_pack_a(PyObject *self, PyObject *args) {
     if (get_buf(od, &bd, 1, nch * ck * rows * dsz, "A") < 0) {
         PyBuffer_Release(&bx); PyBuffer_Release(&bs); return NULL;
     }
+    PackJob jobs[MAX_THREADS];
+    int nt = split_threads(rows, m * (k + 1));
+    for (int i = 0; i < nt; i++)
+        jobs[i] = (PackJob){bx.buf, bs.buf, bd.buf, m, k, nch, ck, rows, sub, rows * i / nt, rows * (i + 1) / nt,
+                            kind};
     Py_BEGIN_ALLOW_THREADS
-    if (kind == 2) {
-        for (Py_ssize_t r = 0; r < m; r++) {
-            const float *x = (const float *)bx.buf + r * k;
-            float amax = 0.0f;
-            for (Py_ssize_t i = 0; i < k; i++) amax = fmaxf(amax, fabsf(x[i]));
-            int e;
-            frexpf(amax, &e);
-            ((float *)bs.buf)[r] = ldexpf(1.0f, e - 14);
-        }
-        kind = 0;
-    }
-    Py_ssize_t ksub = ck / sub;
-    for (Py_ssize_t j = 0; j < nch; j++) {
-        for (Py_ssize_t t = 0; t < ksub; t++) {
-            Py_ssize_t k0 = j * ck + t * sub;
-            for (Py_ssize_t r = 0; r < rows; r++) {
-                Py_ssize_t off = ((j * ksub + t) * rows + r) * sub;
-                if (kind == 0) {
-                    uint16_t *d = (uint16_t *)bd.buf + off;
-                    if (r >= m) { memset(d, 0, sub * 2); continue; }
-                    const float *x = (const float *)bx.buf + r * k;
-                    /* scale is a power of two: times its (exact) reciprocal is the same correctly rounded value */
-                    float inv = 1.0f / ((const float *)bs.buf)[r];
-                    if (k0 + sub <= k)
-                        for (Py_ssize_t i = 0; i < sub; i++) d[i] = f32_to_f16(x[k0 + i] * inv);
-                    else
-                        for (Py_ssize_t i = 0; i < sub; i++) d[i] = k0 + i < k ? f32_to_f16(x[k0 + i] * inv) : 0;
-                } else {
-                    int8_t *d = (int8_t *)bd.buf + off;
-                    if (r >= m) { memset(d, 0, sub); continue; }
-                    const double *x = (const double *)bx.buf + r * k;
-                    double s = ((const double *)bs.buf)[r];
-                    if (s == 0) s = 1.0;
-                    for (Py_ssize_t i = 0; i < sub; i++) d[i] = k0 + i < k ? (int8_t)nearbyint(x[k0 + i] / s) : 0;
-                }
-            }
-        }
-    }
+    fan_out(pack_thread, jobs, sizeof(PackJob), nt);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&bx); PyBuffer_Release(&bs); PyBuffer_Release(&bd);
     Py_RETURN_NONE;
@@ -126,6 +178,46 @@ static PyObject *py_pack_a(PyObject *self, PyObject *args) {
  * kind 1: c int32:   out[r, i] = float((double(sum_j c) * row_scale[r]) * col_scale[i or 0])
  *         row_scale float64 (m,), col_scale float64 (n,) or (1,)
  * c (n_chunks, n_pad / sub, rows, sub); out float32 (m, n). */
+typedef struct {
+    const void *c;
+    float *out;
+    const void *row, *col;
+    Py_ssize_t n, nch, npad, rows, sub, ncol, r0, r1;
+    int kind;
+} UnpackJob;
+
+static void unpack_rows(const UnpackJob *a) {
+    Py_ssize_t n = a->n, nch = a->nch, rows = a->rows, sub = a->sub, ncol = a->ncol;
+    Py_ssize_t chunk = a->npad * rows; /* elements per K-chunk */
+    int kind = a->kind;
+    for (Py_ssize_t t = 0; t * sub < n; t++) { /* C's native order: contiguous reads */
+        for (Py_ssize_t r = a->r0; r < a->r1; r++) {
+            Py_ssize_t at = (t * rows + r) * sub, i0 = t * sub, w = n - i0 < sub ? n - i0 : sub;
+            float *o = a->out + r * n + i0;
+            if (kind == 0) {
+                const float *c = (const float *)a->c + at;
+                float s = ((const float *)a->row)[r];
+                for (Py_ssize_t l = 0; l < w; l++) {
+                    float acc = c[l];
+                    for (Py_ssize_t j = 1; j < nch; j++) acc += c[j * chunk + l];
+                    o[l] = acc * s;
+                }
+            } else {
+                const int32_t *c = (const int32_t *)a->c + at;
+                const double *cs = (const double *)a->col;
+                double s = ((const double *)a->row)[r];
+                for (Py_ssize_t l = 0; l < w; l++) {
+                    int64_t acc = c[l];
+                    for (Py_ssize_t j = 1; j < nch; j++) acc += c[j * chunk + l];
+                    o[l] = (float)(((double)acc * s) * cs[ncol == 1 ? 0 : i0 + l]);
+                }
+            }
+        }
+    }
+}
+
+static void *unpack_thread(void *a) { unpack_rows((const UnpackJob *)a); return NULL; }
+
 static PyObject *py_unpack_c(PyObject *self, PyObject *args) {
     PyObject *oc, *oo, *orow, *ocol;
     Py_ssize_t m, n, nch, npad, rows, sub;
@@ -151,33 +243,13 @@ static PyObject *py_unpack_c(PyObject *self, PyObject *args) {
         PyBuffer_Release(&bc); PyBuffer_Release(&bo); PyBuffer_Release(&br); PyBuffer_Release(&bl);
         return NULL;
     }
+    UnpackJob jobs[MAX_THREADS];
+    int nt = split_threads(m, m * n);
+    for (int i = 0; i < nt; i++)
+        jobs[i] = (UnpackJob){bc.buf, bo.buf, br.buf, bl.buf, n, nch, npad, rows, sub, ncol, m * i / nt,
+                              m * (i + 1) / nt, kind};
     Py_BEGIN_ALLOW_THREADS
-    Py_ssize_t chunk = npad * rows; /* elements per K-chunk */
-    float *out = (float *)bo.buf;
-    for (Py_ssize_t t = 0; t * sub < n; t++) { /* C's native order: contiguous reads */
-        for (Py_ssize_t r = 0; r < m; r++) {
-            Py_ssize_t at = (t * rows + r) * sub, i0 = t * sub, w = n - i0 < sub ? n - i0 : sub;
-            float *o = out + r * n + i0;
-            if (kind == 0) {
-                const float *c = (const float *)bc.buf + at;
-                float s = ((const float *)br.buf)[r];
-                for (Py_ssize_t l = 0; l < w; l++) {
-                    float acc = c[l];
-                    for (Py_ssize_t j = 1; j < nch; j++) acc += c[j * chunk + l];
-                    o[l] = acc * s;
-                }
-            } else {
-                const int32_t *c = (const int32_t *)bc.buf + at;
-                const double *cs = (const double *)bl.buf;
-                double s = ((const double *)br.buf)[r];
-                for (Py_ssize_t l = 0; l < w; l++) {
-                    int64_t acc = c[l];
-                    for (Py_ssize_t j = 1; j < nch; j++) acc += c[j * chunk + l];
-                    o[l] = (float)(((double)acc * s) * cs[ncol == 1 ? 0 : i0 + l]);
-                }
-            }
-        }
-    }
+    fan_out(unpack_thread, jobs, sizeof(UnpackJob), nt);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&bc); PyBuffer_Release(&bo); PyBuffer_Release(&br); PyBuffer_Release(&bl);
     Py_RETURN_NONE;
@@ -186,6 +258,8 @@ static PyObject *py_unpack_c(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"pack_a", py_pack_a, METH_VARARGS, "activations -> native A (fp16 or int8 codes), padding zeroed"},
     {"unpack_c", py_unpack_c, METH_VARARGS, "native C -> rows: chunk sum and scales (float32 out)"},
+    {"set_threads", py_set_threads, METH_O, "threads for large calls (1..8); returns the value set"},
+    {"get_threads", py_get_threads, METH_NOARGS, "threads for large calls"},
     {NULL, NULL, 0, NULL},
 };
 

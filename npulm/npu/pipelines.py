@@ -67,6 +67,7 @@ from .rknn import (
     RknnParamInvalid,
 )
 
+C_HOST = ("W16A16", "W8A8_STANDARD", "W8A8_CHANNEL")  # host work wholly in the C extension (threaded by rows)
 SCRATCH_ROW_BYTES = 256 << 20  # cap on one call's C scratch (and host temporaries): bounds the rows per call
 
 

@@ -25,6 +25,7 @@ NPU memory beyond the weights is a few buffers, not one per tensor.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import weakref
@@ -38,6 +39,8 @@ from .runtime import MatmulInfo, Mem, Runtime
 
 try:  # the host work in C (A packing, C epilogue); the numpy path otherwise
     from . import _host
+
+    _host.set_threads(min(4, os.cpu_count() or 1))  # rows split over the CPU's cores for large calls
 except ImportError:  # pragma: no cover - the extension is optional
     _host = None
 
