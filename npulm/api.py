@@ -28,6 +28,7 @@ from .models import load_model
 from .models.base import hparam
 from .placement import Placement, parse_overrides
 from .sampling import SamplingParams, make_sampler, token_logprobs
+from .speculative import make_speculator
 from .tokenizer import Tokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # as llama.cpp: "random"
@@ -83,7 +84,8 @@ class Llama:
                  verbose: bool = True, n_gpu_layers: int = 0, n_npu_layers: int | str | None = None,
                  pipeline: str | None = None, tensor_overrides: list[str] | None = None, chip: str | None = None,
                  pooling_type: int = -1, embedding: bool = False, last_n_tokens_size: int = 64,
-                 chat_format: str | None = None, no_perf: bool = False, **kwargs: Any):
+                 chat_format: str | None = None, no_perf: bool = False, draft_model: Any = None,
+                 draft_max: int = 16, draft_min: int = 0, draft_p_min: float = 0.75, **kwargs: Any):
         compat.check("Llama", compat.INIT, kwargs)
         npu_layers = self._npu_layers(n_gpu_layers, n_npu_layers)
         self.model_path = str(assets.resolve_model(model_path))
@@ -125,6 +127,10 @@ class Llama:
         if chat_format is not None:
             _ = self.chat_template  # an unknown format fails here, not at the first chat
         self._lltokenizer = self._embed_cache = None
+        # speculative decoding: a PromptLookup, a draft GGUF / Llama / DraftModel, or a llama-cpp-python-style callable
+        self.speculator = None if draft_model is None else make_speculator(
+            draft_model, self.tokenizer, n_ctx=self._n_ctx, draft_max=draft_max, draft_min=draft_min,
+            p_min=draft_p_min)
         self.load_time = time.perf_counter() - t0
         if verbose:
             print(f"npulm: loaded {self.model_path} ({arch}, {len(self.gguf.tensors)} tensors, n_ctx {self._n_ctx}, "
@@ -399,7 +405,8 @@ class Llama:
         with self._lock:
             self._owner = threading.get_ident()
             try:
-                yield from stream_text(self._live(), self.tokenizer, prompt_tokens, sampler, max_tokens, stop)
+                yield from stream_text(self._live(), self.tokenizer, prompt_tokens, sampler, max_tokens, stop,
+                                       self.speculator)
             finally:
                 self._owner = None
 

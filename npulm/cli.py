@@ -131,10 +131,13 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _llama(args: argparse.Namespace, logits_all: bool = False):
     from .api import Llama
+    from .speculative import drafter_from_args
 
+    spec = dict(draft_model=drafter_from_args(args), draft_max=args.draft_max, draft_min=args.draft_min,
+                draft_p_min=args.draft_p_min) if hasattr(args, "draft_max") else {}
     llm = Llama(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, n_threads=args.threads,
                 logits_all=logits_all, n_npu_layers=args.npu_layers, pipeline=args.pipeline,
-                tensor_overrides=args.override_tensor, chip=args.chip, verbose=True)
+                tensor_overrides=args.override_tensor, chip=args.chip, verbose=True, **spec)
     _warn_if_emulated(llm)
     return llm
 
@@ -259,6 +262,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     if not args.no_perf:
         print("\n" + perf.report(perf.load_ms + (time.perf_counter() - t0) * 1e3), file=sys.stderr)
+    if llm.speculator is not None:
+        s = llm.speculator.stats
+        print(f"npulm: speculative: {s.proposed} drafted, {s.accepted} accepted ({100 * s.acceptance:.1f} %), "
+              f"{s.tokens_per_pass:.2f} tokens per pass", file=sys.stderr)
     return 0
 
 
@@ -347,6 +354,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .speculative import add_arguments as add_speculative
+
     ap = _Parser(prog="npulm", description="Run GGUF LLMs on Rockchip NPUs (and CPUs).")
     ap.add_argument("--version", action=_Version, nargs=0, help="show the version and how npulm was built, and exit")
     ap.add_argument("--verbose", action="store_true", help="print the traceback of an error (anywhere on the line)")
@@ -360,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-perf", action="store_true", help="no timing block after generation")
     _add_runtime(p, 4096)
     _add_sampling(p, 0.8)
+    add_speculative(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")
@@ -367,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-sys", "--system-prompt", default=None)
     _add_runtime(p, 4096)
     _add_sampling(p, 0.8)
+    add_speculative(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="metadata, tensor types and parameter count of a GGUF file")

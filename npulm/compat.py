@@ -70,7 +70,8 @@ INIT = {
     "chat_format": Kw(None, YES, "a template the GGUF carries, or chatml, chatml-function-calling, gemma, llama-2, "
                                  "llama-3, mistral-instruct, zephyr"),
     "chat_handler": Kw(None, NO, "llama-cpp-python handler objects (multimodal, functionary) are not supported"),
-    "draft_model": Kw(None, NO, "llama-cpp-python draft objects are not supported"),
+    "draft_model": Kw(None, YES, "speculative decoding: npulm.speculative.LlamaPromptLookupDecoding, a draft GGUF "
+                                 "(same vocabulary), an npulm Llama, or a callable input_ids -> draft ids"),
     "tokenizer": Kw(None, NO, "the GGUF's own tokenizer is always used"),
     "type_k": Kw(None, NO, "the KV cache is float16 (llama.cpp's default type)"),
     "type_v": Kw(None, NO, "the KV cache is float16 (llama.cpp's default type)"),

@@ -80,22 +80,37 @@ class Session:
         return self.eval(prompt[len(self.tokens):])[-1]
 
 
+def plain_step(session: Session, token: int, sampler: Sampler) -> list[int]:
+    """One decode step: evaluate the last emitted token, sample the next."""
+    return [sampler(session.eval([token])[-1], session.tokens)]
+
+
 def generate(session: Session, prompt: Sequence[int], sampler: Sampler, max_tokens: int | None,
-             stop_ids: Iterable[int]) -> Iterator[int]:
+             stop_ids: Iterable[int], speculator=None) -> Iterator[int]:
     """Yield sampled tokens until an end-of-generation token, max_tokens or a full context (an EOG token is not
-    yielded)."""
+    yielded). A step evaluates the last emitted token and returns the next ones: one (plain decode) or, with a
+    `speculator` (npulm.speculative), up to k+1 verified in one pass. On return the session holds the prompt and
+    every yielded token but the last (the last too after an EOG), whichever the steps."""
     stop_ids = set(stop_ids)
-    logits = session.prefill(prompt)
-    n = 0
-    while max_tokens is None or max_tokens <= 0 or n < max_tokens:
-        token = sampler(logits, session.tokens)
-        if token in stop_ids:
-            return
-        yield token
-        n += 1
-        if len(session.tokens) >= session.n_ctx:
-            return
-        logits = session.eval([token])[-1]
+    step = plain_step if speculator is None else speculator.step
+    limit = max_tokens if max_tokens and max_tokens > 0 else None
+    out = [sampler(session.prefill(prompt), session.tokens)]
+    base = len(session.tokens)  # position of out[0]; the session holds out[:-1] after it
+    n = held = 0
+    try:
+        while True:
+            for i, token in enumerate(out):
+                held = base + i  # what plain decoding holds here: everything before this token
+                if token in stop_ids:
+                    return
+                yield token
+                n += 1
+                if (limit and n >= limit) or held >= session.n_ctx:
+                    return
+            base += len(out)
+            out = step(session, out[-1], sampler)
+    finally:  # a step may have verified tokens past the end (or the consumer stopped early)
+        session.truncate(held)
 
 
 class StopStrings:
@@ -148,7 +163,7 @@ class TextStream:
 
 
 def stream_text(session: Session, tokenizer: Tokenizer, prompt: Sequence[int], sampler: Sampler,
-                max_tokens: int | None = None, stop: str | Sequence[str] | None = None
+                max_tokens: int | None = None, stop: str | Sequence[str] | None = None, speculator=None
                 ) -> Iterator[tuple[str, str | None, int]]:
     """Generate after `prompt` as text: (delta, finish_reason or None, completion tokens so far). The last item
     carries the finish reason: "stop" (an end-of-generation token or a stop string) or "length" (max_tokens or a full
@@ -158,7 +173,7 @@ def stream_text(session: Session, tokenizer: Tokenizer, prompt: Sequence[int], s
     text = TextStream(tokenizer, stop)
     limit = max_tokens if max_tokens and max_tokens > 0 else None
     n = 0
-    for token in generate(session, prompt, sampler, limit, tokenizer.eog_ids):
+    for token in generate(session, prompt, sampler, limit, tokenizer.eog_ids, speculator):
         n += 1
         delta = text.feed(token)
         if text.hit:

@@ -423,7 +423,8 @@ def make_sampler(temperature: float | SamplingParams = 0.8, top_k: int = 40, top
             constraint.accept(token)
         return token
 
-    def _sample(logits: np.ndarray, allowed: np.ndarray | None, ids_t: np.ndarray, vals_t: np.ndarray) -> int:
+    def _prepare(logits: np.ndarray, allowed: np.ndarray | None, ids_t: np.ndarray, vals_t: np.ndarray
+                 ) -> Candidates:
         k = 1 if greedy else sp.top_k
         if mirostat is None and 0 < k < len(logits):
             ids = _pool(logits, k, ids_t, allowed)
@@ -442,17 +443,31 @@ def make_sampler(temperature: float | SamplingParams = 0.8, top_k: int = 40, top
             raise ValueError("every token is banned (logit_bias / grammar leave nothing to sample)")
         if not finite.all():
             ids, lg = ids[finite], lg[finite]
-        if greedy:
-            return int(ids[np.argmax(lg)])
-        c: Candidates = (ids, lg)
-        if mirostat is not None:
-            return mirostat((ids, lg / sp.temperature), len(logits), rng)
+        return ids, lg
+
+    def _truncate(c: Candidates) -> Candidates:
         c = _top_k(c, sp.top_k)
         c = typical(c, sp.typical_p, sp.min_keep)
         c = _top_p(c, sp.top_p, sp.min_keep)
-        c = _min_p(c, sp.min_p, sp.min_keep)
-        return draw(c, sp.temperature, rng)
+        return _min_p(c, sp.min_p, sp.min_keep)
+
+    def _sample(logits: np.ndarray, allowed: np.ndarray | None, ids_t: np.ndarray, vals_t: np.ndarray) -> int:
+        ids, lg = _prepare(logits, allowed, ids_t, vals_t)
+        if greedy:
+            return int(ids[np.argmax(lg)])
+        if mirostat is not None:
+            return mirostat((ids, lg / sp.temperature), len(logits), rng)
+        return draw(_truncate((ids, lg)), sp.temperature, rng)
+
+    def distribution(logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray] | None:
+        """The (token ids, probabilities) `sample` draws from, for speculative sampling; None where a draw is not one
+        from a fixed distribution (greedy, mirostat, a constraint's state)."""
+        if greedy or mirostat is not None or constraint is not None:
+            return None
+        ids, lg = _truncate(_prepare(logits, None, *_touched(logits, history, sp)))
+        return ids, softmax(lg / sp.temperature)
 
     sample.params = sp  # type: ignore[attr-defined]
     sample.rng = rng  # type: ignore[attr-defined]
+    sample.distribution = distribution  # type: ignore[attr-defined]
     return sample

@@ -1,0 +1,435 @@
+"""Speculative decoding: guess the next tokens cheaply, verify them with the target model in ONE pass of M = k+1
+tokens, keep the agreed prefix and roll the cache back past the rest (a counter move, no recomputation).
+
+Decode at M=1 streams every weight once per token; a pass over a few more rows costs little more (on the NPU about
+the same for M = 1-8), so each accepted guess is a token almost for free. Two drafters:
+  * `PromptLookup`: n-gram lookup in the prompt and the text so far (llama.cpp's llama-lookup, llama-cpp-python's
+    LlamaPromptLookupDecoding): no second model; strong on input-grounded work (editing, extraction, code).
+  * `DraftModel`: a small GGUF of the target's vocabulary (llama.cpp's -md / --draft-max / --draft-min /
+    --draft-p-min), with its own cache; it may run on the CPU while the target verifies on the NPU.
+
+Exactness. A verify pass runs the rows through the same kernels as single-token decode (`exact_rows`), so its
+logits are bit-identical to plain decoding's. The acceptance rule is the standard speculative-sampling one: a draft
+x proposed with probability q(x) is kept with probability min(1, p(x) / q(x)); on rejection the token is drawn from
+norm(max(p - q, 0)). For a deterministic proposal (lookup, a greedy draft) q is a point mass, and the rule is
+exactly "draw x' from p, keep the draft iff x' == x, else emit x'": each emitted token is the target sampler's own
+draw, so greedy output is byte-identical and a seeded sampler draws the same tokens as without drafts. A draft model
+sampling its proposals from its own distribution (temperature > 0) uses the general rule with the sampler's final
+distribution (`sampling.make_sampler(...).distribution`).
+
+Draft length adapts (`DraftLength`): from the observed acceptance rate and the cost of an M-token pass (measured
+here, or a modeled cost such as the NPU's), it picks the k that maximizes expected tokens per second, and k = 0
+(plain decode) when no k beats it.
+
+The decoding step is a function of (session, sampler, drafter) so a server slot can call it: `Speculator.step`, or
+its parts `propose` -> one forward pass (possibly batched with other sequences) -> `accept` + `Session.truncate`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .generate import Session
+from .models import Model
+from .sampling import Sampler
+
+Distribution = tuple[np.ndarray, np.ndarray]  # (token ids, probabilities summing to 1)
+
+
+def exact_rows(model: Model, limit: int = 16) -> int:
+    """The largest pass (rows) whose logits are bit-identical, row by row, to single-token decode, probed on random
+    activations once per kind of Linear (class, placement, type, shape): the CPU kernels' row path qualifies up to their
+    packed-gemm switch, integer NPU pipelines quantize each row on its own, BLAS on float weights does not (a matrix
+    product may sum in another order than a vector product). Attention is row-exact within the fused decode loop."""
+    from .models.blocks import DECODE_ROWS, _ops
+
+    if _ops is None:  # numpy attention batches queries through BLAS
+        return 1
+    rows, rng, seen = min(limit, DECODE_ROWS), np.random.default_rng(0), set()
+    for lin in model.linears:
+        key = (type(lin), lin.spec, lin.type, lin.n_in, lin.n_out)
+        if key in seen:
+            continue
+        seen.add(key)
+        x = rng.standard_normal((rows, lin.n_in)).astype(np.float32)
+        one = np.concatenate([lin(x[i:i + 1]) for i in range(rows)])
+        for m in range(2, rows + 1):
+            if not np.array_equal(lin(x[:m]), one[:m]):
+                rows = m - 1
+                break
+        if rows == 1:
+            break
+    return rows
+
+
+# --- drafters ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Draft:
+    """Proposed tokens; `probs[i]` is the distribution token i was drawn from, or None for a deterministic pick."""
+
+    tokens: list[int]
+    probs: list[Distribution | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.probs:
+            self.probs = [None] * len(self.tokens)
+
+
+class Drafter(Protocol):
+    def draft(self, tokens: Sequence[int], n: int, sampler: Sampler | None = None) -> Draft:
+        """Up to n tokens likely to follow `tokens` (the prompt and the text so far)."""
+
+
+class PromptLookup:
+    """Prompt lookup decoding: find the last n-gram of the text (longest first, max_ngram_size down to 1) earlier in
+    the text and propose the tokens that followed it. The most recent earlier occurrence wins: in a rewrite it is
+    where the copy is, in a repetition the latest variant. Same arguments as llama-cpp-python's
+    LlamaPromptLookupDecoding."""
+
+    def __init__(self, max_ngram_size: int = 3, num_pred_tokens: int = 10):
+        if max_ngram_size < 1 or num_pred_tokens < 1:
+            raise ValueError("max_ngram_size and num_pred_tokens must be >= 1")
+        self.max_ngram_size, self.num_pred_tokens = max_ngram_size, num_pred_tokens
+
+    def draft(self, tokens: Sequence[int], n: int, sampler: Sampler | None = None) -> Draft:
+        ids = np.asarray(tokens, dtype=np.int64)
+        n = min(n, self.num_pred_tokens)
+        if n <= 0 or len(ids) < 2:
+            return Draft([])
+        for size in range(min(self.max_ngram_size, len(ids) - 1), 0, -1):
+            tail = ids[-size:]
+            # candidates: positions i < len - size where ids[i:i+size] == tail, tested one column at a time
+            hits = np.flatnonzero(ids[:len(ids) - size] == tail[0])
+            for j in range(1, size):
+                hits = hits[ids[hits + j] == tail[j]]
+            if len(hits):
+                start = int(hits[-1]) + size
+                return Draft(ids[start:start + n].tolist())
+        return Draft([])
+
+    def __call__(self, input_ids: np.ndarray, /, **_: Any) -> np.ndarray:
+        """llama-cpp-python's draft-model call: input ids -> proposed ids."""
+        return np.asarray(self.draft(input_ids, self.num_pred_tokens).tokens, dtype=np.intc)
+
+
+LlamaPromptLookupDecoding = PromptLookup  # llama-cpp-python's name
+
+
+class CallableDrafter:
+    """A llama-cpp-python-style draft model (any callable input_ids -> proposed ids) as a Drafter."""
+
+    def __init__(self, fn: Callable[[np.ndarray], Iterable[int]]):
+        self.fn = fn
+
+    def draft(self, tokens: Sequence[int], n: int, sampler: Sampler | None = None) -> Draft:
+        return Draft([int(t) for t in list(self.fn(np.asarray(tokens, dtype=np.intc)))[:max(n, 0)]])
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits.astype(np.float64) - logits.max())
+    return z / z.sum()
+
+
+class DraftModel:
+    """A smaller model of the target's vocabulary drafting token by token in its own cache. Drafting stops early when
+    the draft's top probability falls under p_min (llama.cpp's --draft-p-min). With a sampling target it draws its
+    proposals from the target sampler's chain applied to its own logits (the general acceptance rule); greedy, it
+    proposes its argmax."""
+
+    def __init__(self, model: Model, p_min: float = 0.75, vocab: Sequence[str] | None = None, n_batch: int = 512):
+        self.model, self.p_min, self.vocab = model, p_min, vocab  # vocab: token texts, to check against a target
+        self.session = Session(model, n_batch)
+
+    @classmethod
+    def load(cls, path: str, p_min: float = 0.75, n_ctx: int = 4096, spec_for: Callable | None = None
+             ) -> DraftModel:
+        """A draft GGUF (file or known name), its matmuls on the CPU unless spec_for places them."""
+        from . import assets
+        from .gguf import GGUFFile
+        from .models import load_model
+
+        gguf = GGUFFile(str(assets.resolve_model(path)))
+        model = load_model(gguf, n_ctx, spec_for or (lambda w: "cpu"))
+        return cls(model, p_min, list(gguf.kv.get("tokenizer.ggml.tokens", [])))
+
+    def draft(self, tokens: Sequence[int], n: int, sampler: Sampler | None = None) -> Draft:
+        n = min(n, self.model.n_ctx - len(tokens))
+        if n <= 0 or not tokens:
+            return Draft([])
+        distribution = getattr(sampler, "distribution", None)
+        rng = getattr(sampler, "rng", None)
+        history = list(tokens)
+        logits = self.session.prefill(history)
+        out = Draft([], [])
+        for i in range(n):
+            dist = distribution(logits, history) if distribution is not None and rng is not None else None
+            if dist is None:  # deterministic proposal
+                token, top = int(np.argmax(logits)), float(softmax(logits).max())
+            else:
+                ids, p = dist
+                token, top = int(ids[rng.choice(len(ids), p=p)]), float(softmax(logits).max())
+            if top < self.p_min and i > 0:
+                break
+            out.tokens.append(token)
+            out.probs.append(dist)
+            history.append(token)
+            if i + 1 < n:
+                logits = self.session.eval([token])[-1]
+        return out
+
+
+def check_vocab(target_tokens: Sequence[str], draft_tokens: Sequence[str]) -> None:
+    """A draft must speak the target's vocabulary (llama.cpp allows sizes to differ by padding only)."""
+    n = min(len(target_tokens), len(draft_tokens))
+    if abs(len(target_tokens) - len(draft_tokens)) > 128:
+        raise ValueError(f"draft model vocabulary ({len(draft_tokens)} tokens) does not match the target's "
+                         f"({len(target_tokens)} tokens)")
+    for i in range(n):
+        if target_tokens[i] != draft_tokens[i]:
+            raise ValueError(f"draft model vocabulary differs from the target's at token {i}: "
+                             f"{draft_tokens[i]!r} vs {target_tokens[i]!r}")
+
+
+# --- verification ------------------------------------------------------------------------------------------------
+
+def _residual(p: Distribution, q: Distribution) -> Distribution:
+    """norm(max(p - q, 0)) over the union of their supports."""
+    ids = np.union1d(p[0], q[0])
+    pp = np.zeros(len(ids))
+    qq = np.zeros(len(ids))
+    pp[np.searchsorted(ids, p[0])] = p[1]
+    qq[np.searchsorted(ids, q[0])] = q[1]
+    r = np.maximum(pp - qq, 0.0)
+    total = r.sum()
+    return (ids, r / total) if total > 0 else (ids, pp)
+
+
+def _prob_of(d: Distribution, token: int) -> float:
+    hit = np.flatnonzero(d[0] == token)
+    return float(d[1][hit[0]]) if len(hit) else 0.0
+
+
+def accept(logits: np.ndarray, draft: Draft, sampler: Sampler, history: list[int]) -> list[int]:
+    """The tokens to emit after a verify pass: logits row i follows history + draft.tokens[:i]. Returns the accepted
+    drafts followed by one token of the target's (the correction at the first rejection, or the bonus token after the
+    last draft), so it always holds 1..k+1 tokens, each distributed exactly as the target samples it."""
+    out: list[int] = []
+    distribution = getattr(sampler, "distribution", None)
+    for i, token in enumerate(draft.tokens):
+        row = logits[i]
+        q = draft.probs[i]
+        p = distribution(row, history) if q is not None and distribution is not None else None
+        if p is None:  # deterministic proposal: the target's own draw decides
+            x = sampler(row, history)
+            if x != token:
+                return out + [x]
+        else:  # proposal drawn from q: keep it with probability min(1, p/q), else draw from norm(max(p - q, 0))
+            rng = sampler.rng  # type: ignore[attr-defined]
+            if rng.random() * _prob_of(q, token) >= _prob_of(p, token):
+                ids, r = _residual(p, q)
+                return out + [int(ids[rng.choice(len(ids), p=r)])]
+        out.append(token)
+        history.append(token)
+    return out + [sampler(logits[len(draft.tokens)], history)]
+
+
+def verify(session: Session, token: int, draft: Draft, sampler: Sampler) -> list[int]:
+    """One pass over [token, *drafts] (token: the last emitted, not yet in the cache), then the cache rolled back to
+    hold token and the accepted drafts. Returns the emitted tokens (the last of them is not in the cache yet)."""
+    n0 = len(session.tokens)
+    logits = session.eval([token, *draft.tokens], logits_from=0)
+    out = accept(logits, draft, sampler, session.tokens[:n0 + 1])
+    session.truncate(n0 + len(out))  # token + the len(out) - 1 accepted drafts
+    return out
+
+
+# --- adaptive draft length -----------------------------------------------------------------------------------------
+
+class DraftLength:
+    """Picks the draft length k that maximizes expected tokens per second of a step:
+        E(k) = 1 + a + ... + a^k tokens (a: per-token acceptance, decayed average of what was observed)
+        cost(k) = pass(k + 1) + k * draft_token
+    pass(M) is measured per M (decayed averages of wall time, interpolated where unmeasured), or given by `pass_cost`
+    (seconds of an M-token pass: a modeled NPU). k = 0 is plain decode, chosen whenever nothing beats it; a one-token
+    probe every `probe_every` plain steps keeps the acceptance estimate alive."""
+
+    def __init__(self, k_max: int, k_min: int = 0, pass_cost: Callable[[int], float] | None = None,
+                 decay: float = 0.9, probe_every: int = 16):
+        self.k_max, self.k_min, self.pass_cost = k_max, k_min, pass_cost
+        self.decay, self.probe_every = decay, probe_every
+        self.hits, self.tries = 1.0, 2.0  # prior acceptance 0.5
+        self.seconds: dict[int, float] = {}
+        self.draft_token_s = 0.0
+        self.plain_steps = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.hits / self.tries
+
+    def pass_seconds(self, m: int) -> float:
+        if self.pass_cost is not None:
+            return self.pass_cost(m)
+        if m in self.seconds:
+            return self.seconds[m]
+        if not self.seconds:
+            return float(m)  # nothing measured yet: any proportional guess, k = 0 wins
+        lo = max((k for k in self.seconds if k < m), default=None)
+        hi = min((k for k in self.seconds if k > m), default=None)
+        if lo is not None and hi is not None:
+            w = (m - lo) / (hi - lo)
+            return (1 - w) * self.seconds[lo] + w * self.seconds[hi]
+        if lo is None:
+            return self.seconds[hi]
+        one = self.seconds.get(1, self.seconds[lo])  # unexplored larger M: optimistic, +5 % of M=1 a row
+        return self.seconds[lo] + 0.05 * one * (m - lo)
+
+    def expected_tokens(self, k: int) -> float:
+        a = min(self.acceptance, 0.999)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def rate(self, k: int) -> float:
+        """Expected tokens per second with k drafts."""
+        return self.expected_tokens(k) / (self.pass_seconds(k + 1) + k * self.draft_token_s)
+
+    def choose(self, k_max: int | None = None) -> int:
+        top = self.k_max if k_max is None else min(self.k_max, k_max)
+        best, best_rate = 0, self.rate(0)
+        for k in range(max(self.k_min, 1), top + 1):
+            r = self.rate(k)
+            if r > best_rate:
+                best, best_rate = k, r
+        if best == 0 and top >= max(self.k_min, 1):
+            self.plain_steps += 1
+            if self.plain_steps >= self.probe_every:
+                self.plain_steps = 0
+                return max(self.k_min, 1)
+        return best
+
+    def observe(self, m: int, seconds: float, proposed: int, accepted: int, draft_seconds: float = 0.0) -> None:
+        """A verify pass of m rows took `seconds`; `accepted` of `proposed` drafts were kept."""
+        old = self.seconds.get(m)
+        self.seconds[m] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        if proposed:
+            per = draft_seconds / proposed
+            self.draft_token_s = per if not self.draft_token_s else 0.8 * self.draft_token_s + 0.2 * per
+            tries = accepted + (accepted < proposed)
+            self.hits = self.decay * self.hits + accepted
+            self.tries = self.decay * self.tries + tries
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    emitted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.emitted / self.steps if self.steps else 0.0
+
+
+class Speculator:
+    """A drafter, the draft-length controller and statistics: what a sequence (a Session, a server slot) needs to
+    decode speculatively. Unless exact=False, a step verifies at most `exact_rows(model) - 1` drafts, so that its
+    logits are bit-identical to plain decoding's (a model whose matmuls are not row-exact is not sped up)."""
+
+    def __init__(self, drafter: Drafter, draft_max: int = 16, draft_min: int = 0,
+                 pass_cost: Callable[[int], float] | None = None, adaptive: bool = True, exact: bool = True):
+        self.drafter = drafter
+        self.draft_max, self.draft_min = max(0, draft_max), max(0, draft_min)
+        self.adaptive, self.exact = adaptive, exact
+        self.length = DraftLength(self.draft_max, self.draft_min, pass_cost)
+        self.stats = SpecStats()
+        self._limit: dict[int, int] = {}  # id(model) -> most drafts a pass may verify
+
+    def max_drafts(self, model: Model) -> int:
+        if id(model) not in self._limit:
+            self._limit[id(model)] = min(self.draft_max, exact_rows(model) - 1) if self.exact else self.draft_max
+        return self._limit[id(model)]
+
+    def propose(self, session: Session, token: int, sampler: Sampler) -> Draft:
+        room = min(session.n_ctx - len(session.tokens) - 1, self.max_drafts(session.model))  # token + drafts
+        k = self.length.choose(room) if self.adaptive else room
+        if k <= 0:
+            return Draft([])
+        draft = self.drafter.draft([*session.tokens, token], k, sampler)
+        if len(draft.tokens) < max(self.draft_min, 1):
+            return Draft([])
+        return Draft(draft.tokens[:k], draft.probs[:k])
+
+    def step(self, session: Session, token: int, sampler: Sampler) -> list[int]:
+        """Draft, verify in one pass, roll back: the emitted tokens (1..k+1; the last is not in the cache)."""
+        t0 = time.perf_counter()
+        draft = self.propose(session, token, sampler)
+        t1 = time.perf_counter()
+        out = verify(session, token, draft, sampler)
+        t2 = time.perf_counter()
+        k = len(draft.tokens)
+        self.length.observe(k + 1, t2 - t1, k, len(out) - 1, t1 - t0)
+        s = self.stats
+        s.steps, s.proposed, s.accepted, s.emitted = s.steps + 1, s.proposed + k, s.accepted + len(out) - 1, \
+            s.emitted + len(out)
+        return out
+
+
+
+def make_speculator(draft: Any, tokenizer=None, n_ctx: int = 4096, draft_max: int = 16, draft_min: int = 0,
+                    p_min: float = 0.75, pass_cost: Callable[[int], float] | None = None) -> Speculator:
+    """A Speculator from what `Llama(draft_model=...)` accepts: a Speculator (as is), a drafter (PromptLookup,
+    DraftModel), a draft GGUF path or known model name, an npulm Llama, or a llama-cpp-python-style callable. A draft
+    model must share the target tokenizer's vocabulary."""
+    if isinstance(draft, Speculator):
+        return draft
+    if isinstance(draft, (str, bytes)) or hasattr(draft, "__fspath__"):
+        draft = DraftModel.load(str(draft), p_min=p_min, n_ctx=n_ctx)
+    elif hasattr(draft, "model") and hasattr(draft, "tokenizer") and not hasattr(draft, "draft"):  # a Llama
+        draft = DraftModel(draft.model, p_min=p_min, vocab=draft.tokenizer.tokens)
+    if isinstance(draft, DraftModel) and draft.vocab is not None and tokenizer is not None:
+        check_vocab(tokenizer.tokens, draft.vocab)
+    if not hasattr(draft, "draft"):
+        if not callable(draft):
+            raise ValueError(f"draft_model must be a GGUF path, a drafter or a callable, not {type(draft).__name__}")
+        draft = CallableDrafter(draft)
+    return Speculator(draft, draft_max, draft_min, pass_cost)
+
+
+# --- command line (llama.cpp's flag names) ---------------------------------------------------------------------------
+
+SPEC_CHOICES = ("lookup",)
+
+
+def add_arguments(p) -> None:
+    """--spec lookup / -md FILE and the draft-length flags, for `npulm run`, `chat` and `bench`."""
+    p.add_argument("--spec", choices=SPEC_CHOICES, default=None,
+                   help="speculative decoding without a draft model: 'lookup' drafts by n-gram lookup in the prompt "
+                        "and the text so far (llama-lookup)")
+    p.add_argument("-md", "--model-draft", default=None, metavar="FILE",
+                   help="draft model (same vocabulary as the target) for speculative decoding; runs on the CPU")
+    p.add_argument("--draft-max", "--draft", "--draft-n", dest="draft_max", type=int, default=16,
+                   help="most draft tokens a step verifies (capped where the kernels stop computing rows alone, "
+                        "so output stays bit-exact; 6 on the CPU kernels); adapted from acceptance and pass cost")
+    p.add_argument("--draft-min", type=int, default=0, help="least draft tokens worth a verify pass")
+    p.add_argument("--draft-p-min", type=float, default=0.75,
+                   help="a draft model stops drafting when its top probability falls under this")
+
+
+def drafter_from_args(args) -> Any:
+    """What Llama(draft_model=...) gets from the flags, or None."""
+    if getattr(args, "model_draft", None) and getattr(args, "spec", None):
+        raise ValueError("--spec lookup and --model-draft exclude each other: pick one drafter")
+    if getattr(args, "model_draft", None):
+        return args.model_draft
+    if getattr(args, "spec", None) == "lookup":
+        return PromptLookup()
+    return None
