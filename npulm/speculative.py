@@ -36,6 +36,7 @@ import numpy as np
 
 from .generate import Session
 from .models import Model
+from .models.cache import KVCache
 from .sampling import Sampler
 
 Distribution = tuple[np.ndarray, np.ndarray]  # (token ids, probabilities summing to 1)
@@ -353,13 +354,19 @@ class Speculator:
         self.stats = SpecStats()
         self._limit: dict[int, int] = {}  # id(model) -> most drafts a pass may verify
 
-    def max_drafts(self, model: Model) -> int:
+    def max_drafts(self, session: Session) -> int:
+        """Most drafts a pass may verify for this session's model: 0 where its cache cannot step back by a few tokens
+        (a recurrent state such as RWKV's forgets everything: rollback would mean recomputation)."""
+        model = session.model
         if id(model) not in self._limit:
-            self._limit[id(model)] = min(self.draft_max, exact_rows(model) - 1) if self.exact else self.draft_max
+            if not all(isinstance(layer, KVCache) for layer in session.cache):
+                self._limit[id(model)] = 0
+            else:
+                self._limit[id(model)] = min(self.draft_max, exact_rows(model) - 1) if self.exact else self.draft_max
         return self._limit[id(model)]
 
     def propose(self, session: Session, token: int, sampler: Sampler) -> Draft:
-        room = min(session.n_ctx - len(session.tokens) - 1, self.max_drafts(session.model))  # token + drafts
+        room = min(session.n_ctx - len(session.tokens) - 1, self.max_drafts(session))  # token + drafts
         k = self.length.choose(room) if self.adaptive else room
         if k <= 0:
             return Draft([])

@@ -144,7 +144,7 @@ def test_sampled_distribution_is_the_targets(pair, kind):
     for deterministic proposals and for proposals drawn from the draft model's own distribution."""
     target, _, other = pair
     prompt = [1, 40, 41, 42, 40]
-    args = dict(temperature=1.5, top_k_=3, top_p_=1.0, min_p_=0.0)
+    args = dict(temperature=1.5, top_k=3, top_p=1.0, min_p=0.0)
     expected = exact_joint(target, prompt, args, 3)
     keys = sorted(expected)
     if kind == "lookup":  # a deterministic proposal: the target's own greedy continuation
