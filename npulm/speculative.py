@@ -76,6 +76,7 @@ class Draft:
 
     tokens: list[int]
     probs: list[Distribution | None] = field(default_factory=list)
+    key: Any = None  # the kind of draft, for acceptance statistics (lookup: the n-gram size that matched)
 
     def __post_init__(self) -> None:
         if not self.probs:
@@ -92,6 +93,8 @@ class PromptLookup:
     the text and propose the tokens that followed it. The most recent earlier occurrence wins: in a rewrite it is
     where the copy is, in a repetition the latest variant. Same arguments as llama-cpp-python's
     LlamaPromptLookupDecoding."""
+
+    cheap = True  # drafting costs next to nothing: draft first, then size the draft by what matched
 
     def __init__(self, max_ngram_size: int = 3, num_pred_tokens: int = 10):
         if max_ngram_size < 1 or num_pred_tokens < 1:
@@ -111,7 +114,7 @@ class PromptLookup:
                 hits = hits[ids[hits + j] == tail[j]]
             if len(hits):
                 start = int(hits[-1]) + size
-                return Draft(ids[start:start + n].tolist())
+                return Draft(ids[start:start + n].tolist(), key=size)
         return Draft([])
 
     def __call__(self, input_ids: np.ndarray, /, **_: Any) -> np.ndarray:
@@ -124,6 +127,8 @@ LlamaPromptLookupDecoding = PromptLookup  # llama-cpp-python's name
 
 class CallableDrafter:
     """A llama-cpp-python-style draft model (any callable input_ids -> proposed ids) as a Drafter."""
+
+    cheap = True  # as LlamaPromptLookupDecoding: called once per step with everything it may propose
 
     def __init__(self, fn: Callable[[np.ndarray], Iterable[int]]):
         self.fn = fn
@@ -254,24 +259,25 @@ def verify(session: Session, token: int, draft: Draft, sampler: Sampler) -> list
 
 class DraftLength:
     """Picks the draft length k that maximizes expected tokens per second of a step:
-        E(k) = 1 + a + ... + a^k tokens (a: per-token acceptance, decayed average of what was observed)
+        E(k) = 1 + a + ... + a^k tokens (a: per-token acceptance, a decayed average of what was observed, kept per
+               draft kind: a lookup draft found by a 3-gram is far likelier right than one found by a 1-gram)
         cost(k) = pass(k + 1) + k * draft_token
     pass(M) is measured per M (decayed averages of wall time, interpolated where unmeasured), or given by `pass_cost`
     (seconds of an M-token pass: a modeled NPU). k = 0 is plain decode, chosen whenever nothing beats it; a one-token
-    probe every `probe_every` plain steps keeps the acceptance estimate alive."""
+    probe after `probe_every` plain steps of a kind keeps its acceptance estimate alive."""
 
     def __init__(self, k_max: int, k_min: int = 0, pass_cost: Callable[[int], float] | None = None,
                  decay: float = 0.9, probe_every: int = 16):
         self.k_max, self.k_min, self.pass_cost = k_max, k_min, pass_cost
         self.decay, self.probe_every = decay, probe_every
-        self.hits, self.tries = 1.0, 2.0  # prior acceptance 0.5
+        self.counts: dict[Any, list[float]] = {}  # kind -> [accepted, tried], decayed
+        self.plain_steps: dict[Any, int] = {}
         self.seconds: dict[int, float] = {}
         self.draft_token_s = 0.0
-        self.plain_steps = 0
 
-    @property
-    def acceptance(self) -> float:
-        return self.hits / self.tries
+    def acceptance(self, key: Any = None) -> float:
+        hits, tries = self.counts.get(key, (1.0, 2.0))  # prior 0.5
+        return hits / tries
 
     def pass_seconds(self, m: int) -> float:
         if self.pass_cost is not None:
@@ -290,38 +296,39 @@ class DraftLength:
         one = self.seconds.get(1, self.seconds[lo])  # unexplored larger M: optimistic, +5 % of M=1 a row
         return self.seconds[lo] + 0.05 * one * (m - lo)
 
-    def expected_tokens(self, k: int) -> float:
-        a = min(self.acceptance, 0.999)
+    def expected_tokens(self, k: int, key: Any = None) -> float:
+        a = min(self.acceptance(key), 0.999)
         return (1 - a ** (k + 1)) / (1 - a)
 
-    def rate(self, k: int) -> float:
+    def rate(self, k: int, key: Any = None) -> float:
         """Expected tokens per second with k drafts."""
-        return self.expected_tokens(k) / (self.pass_seconds(k + 1) + k * self.draft_token_s)
+        return self.expected_tokens(k, key) / (self.pass_seconds(k + 1) + k * self.draft_token_s)
 
-    def choose(self, k_max: int | None = None) -> int:
+    def choose(self, k_max: int | None = None, key: Any = None) -> int:
         top = self.k_max if k_max is None else min(self.k_max, k_max)
-        best, best_rate = 0, self.rate(0)
+        best, best_rate = 0, self.rate(0, key)
         for k in range(max(self.k_min, 1), top + 1):
-            r = self.rate(k)
+            r = self.rate(k, key)
             if r > best_rate:
                 best, best_rate = k, r
         if best == 0 and top >= max(self.k_min, 1):
-            self.plain_steps += 1
-            if self.plain_steps >= self.probe_every:
-                self.plain_steps = 0
+            n = self.plain_steps.get(key, 0) + 1
+            self.plain_steps[key] = 0 if n >= self.probe_every else n
+            if n >= self.probe_every:
                 return max(self.k_min, 1)
         return best
 
-    def observe(self, m: int, seconds: float, proposed: int, accepted: int, draft_seconds: float = 0.0) -> None:
-        """A verify pass of m rows took `seconds`; `accepted` of `proposed` drafts were kept."""
+    def observe(self, m: int, seconds: float, proposed: int, accepted: int, draft_seconds: float = 0.0,
+                key: Any = None) -> None:
+        """A verify pass of m rows took `seconds`; `accepted` of `proposed` drafts (of kind `key`) were kept."""
         old = self.seconds.get(m)
         self.seconds[m] = seconds if old is None else 0.8 * old + 0.2 * seconds
         if proposed:
             per = draft_seconds / proposed
             self.draft_token_s = per if not self.draft_token_s else 0.8 * self.draft_token_s + 0.2 * per
-            tries = accepted + (accepted < proposed)
-            self.hits = self.decay * self.hits + accepted
-            self.tries = self.decay * self.tries + tries
+            c = self.counts.setdefault(key, [1.0, 2.0])
+            c[0] = self.decay * c[0] + accepted
+            c[1] = self.decay * c[1] + accepted + (accepted < proposed)  # tries: up to and including a rejection
 
 
 @dataclass
@@ -330,6 +337,7 @@ class SpecStats:
     proposed: int = 0
     accepted: int = 0
     emitted: int = 0
+    passes: dict[int, int] = field(default_factory=dict)  # rows of a verify pass -> how many ran
 
     @property
     def acceptance(self) -> float:
@@ -367,13 +375,18 @@ class Speculator:
 
     def propose(self, session: Session, token: int, sampler: Sampler) -> Draft:
         room = min(session.n_ctx - len(session.tokens) - 1, self.max_drafts(session))  # token + drafts
-        k = self.length.choose(room) if self.adaptive else room
-        if k <= 0:
+        if room < max(self.draft_min, 1):
             return Draft([])
-        draft = self.drafter.draft([*session.tokens, token], k, sampler)
-        if len(draft.tokens) < max(self.draft_min, 1):
-            return Draft([])
-        return Draft(draft.tokens[:k], draft.probs[:k])
+        context = [*session.tokens, token]
+        if getattr(self.drafter, "cheap", False):  # draft first, then keep what its kind of draft is worth
+            draft = self.drafter.draft(context, room, sampler)
+            k = self.length.choose(min(room, len(draft.tokens)), draft.key) if self.adaptive else room
+        else:
+            k = self.length.choose(room) if self.adaptive else room
+            draft = self.drafter.draft(context, k, sampler) if k > 0 else Draft([])
+        if k < max(self.draft_min, 1) or len(draft.tokens) < max(self.draft_min, 1):
+            return Draft([], key=draft.key)
+        return Draft(draft.tokens[:k], draft.probs[:k], draft.key)
 
     def step(self, session: Session, token: int, sampler: Sampler) -> list[int]:
         """Draft, verify in one pass, roll back: the emitted tokens (1..k+1; the last is not in the cache)."""
@@ -383,10 +396,11 @@ class Speculator:
         out = verify(session, token, draft, sampler)
         t2 = time.perf_counter()
         k = len(draft.tokens)
-        self.length.observe(k + 1, t2 - t1, k, len(out) - 1, t1 - t0)
+        self.length.observe(k + 1, t2 - t1, k, len(out) - 1, t1 - t0, draft.key)
         s = self.stats
         s.steps, s.proposed, s.accepted, s.emitted = s.steps + 1, s.proposed + k, s.accepted + len(out) - 1, \
             s.emitted + len(out)
+        s.passes[k + 1] = s.passes.get(k + 1, 0) + 1
         return out
 
 

@@ -18,3 +18,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     out["llama-q8_0"] = write_tiny_model(d / "llama-q8_0.gguf", "llama", T.Q8_0)
     out["llama-q4_0"] = write_tiny_model(d / "llama-q4_0.gguf", "llama", T.Q4_0, tied=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_writer():
+    """write_tiny_model for tests that need their own variants (a module's `from conftest import` may find another
+    directory's conftest first)."""
+    return write_tiny_model

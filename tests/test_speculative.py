@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import write_tiny_model
 from gguf.constants import GGMLQuantizationType as T
 from scipy.stats import chisquare
 
@@ -29,9 +28,9 @@ from npulm.speculative import (
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def pair(tmp_path_factory, tiny_model_writer):
     """A tiny Q8_0 target (C kernels: row-exact) and a Q4_0 draft of the same weights (agrees often, not always)."""
-    d = tmp_path_factory.mktemp("spec")
+    d, write_tiny_model = tmp_path_factory.mktemp("spec"), tiny_model_writer
     target = load_model(GGUFFile(str(write_tiny_model(d / "t.gguf", "llama", T.Q8_0, n_ctx=96))), 96)
     draft = load_model(GGUFFile(str(write_tiny_model(d / "d.gguf", "llama", T.Q4_0, n_ctx=96))), 96)
     other = load_model(GGUFFile(str(write_tiny_model(d / "o.gguf", "llama", T.Q8_0, n_ctx=96, n_layer=1))), 96)
@@ -196,16 +195,22 @@ def test_draft_length_never_beats_plain_when_passes_cost():
             c.observe(m, 1.0 + 0.01 * m, m - 1, m - 1)
     assert c.choose() == 6
     c = DraftLength(k_max=6, pass_cost=lambda m: 1.0 if m <= 4 else 3.0)  # a modeled cost (the NPU's)
-    c.hits, c.tries = 9.0, 10.0
+    c.counts[None] = [9.0, 10.0]
     assert c.choose() == 3
+    c = DraftLength(k_max=6, pass_cost=lambda m: 1.0 + 0.3 * (m - 1), probe_every=4)
+    for _ in range(30):  # 3-gram lookups are right, 1-gram ones are not: only the first kind is drafted
+        c.observe(4, 1.9, 3, 3, key=3)
+        c.observe(2, 1.3, 1, 0, key=1)
+    assert c.choose(6, key=3) == 6
+    assert [c.choose(6, key=1) for _ in range(4)] == [0, 0, 0, 1]  # a probe after probe_every plain steps
 
 
-def test_vocab_check_and_llama_hooks(tiny_models, tmp_path):
+def test_vocab_check_and_llama_hooks(tiny_model_writer, tmp_path):
     with pytest.raises(ValueError, match="differs from the target's at token 2"):
         check_vocab(["a", "b", "c"], ["a", "b", "x"])
     from npulm.api import Llama
 
-    path = write_tiny_model(tmp_path / "q8.gguf", "llama", T.Q8_0)
+    path = tiny_model_writer(tmp_path / "q8.gguf", "llama", T.Q8_0)
     llm = Llama(str(path), n_ctx=64, verbose=False)
     plain = llm("the the the", max_tokens=20, temperature=0)["choices"][0]["text"]
     for draft in (PromptLookup(), str(path), Llama(str(path), n_ctx=64, verbose=False), lambda ids: [5, 6]):
@@ -215,10 +220,10 @@ def test_vocab_check_and_llama_hooks(tiny_models, tmp_path):
         make_speculator(3)
 
 
-def test_cli_run_spec_lookup(tmp_path, capsys):
+def test_cli_run_spec_lookup(tiny_model_writer, tmp_path, capsys):
     from npulm.cli import main
 
-    path = write_tiny_model(tmp_path / "q8.gguf", "llama", T.Q8_0)
+    path = tiny_model_writer(tmp_path / "q8.gguf", "llama", T.Q8_0)
     outs = []
     for extra in ([], ["--spec", "lookup"], ["-md", str(path), "--draft-max", "3"]):
         assert main(["run", "-m", str(path), "-p", "the the", "-n", "16", "--temp", "0", "-c", "64", *extra]) == 0
