@@ -72,10 +72,11 @@ def test_logprobs_are_the_log_softmax_of_eval_logits(tiny_models):
     out = a("the cat", max_tokens=5, temperature=0, logprobs=3)
     lp = out["choices"][0]["logprobs"]
     assert len(lp["token_logprobs"]) == len(lp["tokens"]) == 5 and all(len(t) == 3 for t in lp["top_logprobs"])
-    generated = a.input_ids[-5:].tolist() if a.n_tokens else []
     ref = Llama(str(tiny_models["llama"]), n_ctx=64, logits_all=True, verbose=False)
     prompt = ref.tokenize("the cat")
-    ref.eval(prompt + generated[:-1] if len(generated) == 5 else prompt)
+    generated = a.input_ids[len(prompt):].tolist()  # the last token is sampled, never evaluated (llama-cpp-python too)
+    ref.eval(prompt + generated)
+    generated.append(int(np.argmax(ref.scores[len(prompt) + 3])))  # greedy
     want = log_softmax(ref.scores[len(prompt) - 1:len(prompt) + 4])
     got = np.array(lp["token_logprobs"])
     np.testing.assert_allclose(got, want[np.arange(5), generated], atol=2e-3)
