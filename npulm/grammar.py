@@ -24,8 +24,10 @@ except ImportError:  # an optional extra: `pip install npulm[grammar]`
 
 from .tokenizer import Tokenizer
 
-# llama.cpp's JSON grammar separators; no free whitespace: small models otherwise fill max_tokens with newlines
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# llama.cpp's JSON grammar separators; no free whitespace and no \uXXXX escapes (text is written as UTF-8): small
+# models otherwise fill max_tokens with newlines or with six-token escapes of control characters
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+                "json_allowed_escapes": "\"\\bfnrt"}
 
 
 class GrammarError(ValueError):

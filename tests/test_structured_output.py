@@ -68,7 +68,7 @@ def test_200_generations_across_10_schemas_parse_and_validate():
                 [{"role": "system", "content": "You answer with JSON only."},
                  {"role": "user", "content": f"Give me {what} as JSON."}],
                 response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-                temperature=0.8, seed=i, max_tokens=400)
+                temperature=0.8, seed=i, max_tokens=512)
             text = out["choices"][0]["message"]["content"]
             try:
                 jsonschema.validate(json.loads(text), schema)
