@@ -1,4 +1,4 @@
-"""npulm command line, with llama.cpp's flag names: run | chat | info | perplexity | pull (| bench | doctor).
+"""npulm command line, with llama.cpp's flag names: run | chat | info | perplexity | pull | list | rm | bench | doctor | plan | serve.
 
 Errors are one line on stderr (`npulm: error: ...`, the traceback only with --verbose) and a non-zero exit: 1 for a
 bad model, file or value, 2 for a bad command line, 130 after Ctrl-C."""
@@ -14,7 +14,8 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-from . import assets
+from . import assets, bench, catalog, plan
+from .npu import doctor
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -397,11 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=sorted(assets.MODELS))
     p.set_defaults(func=cmd_pull)
 
-    for extra in ("bench", "doctor", "plan", "catalog"):  # registered by their modules when present
-        try:
-            module = __import__(f"npulm.{extra}", fromlist=["add_parser"])
-        except ImportError:
-            continue
+    for module in (bench, doctor, plan, catalog):
         module.add_parser(sub)
     from .server import add_parser as add_serve_parser
 

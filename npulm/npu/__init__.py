@@ -1,7 +1,9 @@
 """NPU backend: the RKNPU2 matmul API (librknnrt via ctypes, or an exact numpy emulator) and the pipelines on it.
 
 Runtime layer: `chips` (per-SoC rules), `rknn` (ctypes binding, constants, errors), `layout` (native packing),
-`emulator` (numpy implementation), `runtime` (`open_runtime()`, `Runtime`, `MatmulContext`).
+`runtime` (the interface: `Runtime` and the API's value types), its two implementations `librknnrt` (`RknnRuntime`)
+and `emulator` (`EmulatorRuntime`), `device` (`open_runtime()`), `context` (`MatmulContext`), `doctor` (the
+self-test behind `npulm doctor`).
 Backend: `quant` (quantization math), `pipelines` (the named pipelines), `planner` (chunks, cores, contexts, memory),
 `backend` (`NpuLinear`, `configure`). Importing this package registers the "npu" matmul backend; the heavy modules
 load on first use.
@@ -12,8 +14,8 @@ from __future__ import annotations
 from ..linear import Linear, Weight, register_backend
 
 _LAZY = {
-    "open_runtime": "runtime", "Runtime": "runtime", "MatmulContext": "runtime", "MatmulInfo": "runtime",
-    "RknnRuntime": "runtime", "EmulatorRuntime": "emulator", "Chip": "chips", "get_chip": "chips",
+    "open_runtime": "device", "Runtime": "runtime", "MatmulContext": "context", "MatmulInfo": "runtime",
+    "RknnRuntime": "librknnrt", "EmulatorRuntime": "emulator", "Chip": "chips", "get_chip": "chips",
     "detect_chip": "chips", "RknnError": "rknn", "NpuLinear": "backend", "PIPELINES": "pipelines",
     "auto_pipeline": "pipelines", "current": "backend", "fallbacks": "backend",
 }

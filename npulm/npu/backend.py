@@ -20,10 +20,11 @@ import numpy as np
 from ..linear import Linear, Weight, make_linear
 from . import owner
 from .chips import Chip, chip_from_env_or_board, get_chip
+from .device import open_runtime
 from .pipelines import Prepared, auto_pipeline, pipeline_spec, prepare, resolve
 from .planner import Arena
 from .rknn import RknnError
-from .runtime import Runtime, open_runtime
+from .runtime import Runtime
 
 log = logging.getLogger("npulm.npu")
 

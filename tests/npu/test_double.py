@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from npulm.npu import rknn as R
+from npulm.npu.context import MatmulContext
 from npulm.npu.emulator import EmulatorRuntime
-from npulm.npu.runtime import MatmulContext, MatmulInfo, QuantParams, RknnRuntime
+from npulm.npu.librknnrt import RknnRuntime
+from npulm.npu.runtime import MatmulInfo, QuantParams
 
 NATIVE, NORM, TP = R.LAYOUT_NATIVE, R.LAYOUT_NORM, R.LAYOUT_TP_NORM
 TYPES = [R.FLOAT16_MM_FLOAT16_TO_FLOAT32, R.INT8_MM_INT8_TO_INT32, R.FLOAT16_MM_FLOAT16_TO_FLOAT16,

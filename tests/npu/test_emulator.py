@@ -10,8 +10,9 @@ import pytest
 
 from npulm.npu import rknn as R
 from npulm.npu.chips import get_chip
+from npulm.npu.context import MatmulContext
 from npulm.npu.emulator import EmulatorOverflowError, EmulatorRuntime
-from npulm.npu.runtime import MatmulContext, MatmulInfo, QuantParams
+from npulm.npu.runtime import MatmulInfo, QuantParams
 
 RNG = np.random.default_rng(11)
 NATIVE, NORM, TP = R.LAYOUT_NATIVE, R.LAYOUT_NORM, R.LAYOUT_TP_NORM

@@ -8,7 +8,8 @@ import pickle
 import pytest
 
 from npulm.npu import rknn as R
-from npulm.npu.runtime import RknnRuntime, open_runtime
+from npulm.npu.device import open_runtime
+from npulm.npu.librknnrt import RknnRuntime
 
 # (struct, size, {field: offset}) per the SDK 2.1-2.3.2 headers (LP64)
 LAYOUTS = [

@@ -43,7 +43,7 @@ def test_doctor_without_librknnrt(capsys, monkeypatch):
     from npulm.npu import rknn
 
     monkeypatch.setattr(rknn, "find_library", lambda: None)
-    monkeypatch.setattr("npulm.npu.runtime.find_library", lambda: None)
+    monkeypatch.setattr("npulm.npu.device.find_library", lambda: None)
     rc, _, err = run(capsys, "--runtime", "rknn")
     assert rc == 1 and "librknnrt.so not found" in err
 

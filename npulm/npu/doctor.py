@@ -15,7 +15,29 @@ import platform
 import resource
 import sys
 
+import gguf
 import numpy as np
+from gguf.constants import GGMLQuantizationType as Q
+
+from ..linear import Weight
+from . import chips
+from . import pipelines as P
+from . import quant as qm
+from .context import MatmulContext
+from .device import open_runtime
+from .planner import Arena, NpuMatmul
+from .rknn import (
+    CORE_0,
+    CORE_1,
+    CORE_2,
+    FLOAT16_MM_FLOAT16_TO_FLOAT32,
+    INT4_MM_INT4_TO_INT16,
+    INT8_MM_INT8_TO_INT32,
+    MATMUL_TYPES,
+    RknnError,
+    RknnLoadError,
+)
+from .runtime import MatmulInfo
 
 DRIVER_VERSION_FILE = "/sys/kernel/debug/rknpu/version"
 DEVICE_TREE_MODEL = "/proc/device-tree/model"
@@ -57,10 +79,6 @@ class Report:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .npu import chips
-    from .npu.rknn import RknnLoadError
-    from .npu.runtime import open_runtime
-
     rep = Report()
     chip = chips.get_chip(args.chip) if args.chip else None
     try:
@@ -134,14 +152,11 @@ def _lim(v: int) -> str:
 
 
 def _context(rt, m: int, k: int, n: int, t: int, **kw):
-    from .npu.runtime import MatmulContext
-
     return MatmulContext(rt, m, k, n, t, **kw)
 
 
 def _matmul_types(rt, rep: Report) -> set[int]:
     """Create every matmul type; run the accepted ones on small random matrices against numpy."""
-    from .npu.rknn import MATMUL_TYPES, RknnError
 
     rep.section("matmul types (create + run on M=4, small K/N, vs a CPU reference)")
     rng = np.random.default_rng(0)
@@ -195,16 +210,6 @@ def _operand(rng, dtype: str, shape) -> np.ndarray:
 
 
 def _probes(rt, rep: Report, accepted: set[int]) -> None:
-    from .npu.rknn import (
-        CORE_0,
-        CORE_1,
-        CORE_2,
-        FLOAT16_MM_FLOAT16_TO_FLOAT32,
-        INT4_MM_INT4_TO_INT16,
-        INT8_MM_INT8_TO_INT32,
-        RknnError,
-    )
-    from .npu.runtime import MatmulInfo
 
     rep.section("probes (what the documentation leaves open)")
     rep.line("types rknn_matmul_create accepts", ", ".join(map(str, sorted(accepted))) or "none",
@@ -268,9 +273,6 @@ def _probes(rt, rep: Report, accepted: set[int]) -> None:
 def _views_probe(rt, t: int) -> tuple[str, bool]:
     """The planner binds A, B and C as views (rknn_create_mem_from_fd + offset) into shared allocations: run one
     context that way, at 64-byte offsets, and compare with numpy."""
-    from .npu.planner import Arena, NpuMatmul
-    from .npu.rknn import RknnError
-
     arena = Arena(rt, parallel=False)
     rng = np.random.default_rng(2)
     try:
@@ -291,8 +293,6 @@ def _views_probe(rt, t: int) -> tuple[str, bool]:
 
 
 def _creates(rt, info) -> bool:
-    from .npu.rknn import RknnError
-
     try:
         ctx, _ = rt.create(info)
     except RknnError:
@@ -305,14 +305,6 @@ def _creates(rt, info) -> bool:
 
 
 def _pipelines(rt, rep: Report) -> None:
-    import gguf
-    from gguf.constants import GGMLQuantizationType as Q
-
-    from .linear import Weight
-    from .npu import pipelines as P
-    from .npu import quant as qm
-    from .npu.planner import Arena
-    from .npu.rknn import RknnError
 
     rep.section("pipelines (N=256, K=512, one Q4_0 / Q8_0 weight, 8 rows with an outlier channel)")
     rng = np.random.default_rng(1)
@@ -327,7 +319,7 @@ def _pipelines(rt, rep: Report) -> None:
                                 "W4A4_GGUF_BLOCK": 0.25, "W4A4_GGUF_HADAMARD": 0.12}
     try:
         for name in P.PIPELINES:
-            results = [(t, *_pipeline_verdict(name, w, x, arena, bounds.get(name, 0.3), qm, P, RknnError))
+            results = [(t, *_pipeline_verdict(name, w, x, arena, bounds.get(name, 0.3)))
                        for t, w in weights.items()]
             oks = [ok for _, ok, _ in results if ok is not None]
             rep.line(name, "; ".join(f"{t.name}: {text}" for t, _, text in results), all(oks) if oks else None)
@@ -337,7 +329,7 @@ def _pipelines(rt, rep: Report) -> None:
         arena.close()
 
 
-def _pipeline_verdict(name: str, w, x, arena, bound: float, qm, P, RknnError) -> tuple[bool | None, str]:
+def _pipeline_verdict(name: str, w, x, arena, bound: float) -> tuple[bool | None, str]:
     """(ok, text): ok None when the NPU refuses the pipeline (the weight then runs on the CPU path)."""
     ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
     try:
@@ -366,7 +358,7 @@ def _pipeline_verdict(name: str, w, x, arena, bound: float, qm, P, RknnError) ->
     return ok, ", ".join(notes)
 
 
-if __name__ == "__main__":  # python -m npulm.doctor
+if __name__ == "__main__":  # python -m npulm.npu.doctor
     ap = argparse.ArgumentParser(prog="npulm doctor")
     add_parser(ap.add_subparsers(dest="command", required=True))
     a = ap.parse_args(["doctor", *sys.argv[1:]])
