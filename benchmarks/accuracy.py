@@ -32,6 +32,7 @@ from npulm import Llama, assets  # noqa: E402
 from npulm.evaluate import Divergence, log_softmax  # noqa: E402
 from npulm.evaluate import divergence as _divergence  # noqa: E402
 from npulm.npu import pipelines as P  # noqa: E402
+from npulm.npu.chips import get_chip  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MODELS = (assets.SMOLLM2, assets.GEMMA3)
@@ -261,7 +262,7 @@ def markdown(results: dict[str, tuple[list[Row], dict]], conts: dict, n_chunks: 
             for prompt, a, b in c["samples"][:5]:
                 out.append(f"| {prompt} | {_md(a)} | {_md(b)} |")
             out.append("")
-    out += ["## The pipelines", "", P.table_markdown(), "",
+    out += ["## The pipelines", "", P.table_markdown(get_chip("rk3588")), "",
             "![PPL and KLD per pipeline](accuracy.png)", ""]
     return "\n".join(out)
 

@@ -30,6 +30,7 @@ from gguf.constants import GGMLQuantizationType as Q
 from npulm.linear import Weight
 from npulm.npu import cost
 from npulm.npu import pipelines as P
+from npulm.npu import prepared as R
 from npulm.npu import quant as qm
 from npulm.npu.emulator import EmulatorRuntime
 from npulm.npu.planner import Arena
@@ -81,7 +82,7 @@ def make_weight(k: int, n: int, pipeline: str) -> Weight:
     return Weight(f"bench.{k}x{n}", qtype, n, k, raw)
 
 
-def phases(pr: P.Prepared, x: np.ndarray) -> dict[str, float]:
+def phases(pr: R.Prepared, x: np.ndarray) -> dict[str, float]:
     """Seconds per call of the whole call and of its phases (re-implemented here step by step, same inputs)."""
     op = pr.ops[0]
     m = x.shape[0]
@@ -91,23 +92,23 @@ def phases(pr: P.Prepared, x: np.ndarray) -> dict[str, float]:
     rows = m * op.row_factor
     a = np.zeros((op.n_chunks, rows, op.chunk_k), np.int8 if op.a_dt != "fp16" else np.float16)
     out["write A"] = timeit(lambda: op._write_a(bk, a, rows))
-    if isinstance(pr, P.FloatPrepared):
+    if isinstance(pr, R.FloatPrepared):
         def quantize():
             if m == 1:
                 return x / np.float32(2.0 ** (math.frexp(float(np.abs(x).max()))[1] - 14))
             return x / np.ldexp(np.float32(1), np.frexp(np.abs(x).max(axis=1, keepdims=True))[1] - 14)
-    elif isinstance(pr, P.GgufPrepared):
+    elif isinstance(pr, R.GgufPrepared):
         def quantize():
             x64 = x.astype(np.float64)
-            xr = P._rotate_groups(x64, pr.h) if pr.h > 1 else x64
+            xr = qm.rotate_groups(x64, pr.h) if pr.h > 1 else x64
             return qm.quantize_rows(xr, pr.act_bits, pr.act_group)
     else:
         def quantize():
             x64 = x.astype(np.float64)
             if pr.rotation is not None:
                 x64 = qm.rotate_activation(x64, pr.rotation)
-            q, _ = P.quantize_rows(x64, pr.act_bits)
-            return P._split_rows(q.astype(np.int8)) if pr.real.a_split else q
+            q, _ = R.quantize_rows(x64, pr.act_bits)
+            return R._split_rows(q.astype(np.int8)) if pr.real.a_split else q
     out["quantize"] = timeit(quantize)
     out["epilogue"] = max(0.0, out["total"] - out["dispatch"] - out["write A"] - out["quantize"])
     return out
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in args.shapes.split(","):
             for k, n in SHAPES[group]:
                 w = make_weight(k, n, name)
-                pr = P.prepare(name, w, arena)
+                pr = R.prepare(name, w, arena)
                 for m in ms:
                     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
                     ph = phases(pr, x)

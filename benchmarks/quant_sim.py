@@ -1,4 +1,4 @@
-"""What each NPU quantization recipe costs on a real model, measured with the float64 simulations of npulm.npu.quant.
+"""What each NPU quantization recipe costs on a real model, measured with the float64 references of npulm.npu.simulate.
 
     python benchmarks/quant_sim.py                    # matmul errors on real + synthetic activations (~2 min)
     python benchmarks/quant_sim.py --wht              # also time the Walsh-Hadamard transform variants
@@ -27,18 +27,20 @@ import numpy as np
 from npulm import assets
 from npulm.gguf import GGUFFile
 from npulm.linear import Linear, Weight, register_backend
+from npulm.npu import pipelines as P
 from npulm.npu import quant as qm
+from npulm.npu import simulate as S
 
 
-def prepare_shared(name: str, weight: Weight, cache: dict) -> qm.PreparedWeight:
-    """qm.prepare, reusing the quantized weight of another recipe that quantizes it the same way (W4A4/W4A8_CHANNEL)."""
-    r = qm.PIPELINES[name]
-    if r.weight == "gguf":
-        return qm.prepare(name, weight)
-    key = (r.weight, r.weight_bits, r.rotation)
+def prepare_shared(name: str, weight: Weight, cache: dict) -> S.PreparedWeight:
+    """S.prepare, reusing the weight of another pipeline that quantizes it the same way (W4A4/W4A8_CHANNEL)."""
+    r = P.PIPELINES[name]
+    if r.weights == "gguf":
+        return S.prepare(r, weight)
+    key = (r.weights, r.weight_bits, r.rotation)
     if key not in cache:
-        cache[key] = qm.prepare(name, weight)
-    return dataclasses.replace(cache[key], recipe=r, act_group=r.act_group)
+        cache[key] = S.prepare(r, weight)
+    return dataclasses.replace(cache[key], pipeline=r, act_group=r.act_group)
 
 
 class SimLinear(Linear):
@@ -53,7 +55,7 @@ class SimLinear(Linear):
         super().__init__(weight)
         self.weight = weight
         self.w = weight.dequantize()
-        self.prepared: dict[str, qm.PreparedWeight | None] = {}
+        self.prepared: dict[str, S.PreparedWeight | None] = {}
         self.shared: dict = {}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -70,7 +72,7 @@ class SimLinear(Linear):
                 self.prepared[r] = None
                 SimLinear.fallbacks.add(f"{r}:{self.weight.type.name}")
         pw = self.prepared[r]
-        return x @ self.w.T if pw is None else qm.simulate_prepared(pw, x).astype(np.float32)
+        return x @ self.w.T if pw is None else S.simulate_prepared(pw, x).astype(np.float32)
 
 
 def linear_weights(g: GGUFFile, layer_step: int = 1) -> list[Weight]:
@@ -151,7 +153,7 @@ def section_matmul(weights: list[Weight], acts: dict[str, np.ndarray], recipes: 
             except ValueError:
                 continue
             for src, x in xs.items():
-                e = qm.relative_error(qm.simulate_prepared(pw, x), refs[src])
+                e = qm.relative_error(S.simulate_prepared(pw, x), refs[src])
                 err[(src, name)].append(e)
                 if src == "real":
                     kind_err[(name, w.name.split(".")[2])].append(e)
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=assets.SMOLLM2, help="known model name or GGUF path")
     ap.add_argument("--tokens", type=int, default=128, help="tokens of real activations per linear")
     ap.add_argument("--layer-step", type=int, default=3, help="matmul errors on every n-th block (1: all)")
-    ap.add_argument("--recipes", default=",".join(qm.PIPELINES), help="comma-separated recipe names")
+    ap.add_argument("--recipes", default=",".join(P.PIPELINES), help="comma-separated recipe names")
     ap.add_argument("--ppl-chunks", type=int, default=0, help="also run perplexity/KLD on this many 512-token chunks")
     ap.add_argument("--wht", action="store_true", help="also time the Walsh-Hadamard transform variants")
     args = ap.parse_args(argv)

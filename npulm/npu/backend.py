@@ -21,8 +21,9 @@ from ..linear import Linear, Weight, make_linear
 from . import owner
 from .chips import Chip, chip_from_env_or_board, get_chip
 from .device import open_runtime
-from .pipelines import Prepared, auto_pipeline, pipeline_spec, prepare, resolve
+from .pipelines import auto_pipeline, pipeline_spec, resolve
 from .planner import Arena
+from .prepared import Prepared, prepare
 from .rknn import RknnError
 from .runtime import Runtime
 

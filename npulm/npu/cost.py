@@ -313,9 +313,8 @@ def npulm_geometry(pipeline: str, k: int, n: int, qtype: str, chip) -> Geometry:
             b_rows = 2 * ceil_to(n, chip.tiles(t)[3])
         c_bytes = (4 if t != INT4_MM_INT4_TO_INT16 else 2) + 8
     else:
-        recipe = qm.PIPELINES[name]
         kk = qm.next_pow2(k) if spec.rotation == "pad" else k
-        real = P.realize(chip, spec.act_bits, recipe.weight_bits)
+        real = spec.realize(chip)
         t = real.mm_type
         k_al = chip.padded_align(t)[0]
         if t == INT4_MM_INT4_TO_INT16:

@@ -26,6 +26,7 @@ from . import quant as qm
 from .context import MatmulContext
 from .device import open_runtime
 from .planner import Arena, NpuMatmul
+from .prepared import prepare
 from .rknn import (
     CORE_0,
     CORE_1,
@@ -38,6 +39,7 @@ from .rknn import (
     RknnLoadError,
 )
 from .runtime import MatmulInfo
+from .simulate import simulate
 
 DRIVER_VERSION_FILE = "/sys/kernel/debug/rknpu/version"
 DEVICE_TREE_MODEL = "/proc/device-tree/model"
@@ -305,7 +307,6 @@ def _creates(rt, info) -> bool:
 
 
 def _pipelines(rt, rep: Report) -> None:
-
     rep.section("pipelines (N=256, K=512, one Q4_0 / Q8_0 weight, 8 rows with an outlier channel)")
     rng = np.random.default_rng(1)
     w32 = (rng.standard_normal((256, 512)) * 0.05).astype(np.float32)
@@ -313,14 +314,9 @@ def _pipelines(rt, rep: Report) -> None:
     x = rng.standard_normal((8, 512)).astype(np.float32)
     x[:, 3] *= 20
     arena = Arena(rt)
-    bounds: dict[str, float] = {"W16A16": 1e-3, "W8A8_STANDARD": 0.08, "W8A8_CHANNEL": 0.08, "W8A8_HADAMARD": 0.03,
-                                "W8A8_GGUF_HADAMARD": 0.02, "W4A4_HADAMARD": 0.3, "W4A4_CHANNEL": 0.25,
-                                "W4A8_CHANNEL": 0.15, "W4A8_GGUF_BLOCK": 0.02,
-                                "W4A4_GGUF_BLOCK": 0.25, "W4A4_GGUF_HADAMARD": 0.12}
     try:
         for name in P.PIPELINES:
-            results = [(t, *_pipeline_verdict(name, w, x, arena, bounds.get(name, 0.3)))
-                       for t, w in weights.items()]
+            results = [(t, *_pipeline_verdict(name, w, x, arena)) for t, w in weights.items()]
             oks = [ok for _, ok, _ in results if ok is not None]
             rep.line(name, "; ".join(f"{t.name}: {text}" for t, _, text in results), all(oks) if oks else None)
         auto = {t.name: P.auto_pipeline(t, rt.chip) for t in (Q.F16, Q.Q8_0, Q.Q6_K, Q.Q5_0, Q.Q4_K, Q.Q4_0)}
@@ -329,11 +325,13 @@ def _pipelines(rt, rep: Report) -> None:
         arena.close()
 
 
-def _pipeline_verdict(name: str, w, x, arena, bound: float) -> tuple[bool | None, str]:
-    """(ok, text): ok None when the NPU refuses the pipeline (the weight then runs on the CPU path)."""
+def _pipeline_verdict(name: str, w, x, arena) -> tuple[bool | None, str]:
+    """(ok, text): ok None when the NPU refuses the pipeline (the weight then runs on the CPU path). The pipeline's
+    error bound against float64, and equality with its float64 reference (`npulm.npu.simulate`)."""
+    pipeline = P.pipeline_spec(P.resolve(name, w.type, arena.chip))
     ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
     try:
-        pr = P.prepare(P.resolve(name, w.type, arena.chip), w, arena)
+        pr = prepare(pipeline, w, arena)
     except RknnError as e:
         return None, f"refused, runs on the CPU ({e.__class__.__name__})"
     try:
@@ -341,21 +339,12 @@ def _pipeline_verdict(name: str, w, x, arena, bound: float) -> tuple[bool | None
     except RknnError as e:
         pr.close()
         return None, f"run failed, runs on the CPU ({e.__class__.__name__})"
-    err = qm.relative_error(y, ref)
-    notes = [f"err {err:.4f}" + ("" if err < bound else f" > {bound}"), pr._npu()]
-    ok = err < bound
-    check = None
-    if name in qm.PIPELINES:
-        try:
-            check = qm.simulate(name, x, w)
-        except ValueError:  # a recipe for other weight types
-            check = None
-    if check is not None:
-        d = qm.relative_error(y, check)
-        ok = ok and d < 1e-5
-        notes.append("= float64 recipe" if d < 1e-5 else f"differs from the float64 recipe by {d:.1e}")
     pr.close()
-    return ok, ", ".join(notes)
+    err, bound = qm.relative_error(y, ref), pipeline.error_bound
+    d = qm.relative_error(y, simulate(pipeline, x, w))
+    notes = [f"err {err:.4f}" + ("" if err < bound else f" > {bound}"), pr._npu(),
+             "= float64 reference" if d < 1e-5 else f"differs from the float64 reference by {d:.1e}"]
+    return err < bound and d < 1e-5, ", ".join(notes)
 
 
 if __name__ == "__main__":  # python -m npulm.npu.doctor

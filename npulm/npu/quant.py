@@ -613,118 +613,28 @@ def gguf_matmul(x: np.ndarray, gc: GGUFCodes, act_bits: int = 8, act_group: int 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Named pipelines (recipes) and their float64 reference simulations
+# Integer Hadamard on GGUF codes
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    weight: str  # "fp16" | "tensor-absmax" | "tensor-kl" | "channel-absmax" | "channel-mse" | "gguf"
-    weight_bits: int  # 16, 8 or 4 (gguf: the file's codes, 4 or 8)
-    act_bits: int  # 16, 8 or 4
-    act_group: int | str | None  # None: one scale per row; "block": one per (row, GGUF block)
-    rotation: str  # "none" | "block" | "pad"
-    npu: str  # matmul type(s) it needs
-    note: str = ""
+def integer_hadamard_order(codes: np.ndarray, block: int, cap: int = 16) -> int:
+    """Largest Hadamard order h (power of two, <= cap, dividing the block) for which the codes rotated by the
+    unnormalized Sylvester H(h) within each group of h inputs still fit int8: checked on the weight itself."""
+    n, k = codes.shape
+    h = 1
+    while h * 2 <= min(cap, block):
+        r = codes.reshape(n, k // (2 * h), 2 * h).astype(np.int32) @ hadamard(2 * h, normalize=False).astype(np.int32)
+        if r.min() < -128 or r.max() > 127:
+            break
+        h *= 2
+    return h
 
 
-PIPELINES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("W16A16", "fp16", 16, 16, None, "none", "FP16xFP16->FP32 (type 1)"),
-    Recipe("W8A8_STANDARD", "tensor-absmax", 8, 8, None, "none", "INT8xINT8->INT32 (type 2)", "rk-llama.cpp"),
-    Recipe("W8A8_CHANNEL", "channel-absmax", 8, 8, None, "none", "INT8xINT8->INT32, channel scales on CPU"),
-    Recipe("W8A8_HADAMARD", "channel-absmax", 8, 8, None, "block", "INT8xINT8->INT32, channel scales on CPU"),
-    Recipe("W4A4_HADAMARD", "tensor-kl", 4, 4, None, "pad", "INT4xINT4->INT16 (type 10), K chunks <= 511",
-           "rk-llama.cpp"),
-    Recipe("W4A4_CHANNEL", "channel-mse", 4, 4, None, "pad", "INT4xINT4->INT16, K chunks <= 511"),
-    Recipe("W4A8_CHANNEL", "channel-mse", 4, 8, None, "pad", "INT8xINT8 (int4 codes widened) or 2 x INT4xINT4"),
-    Recipe("W4A8_BLOCK", "channel-mse", 4, 8, None, "block", "2 x INT4xINT4 (x halves): 4-bit weights, no padding"),
-    Recipe("W4A8_GGUF", "gguf", 4, 8, None, "none",
-           "INT8xINT8 per block group, or 2 x INT4xINT4 (x split) when the codes fit int4",
-           "exact GGUF weights"),
-    Recipe("W4A8_GGUF_BLOCK", "gguf", 4, 8, "block", "none", "as W4A8_GGUF", "x scale per (row, GGUF block)"),
-    Recipe("W4A4_GGUF_BLOCK", "gguf", 4, 4, "block", "none", "INT4xINT4->INT16 per block group (int4 codes only)",
-           "x int4 per (row, GGUF block)"),
-]}
-
-
-
-@dataclass(frozen=True)
-class PreparedWeight:
-    """A weight prepared for a recipe once (at load); `simulate_prepared` runs the per-call part."""
-
-    recipe: Recipe
-    n_out: int
-    n_in: int
-    rotation: Rotation | None = None
-    codes: np.ndarray | None = None  # int8 (N, K') for integer recipes
-    scale: np.ndarray | None = None  # (1 | N, G) float64
-    offset: np.ndarray | None = None  # (N, G) float64 (GGUF affine types)
-    w16: np.ndarray | None = None  # float16 (N, K) for W16A16
-    act_group: int | None = None
-
-
-def _as_float(weight) -> np.ndarray:
-    if isinstance(weight, np.ndarray):
-        return weight.astype(np.float64)
-    return weight.dequantize().astype(np.float64)
-
-
-def prepare(pipeline: str, weight, seed: int = 0) -> PreparedWeight:
-    """Quantize a weight (npulm.linear.Weight, or a float (N, K) array for non-GGUF recipes) for a recipe."""
-    try:
-        r = PIPELINES[pipeline]
-    except KeyError:
-        raise ValueError(f"unknown pipeline {pipeline!r}; known: {', '.join(PIPELINES)}") from None
-    if r.weight == "gguf":
-        if isinstance(weight, np.ndarray):
-            raise ValueError(f"{pipeline} needs a GGUF weight (npulm.linear.Weight), not a float array")
-        gc = gguf_codes(weight)
-        if r.act_bits == 4 and gc.bits != 4:
-            raise ValueError(f"{pipeline} needs int4 codes; {gc.type.name} codes span {gc.code_min}..{gc.code_max}")
-        return PreparedWeight(r, gc.codes.shape[0], gc.codes.shape[1], None, gc.codes, gc.scale, gc.offset,
-                              act_group=gc.block if r.act_group == "block" else r.act_group)
-    w = _as_float(weight)
-    n, k = w.shape
-    if r.weight == "fp16":
-        return PreparedWeight(r, n, k, w16=w.astype(np.float16))
-    rot = None
-    if r.rotation == "block":
-        rot = block_hadamard_rotation(k, seed=seed)
-    elif r.rotation == "pad":
-        rot = padded_hadamard_rotation(k, seed=seed)
-    wr = w if rot is None else rotate_weight(w, rot)
-    granularity, clip = r.weight.split("-")
-    if granularity == "tensor":
-        codes, scale = quantize_per_tensor(wr, r.weight_bits, clip)
-    else:
-        codes, scale = quantize_per_channel(wr, r.weight_bits, clip)
-    return PreparedWeight(r, n, k, rot, codes, scale, act_group=r.act_group)
-
-
-def simulate_prepared(pw: PreparedWeight, x: np.ndarray, literal: bool = False) -> np.ndarray:
-    """float64 (M, N) output of the prepared recipe for float activations x (M, K).
-
-    literal=True computes the exact integer partial sums the pipeline's NPU calls return (per group; two INT4 passes
-    for int8 activations on int4 GGUF codes, as on RK3588) instead of one float64 product: same y to ~1e-15."""
-    r = pw.recipe
-    if x.ndim != 2 or x.shape[1] != pw.n_in:
-        raise ValueError(f"{r.name}: x must be (M, {pw.n_in}), got {x.shape}")
-    if r.weight == "fp16":
-        return x.astype(np.float16).astype(np.float64) @ pw.w16.astype(np.float64).T
-    xr = x if pw.rotation is None else rotate_activation(np.asarray(x, np.float64), pw.rotation)
-    xq, sx = quantize_rows(xr, r.act_bits, pw.act_group)
-    partials = None
-    if literal:
-        int4_codes = int(pw.codes.min()) >= -8 and int(pw.codes.max()) <= 7
-        partials = split_partials if r.weight == "gguf" and r.act_bits == 8 and int4_codes else block_partials
-    xs = None if pw.offset is None else group_sums(x, pw.offset.shape[1])
-    return quantized_matmul(xq, sx, pw.codes, pw.scale, pw.offset, xs, partials)
-
-
-def simulate(pipeline: str, x: np.ndarray, weight, seed: int = 0, literal: bool = False) -> np.ndarray:
-    """float64 reference output y ≈ x @ W.T of a named pipeline (module docstring) for float activations x (M, K)."""
-    return simulate_prepared(prepare(pipeline, weight, seed), x, literal)
+def rotate_groups(a: np.ndarray, h: int) -> np.ndarray:
+    """Rows of a times blockdiag(H(h), ...), the unnormalized Sylvester Hadamard, in a's dtype (int32 for ints)."""
+    m, k = a.shape
+    hm = hadamard(h, normalize=False).astype(np.int32 if a.dtype.kind == "i" else a.dtype)
+    return (a.reshape(m, k // h, h) @ hm).reshape(m, k)
 
 
 def relative_error(y: np.ndarray, ref: np.ndarray) -> float:

@@ -79,12 +79,12 @@ def _weight(k, n, qtype):
     ("W4A4_GGUF_HADAMARD", Q.Q4_0)])
 @pytest.mark.parametrize("k,n", [(576, 192), (1536, 576)])
 def test_geometry_matches_the_planner(pipeline, qtype, k, n):
-    from npulm.npu import pipelines as P
     from npulm.npu.emulator import EmulatorRuntime
     from npulm.npu.planner import Arena
+    from npulm.npu.prepared import prepare
 
     arena = Arena(EmulatorRuntime("rk3588"))
-    pr = P.prepare(pipeline, _weight(k, n, qtype), arena)
+    pr = prepare(pipeline, _weight(k, n, qtype), arena)
     op = pr.ops[0]
     g = C.npulm_geometry(pipeline, k, n, qtype.name, arena.chip)
     assert (g.chunk_k, g.n_chunks, g.n_slices, g.rows_per_token, g.n_pad) == (

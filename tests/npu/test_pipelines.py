@@ -4,6 +4,7 @@ float64 model of each recipe, invariance to the N-split over cores and the K-spl
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -16,6 +17,8 @@ from npulm.npu import quant as qm
 from npulm.npu.chips import get_chip
 from npulm.npu.emulator import EmulatorRuntime
 from npulm.npu.planner import Arena
+from npulm.npu.prepared import prepare
+from npulm.npu.simulate import simulate
 
 N, K, M = 192, 576, 6
 
@@ -58,22 +61,21 @@ def reference(x: np.ndarray, w: Weight) -> np.ndarray:
 @pytest.mark.parametrize("name", list(P.PIPELINES))
 def test_pipeline_error_and_simulation(arena, name, qtype):
     w, x = make_weight(qtype), activations()
-    pr = P.prepare(name, w, arena)
+    pr = prepare(name, w, arena)
     try:
         y = pr(x)
         assert y.shape == (M, N) and y.dtype == np.float32
         assert qm.relative_error(y, reference(x, w)) < BOUNDS[name]
-        if name in qm.PIPELINES and not (name == "W4A4_GGUF_BLOCK" and qtype in (T.Q8_0, T.Q5_0)):
-            # the same recipe in float64: equal up to float32 rounding of the NPU sums and the epilogue
-            assert qm.relative_error(y, qm.simulate(name, x, w)) < 2e-6
+        # the pipeline's float64 reference: equal up to float32 rounding of the NPU sums and the epilogue
+        assert qm.relative_error(y, simulate(name, x, w)) < 2e-6
     finally:
         pr.close()
 
 
 def test_float_pipeline_on_float_weight(arena):
     w, x = make_weight(T.F32), activations()
-    pr = P.prepare("W16A16", w, arena)
-    assert qm.relative_error(pr(x), qm.simulate("W16A16", x, w)) < 2e-6
+    pr = prepare("W16A16", w, arena)
+    assert qm.relative_error(pr(x), simulate("W16A16", x, w)) < 2e-6
     pr.close()
 
 
@@ -82,7 +84,7 @@ def test_w16a16_scales_rows_out_of_fp16_range(arena):
     w, x = make_weight(T.F16), activations()
     x[0] *= 1e5
     x[1] *= 1e-7
-    pr = P.prepare("W16A16", w, arena)
+    pr = prepare("W16A16", w, arena)
     y, ref = pr(x), reference(x, w)
     for r in range(M):
         assert qm.relative_error(y[r], ref[r]) < 1e-3
@@ -101,7 +103,7 @@ def test_gguf_pipelines_equal_their_float64_model(arena, name, qtype, m):
     """Independent float64 model: x rotated by H(h) within groups of h, quantized per (row, group), rotated back,
     times the exact GGUF weight (the codes part), plus the offset part on the float x. Only x is approximated."""
     w, x = make_weight(qtype), activations(m)
-    pr = P.prepare(name, w, arena)
+    pr = prepare(name, w, arena)
     spec = P.PIPELINES[name]
     gc = qm.gguf_codes(w)
     h = pr.h
@@ -123,12 +125,12 @@ def test_gguf_pipelines_equal_their_float64_model(arena, name, qtype, m):
 
 def test_integer_hadamard_order_checks_the_weight():
     codes = np.full((2, 32), -8, np.int8)
-    assert P.integer_hadamard_order(codes, 32) == 16  # 16 * -8 = -128 still fits
+    assert qm.integer_hadamard_order(codes, 32) == 16  # 16 * -8 = -128 still fits
     codes[:, :] = 7
     codes[0, :16] = -8  # row sums of H(16) reach -128 and +127 at most
-    assert P.integer_hadamard_order(codes, 32) == 16
-    assert P.integer_hadamard_order(np.full((1, 32), 127, np.int8), 32) == 1
-    assert P.integer_hadamard_order(np.full((1, 32), 15, np.int8), 32) == 8  # 15 * 8 = 120; 15 * 16 = 240 > 127
+    assert qm.integer_hadamard_order(codes, 32) == 16
+    assert qm.integer_hadamard_order(np.full((1, 32), 127, np.int8), 32) == 1
+    assert qm.integer_hadamard_order(np.full((1, 32), 15, np.int8), 32) == 8  # 15 * 8 = 120; 15 * 16 = 240 > 127
 
 
 def _arena_for(chip) -> Arena:
@@ -144,17 +146,17 @@ SMALL_K = dataclasses.replace(get_chip("rk3588"), name="rk3588-k128", max_k=128)
 @pytest.mark.parametrize("name", [n for n in P.PIPELINES if n != "W16A16"])
 def test_n_split_and_k_split_are_exact_for_integer_pipelines(name):
     w, x = make_weight(T.Q4_1, n=320), activations()
-    base = P.prepare(name, w, _arena_for(ONE_CORE))
+    base = prepare(name, w, _arena_for(ONE_CORE))
     y0 = base(x)
     assert len(base.ops[0].slices) == 1
-    split = P.prepare(name, w, _arena_for(get_chip("rk3588")))
+    split = prepare(name, w, _arena_for(get_chip("rk3588")))
     assert len(split.ops[0].slices) > 1
     assert np.array_equal(split(x), y0)
     if P.PIPELINES[name].weights == "gguf":
-        chunked = P.prepare(name, w, _arena_for(get_chip("rk3588")), gguf_chunk=256)
+        chunked = prepare(name, w, _arena_for(get_chip("rk3588")), gguf_chunk=256)
         assert chunked.ops[0].n_chunks < split.ops[0].n_chunks
     else:
-        chunked = P.prepare(name, w, _arena_for(SMALL_K))
+        chunked = prepare(name, w, _arena_for(SMALL_K))
         assert chunked.ops[0].n_chunks > split.ops[0].n_chunks
     assert np.array_equal(chunked(x), y0)
 
@@ -165,9 +167,9 @@ def test_n_split_and_k_split_are_exact_for_integer_pipelines(name):
 def test_int4_halves_equal_int8(name, qtype):
     """On an INT4-only chip, x halves and weight halves give exactly the INT8xINT8 results."""
     w, x = make_weight(qtype), activations(m=9)
-    halves = P.prepare(name, w, _arena_for(INT4_ONLY))
+    halves = prepare(name, w, _arena_for(INT4_ONLY))
     assert halves.real.mm_type == 10
-    whole = P.prepare(name, w, _arena_for(dataclasses.replace(get_chip("rk3588"), name="rk3588-int8only",
+    whole = prepare(name, w, _arena_for(dataclasses.replace(get_chip("rk3588"), name="rk3588-int8only",
                                                               matmul_types=frozenset({1, 2}))))
     assert whole.real.mm_type == 2
     assert qm.relative_error(halves(x), whole(x)) < 1e-6  # float sums over more groups: rounding only
@@ -175,10 +177,10 @@ def test_int4_halves_equal_int8(name, qtype):
 
 def test_n_split_and_k_split_w16a16():
     w, x = make_weight(T.F16, n=320), activations()
-    y0 = P.prepare("W16A16", w, _arena_for(ONE_CORE))(x)
-    y1 = P.prepare("W16A16", w, _arena_for(get_chip("rk3588")))(x)
+    y0 = prepare("W16A16", w, _arena_for(ONE_CORE))(x)
+    y1 = prepare("W16A16", w, _arena_for(get_chip("rk3588")))(x)
     assert qm.relative_error(y1, y0) < 1e-6
-    pr = P.prepare("W16A16", w, _arena_for(SMALL_K))
+    pr = prepare("W16A16", w, _arena_for(SMALL_K))
     assert pr.ops[0].n_chunks == 5
     assert qm.relative_error(pr(x), y0) < 1e-6  # chunk sums added on the CPU: fp32 rounding order differs
 
@@ -186,10 +188,10 @@ def test_n_split_and_k_split_w16a16():
 def test_rows_beyond_the_largest_bucket_are_split(arena):
     w = make_weight(T.Q4_0)
     x = activations(m=1100, seed=3)
-    pr = P.prepare("W8A8_CHANNEL", w, arena)
+    pr = prepare("W8A8_CHANNEL", w, arena)
     y = pr(x)
     assert np.array_equal(y[600:610], pr(x[600:610]))  # per-row quantization: rows are independent
-    assert qm.relative_error(y, qm.simulate("W8A8_CHANNEL", x, w)) < 2e-6
+    assert qm.relative_error(y, simulate("W8A8_CHANNEL", x, w)) < 2e-6
     pr.close()
 
 
@@ -203,7 +205,7 @@ def test_int4_paths_never_overflow_int16(arena, name):
     x[1] = -1
     x[2, ::2] = -1
     x[3] = np.sign(w.dequantize()[0])  # aligned with one weight row: the largest possible partial for that column
-    pr = P.prepare(name, w, arena)
+    pr = prepare(name, w, arena)
     assert qm.relative_error(pr(x), reference(x, w)) < BOUNDS[name] * 2
     pr.close()
 
@@ -244,3 +246,10 @@ def test_realization_follows_the_chip():
     assert (r.mm_type, r.a_split, r.b_split) == (10, True, True)
     assert P.realize(rk3568, 4, 4).mm_type == 2  # int4 values in int8: same numbers, no INT4 on this chip
     assert P.realize(rk3576, 8, 4).mm_type == 2
+
+
+def test_readme_table_is_generated_from_the_pipeline_table():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    begin = readme.index("<!-- pipelines:")
+    table = readme[readme.index("\n", begin) + 1: readme.index("<!-- /pipelines -->")].strip()
+    assert table == P.table_markdown(get_chip("rk3588")), "regenerate it: python -m npulm.npu.pipelines"
