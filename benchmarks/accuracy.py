@@ -133,7 +133,7 @@ def npu_description(llm: Llama) -> str:
     """The NPU realization of the block linears, per GGUF type when they differ (e.g. Q4_K vs Q5_0 codes)."""
     by_text: dict[str, list[str]] = {}
     for lin in llm.model.linears:
-        if lin.spec.startswith("npu:") and getattr(lin, "on_npu", False):
+        if lin.runs_on.startswith("npu:"):
             text = lin.describe().split(": ", 1)[-1].split(", K ")[0]
             types = by_text.setdefault(text, [])
             if lin.type.name not in types:

@@ -50,9 +50,7 @@ def count_calls(path: str, place: bench.Placement, n_prompt: int, n_gen: int) ->
         cls.__call__ = counting(saved[cls])
     rt = None
     if place.npu_layers:
-        from npulm.npu import current
-
-        rt = current()[0]
+        rt = llm.placement.npu.runtime
         run = rt.run
 
         def counting_run(ctx):

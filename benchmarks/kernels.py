@@ -43,8 +43,10 @@ if ARGS is not None:  # BLAS threads are fixed when numpy loads OpenBLAS
 import numpy as np  # noqa: E402
 
 from npulm import assets, cpu  # noqa: E402
+from npulm.cpu import DenseLinear  # noqa: E402
 from npulm.gguf import GGUFFile  # noqa: E402
-from npulm.linear import DenseLinear, Linear, Weight, make_linear  # noqa: E402
+from npulm.linear import Linear, Weight  # noqa: E402
+from npulm.placement import make_linear  # noqa: E402
 
 
 def model_weights(model: str) -> list[Weight]:

@@ -26,10 +26,11 @@ import numpy as np
 
 from npulm import assets
 from npulm.gguf import GGUFFile
-from npulm.linear import Linear, Weight, register_backend
+from npulm.linear import Linear, Weight
 from npulm.npu import pipelines as P
 from npulm.npu import quant as qm
 from npulm.npu import simulate as S
+from npulm.placement import Placement
 
 
 def prepare_shared(name: str, weight: Weight, cache: dict) -> S.PreparedWeight:
@@ -46,7 +47,7 @@ def prepare_shared(name: str, weight: Weight, cache: dict) -> S.PreparedWeight:
 class SimLinear(Linear):
     """A linear whose output is the float reference, or the simulation of `SimLinear.recipe`; can record inputs."""
 
-    spec = "qsim"
+    runs_on = "qsim"
     recipe: str | None = None
     captured: dict[str, np.ndarray] | None = None
     fallbacks: set[str] = set()
@@ -73,6 +74,13 @@ class SimLinear(Linear):
                 SimLinear.fallbacks.add(f"{r}:{self.weight.type.name}")
         pw = self.prepared[r]
         return x @ self.w.T if pw is None else S.simulate_prepared(pw, x).astype(np.float32)
+
+
+class SimPlacement(Placement):
+    """The blocks' weights as SimLinear, the rest on the CPU."""
+
+    def build(self, weight: Weight, spec=None) -> Linear:
+        return SimLinear(weight) if weight.name.startswith("blk.") else super().build(weight, spec)
 
 
 def linear_weights(g: GGUFFile, layer_step: int = 1) -> list[Weight]:
@@ -111,8 +119,7 @@ def capture_activations(g: GGUFFile, n_tokens: int) -> dict[str, np.ndarray]:
     from npulm.models import load_model
     from npulm.tokenizer import Tokenizer
 
-    register_backend("qsim", lambda w, spec: SimLinear(w))
-    model = load_model(g, n_tokens, lambda w: "qsim" if w.name.startswith("blk.") else "cpu")
+    model = load_model(g, n_tokens, SimPlacement())
     tok = Tokenizer.from_gguf(g.kv)
     tokens = tok.encode(assets.lee_background().read_text(encoding="utf-8"))[:n_tokens]
     SimLinear.captured, SimLinear.recipe = {}, None
@@ -177,8 +184,7 @@ def section_ppl(g: GGUFFile, recipes: list[str], n_chunks: int) -> None:
     from npulm.tokenizer import Tokenizer
 
     n_ctx, first = 512, 256
-    register_backend("qsim", lambda w, spec: SimLinear(w))
-    model = load_model(g, n_ctx, lambda w: "qsim" if w.name.startswith("blk.") else "cpu")
+    model = load_model(g, n_ctx, SimPlacement())
     tok = Tokenizer.from_gguf(g.kv)
     tokens = tok.encode(assets.lee_background().read_text(encoding="utf-8"))
     chunks = [tokens[i * n_ctx:(i + 1) * n_ctx] for i in range(n_chunks)]

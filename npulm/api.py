@@ -99,19 +99,16 @@ class Llama:
         self._n_ctx = n_ctx_train if n_ctx <= 0 else n_ctx
         if n_threads:
             self.set_threads(n_threads)
-        if chip or npu_layers:
-            from . import npu  # configures the NPU backend (chip, runtime) before weights are placed
-
-            npu.configure(chip=chip)
         overrides = parse_overrides(tensor_overrides)
         if npu_layers == "auto":  # the cost model's plan: per tensor and phase, never predicted slower than the CPU
+            from .npu.chips import chip_from_env_or_board, get_chip
             from .plan import auto_specs
 
-            overrides += list(auto_specs(self.model_path, npu.current()[0].chip).items())
+            overrides += list(auto_specs(self.model_path, get_chip(chip) if chip else chip_from_env_or_board()).items())
             npu_layers = 0
         self.placement = Placement(n_layer=hparam(self.gguf.kv, arch, "block_count", 0), npu_layers=npu_layers,
-                                   pipeline=pipeline, overrides=overrides)
-        self.model = load_model(self.gguf, self._n_ctx, self.placement.spec_for, progress=verbose)
+                                   pipeline=pipeline, overrides=overrides, chip=chip)
+        self.model = load_model(self.gguf, self._n_ctx, self.placement, progress=verbose)
         self.n_batch = max(1, min(n_batch, n_ubatch))
         self.session = Session(self.model, self.n_batch)
         self._lock, self._owner = threading.Lock(), None  # one sequence: calls from several threads are serialized

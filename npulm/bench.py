@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from . import assets
+from .placement import add_arguments as add_placement_arguments
 
 MD_COLUMNS = ("model", "size", "params", "backend", "threads", "test", "t/s")
 CSV_FIELDS = ("model_filename", "model_type", "model_size", "model_n_params", "backends", "n_npu_layers", "pipeline",
@@ -109,15 +110,13 @@ def model_desc(gguf) -> dict:
 
 def backend_label(llm) -> tuple[str, str]:
     """("CPU" or "NPU:<pipelines>[emulated]", "<matmuls on the NPU>/<all>") from the loaded model's Linears."""
-    specs = [lin.spec for lin in llm.model.linears]
-    npu = sorted({s.split(":", 1)[1] for s in specs if s.startswith("npu:")})
-    n_npu = sum(s.startswith("npu:") for s in specs)
+    where = [lin.runs_on for lin in llm.model.linears]
+    npu = sorted({s.split(":", 1)[1] for s in where if s.startswith("npu:")})
+    n_npu = sum(s.startswith("npu:") for s in where)
     if not npu:
-        return "CPU", f"0/{len(specs)}"
-    from .npu import current
-
-    runtime, _ = current()
-    return "NPU:" + "+".join(npu) + ("" if runtime.kind == "rknn" else "[emulated]"), f"{n_npu}/{len(specs)}"
+        return "CPU", f"0/{len(where)}"
+    emulated = llm.placement.npu.runtime.kind != "rknn"
+    return "NPU:" + "+".join(npu) + ("[emulated]" if emulated else ""), f"{n_npu}/{len(where)}"
 
 
 def random_tokens(rng: np.random.Generator, n: int, n_vocab: int, bos: int | None) -> list[int]:
@@ -306,14 +305,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("-t", "--threads", action="append", default=None, help="CPU threads (comma list); default 2")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass")
     p.add_argument("-o", "--output", choices=sorted(FORMATS), default="md", help="output format")
-    p.add_argument("-ngl", "--npu-layers", "--n-gpu-layers", dest="npu_layers", action="append", default=None,
-                   help="number of last blocks whose matmuls run on the NPU, or 'all' (comma list)")
-    p.add_argument("--pipeline", action="append", default=None,
-                   help="NPU pipeline (W16A16, W8A8_*, W4A4_*, ...; comma list); default by GGUF type")
-    p.add_argument("-ot", "--override-tensor", action="append", default=None, metavar="PATTERN=TARGET",
-                   help="place tensors matching a glob on 'cpu', 'cpu:a8' (int8 activations, fastest), 'cpu:a16', "
-                        "'cpu-ref' or an NPU pipeline (repeatable)")
-    p.add_argument("--chip", default=None, help="NPU chip (rk3588, rk3576, ...); detected on a board")
+    add_placement_arguments(p, lists=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--progress", action="store_true", help="print each test as it starts (stderr)")
     p.set_defaults(func=cmd_bench)

@@ -1,4 +1,5 @@
-"""npulm command line, with llama.cpp's flag names: run | chat | info | perplexity | pull | list | rm | bench | doctor | plan | serve.
+"""npulm command line, with llama.cpp's flag names: run | chat | info | perplexity | pull | list | rm | bench | doctor
+| plan | serve.
 
 Errors are one line on stderr (`npulm: error: ...`, the traceback only with --verbose) and a non-zero exit: 1 for a
 bad model, file or value, 2 for a bad command line, 130 after Ctrl-C."""
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from . import assets, bench, catalog, plan
 from .npu import doctor
+from .placement import add_arguments as add_placement_arguments
+from .placement import table as placement_table
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,18 +66,6 @@ def _finite(text: str) -> float:
     return v
 
 
-def _npu_layers(text: str) -> int | str:
-    if text.strip().lower() in ("all", "auto"):
-        return text.strip().lower()
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of layers or 'all' (or 'auto'), got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of layers >= 0 or 'all' (or 'auto'), got {v}")
-    return v
-
-
 class CliError(Exception):
     """A mistake in how npulm was called, found after parsing (reported like the other errors)."""
 
@@ -88,14 +79,7 @@ def _add_runtime(p: argparse.ArgumentParser, n_ctx: int) -> None:
     p.add_argument("-c", "--ctx-size", type=_int_at_least(0), default=n_ctx, help="context size (0 = the model's)")
     p.add_argument("-b", "--batch-size", type=_int_at_least(1), default=512, help="prompt tokens per forward pass")
     p.add_argument("-t", "--threads", type=_int_at_least(1), default=None, help="CPU threads (default: all cores)")
-    p.add_argument("-ngl", "--npu-layers", "--n-gpu-layers", dest="npu_layers", type=_npu_layers, default=0,
-                   help="number of last blocks whose matmuls run on the NPU, 'all' (as llama.cpp's -ngl), or 'auto' "
-                        "(the cost model's plan per tensor and phase: `npulm plan`)")
-    p.add_argument("--pipeline", default=None, help="NPU pipeline (W16A16, W8A8_*, W4A4_*, ...); default by GGUF type")
-    p.add_argument("-ot", "--override-tensor", action="append", default=None, metavar="PATTERN=TARGET",
-                   help="place tensors matching a glob on 'cpu', 'cpu:a8' (int8 activations, fastest), 'cpu:a16', "
-                        "'cpu-ref' or an NPU pipeline (repeatable)")
-    p.add_argument("--chip", default=None, help="NPU chip (rk3588, rk3576, ...); detected on a board")
+    add_placement_arguments(p)
 
 
 def _add_sampling(p: argparse.ArgumentParser, temp: float) -> None:
@@ -147,9 +131,8 @@ def _warn_if_emulated(llm) -> None:
     """The emulated NPU computes what a board computes, but in numpy: far slower than the CPU path."""
     if not any(type(lin).__module__.startswith("npulm.npu") for lin in llm.model.linears):
         return
-    from .npu.backend import current
-
-    if current()[0].kind == "emulator":
+    npu = llm.placement.npu
+    if npu is not None and npu.runtime.kind == "emulator":
         print("npulm: warning: no librknnrt here: the NPU matmuls run on the emulator, which computes what a board "
               "does but far slower than the CPU; use it to check accuracy (drop -ngl / -ot for speed)",
               file=sys.stderr)
@@ -306,6 +289,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.tensors:
         for t in g.tensors.values():
             print(f"  {t.name:40s} {t.type.name:6s} {list(t.shape)}")
+    if args.placement:
+        _print_placement(path, args)
     return 0
 
 
@@ -324,6 +309,22 @@ def file_type_name(ftype: object) -> str:
         if name.endswith("_K" + suffix):
             return f"{name[:-len(suffix)]} - {word}"
     return name
+
+
+def _print_placement(path: Path, args: argparse.Namespace) -> None:
+    """Per matmul weight: the target placement asked for and where it runs (they differ after an NPU fallback)."""
+    from .api import Llama
+
+    llm = Llama(str(path), n_ctx=16, verbose=False, n_npu_layers=args.npu_layers,
+                pipeline=args.pipeline, tensor_overrides=args.override_tensor, chip=args.chip)
+    rows = placement_table(llm.model.linears)
+    on_npu = sum(r[3].startswith("npu:") for r in rows)
+    npu = llm.placement.npu
+    print(f"placement: {on_npu} of {len(rows)} matmuls on the NPU" + (f" ({npu.describe()})" if npu else ""))
+    head = ("tensor", "type", "requested", "runs on", "note")
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(4)] if rows else [len(h) for h in head]
+    for r in [head, *rows]:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)) + ("  " + r[4] if r[4] else ""))
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
@@ -385,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL")
     _add_model(p)
     p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.add_argument("--placement", action="store_true",
+                   help="load the model and list where each matmul weight runs (with -ngl, --pipeline, -ot, --chip)")
+    add_placement_arguments(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("perplexity", help="perplexity with llama-perplexity's method")

@@ -1,16 +1,13 @@
 """The one matmul interface. Every weight matmul of every model is `Linear(x)`: y = x @ W.T.
 
-A Linear is built once at load from a GGUF weight tensor and a backend spec chosen per tensor by placement:
-  "cpu"          the CPU path (fast quantized kernels where available, else the dequantized reference); "cpu:a8"
-                 and "cpu:a16" fix the kernels' activation precision (see npulm.cpu)
-  "cpu-ref"      dequantize once to float32 and multiply with BLAS (the reference path)
-  "npu:<PIPE>"   an NPU pipeline (W16A16, W8A8_*, W4A4_*, ...) registered by npulm.npu
-Models never branch on where a matmul runs; backends register a factory under their spec prefix.
+A Linear is built once at load from a GGUF weight tensor by placement (`npulm.placement`), which parses each
+tensor's target ("cpu", "cpu:a8", "cpu:a16", "cpu-ref", "npu:<PIPELINE>", "npu:auto") and builds the backend's
+Linear: `npulm.cpu` (C kernels over the GGUF blocks, or float32 BLAS) or `npulm.npu` (an NPU pipeline). Models
+never branch on where a matmul runs, and this module knows no backend.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,54 +50,19 @@ class Weight:
 
 
 class Linear:
-    """y = x @ W.T for x of shape (M, n_in) float32 -> (M, n_out) float32."""
+    """y = x @ W.T for x of shape (M, n_in) float32 -> (M, n_out) float32.
 
-    spec = "abstract"
+    `requested` is the target placement asked for ("cpu", "npu:auto", ...; empty when built directly); `runs_on`
+    says where the matmul actually runs ("cpu:a16", "npu:W4A8_GGUF_BLOCK", a CPU path after an NPU fallback)."""
+
+    runs_on = "abstract"
 
     def __init__(self, weight: Weight):
         self.name, self.n_in, self.n_out, self.type = weight.name, weight.n_in, weight.n_out, weight.type
+        self.requested = ""
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name}, {self.type.name} {self.n_out}x{self.n_in}, {self.spec})"
-
-
-class DenseLinear(Linear):
-    """Reference CPU path: the weight dequantized once at load to float32, BLAS sgemm per call."""
-
-    spec = "cpu-ref"
-
-    def __init__(self, weight: Weight):
-        super().__init__(weight)
-        self.w = weight.dequantize()  # (n_out, n_in); x @ w.T lets BLAS read w transposed without a copy
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.w.T
-
-
-def _cpu_linear(weight: Weight, spec: str) -> Linear:
-    from .cpu import make_cpu_linear  # C kernels over GGUF blocks; DenseLinear where a type has none
-
-    return make_cpu_linear(weight, spec)
-
-
-_BACKENDS: dict[str, Callable[[Weight, str], Linear]] = {
-    "cpu-ref": lambda w, spec: DenseLinear(w),
-    "cpu": _cpu_linear,
-}
-
-
-def register_backend(prefix: str, factory: Callable[[Weight, str], Linear]) -> None:
-    """Make `factory(weight, spec)` build Linears for specs equal to `prefix` or starting with `prefix:`."""
-    _BACKENDS[prefix] = factory
-
-
-def make_linear(weight: Weight, spec: str = "cpu") -> Linear:
-    prefix = spec.split(":", 1)[0]
-    if prefix == "npu" and prefix not in _BACKENDS:
-        from . import npu  # noqa: F401  registers the NPU backend on import
-    if prefix not in _BACKENDS:
-        raise ValueError(f"unknown matmul backend {spec!r} for {weight.name}; known: {', '.join(_BACKENDS)}")
-    return _BACKENDS[prefix](weight, spec)
+        return f"{type(self).__name__}({self.name}, {self.type.name} {self.n_out}x{self.n_in}, {self.runs_on})"

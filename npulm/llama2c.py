@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from gguf.constants import GGMLQuantizationType
 
-from .linear import Linear, Weight, make_linear
+from .linear import Linear, Weight
 from .models.base import Model
 from .models.llama import LlamaConfig, build
+from .placement import Placement
 
 MAGIC = 0x616B3432  # "ak42"
 HEADER_BYTES = 256  # v1 / v2 header, padded
@@ -187,8 +188,8 @@ class Checkpoint:
 class _Loader:
     """The WeightLoader interface the llama module builds from, over a checkpoint's tensors."""
 
-    def __init__(self, ckpt: Checkpoint, spec_for):
-        self.ckpt, self.spec_for = ckpt, spec_for
+    def __init__(self, ckpt: Checkpoint, placement: Placement):
+        self.ckpt, self.placement = ckpt, placement
         self.linears: list[Linear] = []
 
     def has(self, name: str) -> bool:
@@ -204,16 +205,17 @@ class _Loader:
         return self.ckpt.weight(name)
 
     def linear(self, name: str) -> Linear:
-        weight = self.ckpt.weight(name)
-        lin = make_linear(weight, self.spec_for(weight))
+        lin = self.placement.build(self.ckpt.weight(name))
         self.linears.append(lin)
         return lin
 
 
-def load_model(path: str | os.PathLike, n_ctx: int = 0, spec_for=lambda w: "cpu") -> Model:
-    """The llama model of a llama2.c checkpoint; n_ctx <= 0 takes the checkpoint's seq_len."""
+def load_model(path: str | os.PathLike, n_ctx: int = 0, placement: Placement | None = None) -> Model:
+    """The llama model of a llama2.c checkpoint; n_ctx <= 0 takes the checkpoint's seq_len; `placement` builds
+    the Linears (default: all on the CPU)."""
     ckpt = Checkpoint(path)
-    model = build(ckpt.header.config(), _Loader(ckpt, spec_for), n_ctx if n_ctx > 0 else ckpt.header.seq_len)
+    model = build(ckpt.header.config(), _Loader(ckpt, placement or Placement()),
+                  n_ctx if n_ctx > 0 else ckpt.header.seq_len)
     model.arch = "llama2.c"
     return model
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .llama2c import Llama2cError, Llama2cTokenizer, is_checkpoint, load_model, to_gguf
+from .placement import Placement
 
 
 def wants(argv: list[str]) -> bool:
@@ -110,13 +111,8 @@ class Runner:
             from . import cpu
 
             cpu.set_num_threads(args.threads)
-        spec = "cpu"
-        if not args.cpu:
-            from . import npu
-
-            npu.configure(chip=args.chip)
-            spec = f"npu:{args.pipeline}"
-        self.model = load_model(ckpt, 0, spec_for=lambda w: spec)
+        placement = Placement() if args.cpu else Placement(default=f"npu:{args.pipeline}", chip=args.chip)
+        self.model = load_model(ckpt, 0, placement)
         if not tok.exists():
             raise FileNotFoundError(f"tokenizer {tok} not found (give it with -z)")
         self.tokenizer = Llama2cTokenizer(tok, self.model.n_vocab)

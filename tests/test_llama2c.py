@@ -14,6 +14,7 @@ from npulm import cli
 from npulm.evaluate import divergence
 from npulm.llama2c import Checkpoint, Llama2cError, Llama2cTokenizer, is_checkpoint, load_model
 from npulm.llama2c_cli import Sampler
+from npulm.placement import Placement
 
 DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, SEQ = 64, 96, 2, 4, 2, 48
 WORDS = [" ", *"abcdefghijklmnopqrstuvwxyzO", " O", " On", " Onc", " Once", " u", " up", " upo", " upon", " t",
@@ -148,8 +149,8 @@ def test_checkpoint_matches_float64_run_c(tmp_path, version, shared):
 def test_every_matmul_w16a16_on_the_npu(tmp_path):
     path = tmp_path / "model.bin"
     held = write_checkpoint(path, random_weights(1), 1, False)
-    model = load_model(path, spec_for=lambda w: "npu:W16A16")
-    assert {lin.spec for lin in model.linears} == {"npu:W16A16"} and len(model.linears) == 7 * LAYERS + 1
+    model = load_model(path, placement=Placement(default="npu:W16A16"))
+    assert {lin.runs_on for lin in model.linears} == {"npu:W16A16"} and len(model.linears) == 7 * LAYERS + 1
     d = divergence(reference_logits(held, TOKENS), model.forward(TOKENS, model.make_cache(), logits_from=0))
     assert d.mean_kl < 1e-4 and d.top1_rate == 1.0
 

@@ -1,8 +1,8 @@
 """CPU matmul backend: C kernels that multiply by GGUF weights in place (see npulm/cpu/kernels.c).
 
-`make_cpu_linear` builds the Linear for spec "cpu": a QuantLinear where the type has a kernel, F32Linear (BLAS on
-the mmap view) for F32, else the float32 reference DenseLinear. If the C extension was not built, everything takes
-the numpy path after one warning.
+`make_cpu_linear` builds the Linear for the "cpu" targets: a QuantLinear where the type has a kernel, F32Linear (BLAS
+on the mmap view) for F32, else the float32 reference DenseLinear (which is also the "cpu-ref" target). If the C
+extension was not built, everything takes the numpy path after one warning.
 
 Activation precision, per tensor:
   "cpu:a8"   activations rounded to int8 per block of 32, as llama.cpp does: fastest, but over lee_background it
@@ -19,10 +19,10 @@ import warnings
 
 from gguf.constants import GGMLQuantizationType
 
-from ..linear import DenseLinear, Linear, Weight
-from .quant import PATH_AUTO, PATH_GEMM, PATH_ROWS, F32Linear, QuantLinear, RowReader, _kernels
+from ..linear import Linear, Weight
+from .quant import PATH_AUTO, PATH_GEMM, PATH_ROWS, DenseLinear, F32Linear, QuantLinear, RowReader, _kernels
 
-__all__ = ["QuantLinear", "F32Linear", "RowReader", "row_reader", "make_cpu_linear", "available", "isa",
+__all__ = ["QuantLinear", "F32Linear", "DenseLinear", "RowReader", "row_reader", "make_cpu_linear", "available", "isa",
            "set_num_threads", "get_num_threads", "set_spin_us", "PATH_AUTO", "PATH_ROWS", "PATH_GEMM"]
 
 if _kernels is None:
@@ -64,7 +64,7 @@ def set_spin_us(us: int) -> None:
 # more but left the perplexity where it was (SmolLM2 27.1540 without, 27.1535 with); attn_q/attn_k/attn_output add
 # little for their cost.
 ACT16_ROLES = ("attn_v", "ffn_up", "ffn_down", "output", "token_embd")
-CPU_SPECS = ("cpu", "cpu:a8", "cpu:a16")
+ACTIVATIONS = ("a8", "a16")  # the "cpu:<option>" targets
 
 
 def tensor_role(name: str) -> str:
@@ -73,14 +73,16 @@ def tensor_role(name: str) -> str:
     return parts[-2] if len(parts) >= 2 else name
 
 
-def make_cpu_linear(weight: Weight, spec: str = "cpu") -> Linear:
-    """The "cpu" Linear: QuantLinear where supported, F32Linear for F32, DenseLinear otherwise."""
-    if spec not in CPU_SPECS:
-        raise ValueError(f"unknown CPU spec {spec!r} for {weight.name}; known: {', '.join(CPU_SPECS)}, cpu-ref")
+def make_cpu_linear(weight: Weight, activations: str | None = None) -> Linear:
+    """The "cpu" Linear: QuantLinear where supported, F32Linear for F32, DenseLinear otherwise. activations "a8" or
+    "a16" fixes the kernels' activation precision; None chooses by the tensor's role (ACT16_ROLES)."""
+    if activations not in (None, *ACTIVATIONS):
+        raise ValueError(f"unknown CPU activation precision {activations!r} for {weight.name}; known: "
+                         f"{', '.join(ACTIVATIONS)}")
     if weight.type == GGMLQuantizationType.F32 and weight.data.ndim == 2:
         return F32Linear(weight)
     if QuantLinear.supports(weight):
-        act16 = spec == "cpu:a16" or (spec == "cpu" and tensor_role(weight.name) in ACT16_ROLES)
+        act16 = activations == "a16" or (activations is None and tensor_role(weight.name) in ACT16_ROLES)
         return QuantLinear(weight, act16=act16)
     return DenseLinear(weight)
 

@@ -44,8 +44,6 @@ def _tile_scratch(n: int) -> np.ndarray:
 class QuantLinear(Linear):
     """The "cpu" backend: GGUF weights multiplied in place by the C kernels (npulm.cpu._kernels)."""
 
-    spec = "cpu"
-
     @staticmethod
     def supports(weight: Weight) -> bool:
         return _kernels is not None and _kernels.row_bytes(int(weight.type), weight.n_in) > 0
@@ -57,6 +55,7 @@ class QuantLinear(Linear):
         if not weight.data.flags.c_contiguous:
             raise ValueError(f"{weight.name}: weight data must be C-contiguous")
         self.act16 = act16
+        self.runs_on = "cpu:a16" if act16 else "cpu:a8"
         self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in, act16)
         # F16 has no integer kernel: large M goes through dequantized tiles + BLAS
         self._tiled = weight.type == GGMLQuantizationType.F16
@@ -119,7 +118,7 @@ class RowReader:
 class F32Linear(Linear):
     """F32 GGUF weights: BLAS straight on the zero-copy view (nothing to dequantize)."""
 
-    spec = "cpu"
+    runs_on = "cpu:f32"
 
     def __init__(self, weight: Weight):
         super().__init__(weight)
@@ -129,3 +128,17 @@ class F32Linear(Linear):
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(x, _F32) @ self._w.T
+
+
+class DenseLinear(Linear):
+    """The reference CPU path ("cpu-ref"), and "cpu" for types without a kernel: the weight dequantized once at load
+    to float32, BLAS sgemm per call."""
+
+    runs_on = "cpu-ref"
+
+    def __init__(self, weight: Weight):
+        super().__init__(weight)
+        self.w = weight.dequantize()  # (n_out, n_in); x @ w.T lets BLAS read w transposed without a copy
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.w.T

@@ -5,7 +5,7 @@ the caller makes with `Model.make_cache()` (see cache.py)."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -13,7 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..gguf import GGUFError, GGUFFile
-from ..linear import Linear, Weight, make_linear
+from ..linear import Linear, Weight
+from ..placement import MatmulSpec, Placement
 from .blocks import rms_norm
 from .cache import LayerCache, cache_offset
 from .validate import check_hparam
@@ -31,10 +32,11 @@ def hparam(kv: dict[str, Any], arch: str, key: str, default: Any = GGUFError) ->
 
 
 class WeightLoader:
-    """Reads a model's tensors by GGUF name: norms and biases as float32, matmul weights as placed Linears."""
+    """Reads a model's tensors by GGUF name: norms and biases as float32, matmul weights as Linears built by the
+    model's placement."""
 
-    def __init__(self, gguf: GGUFFile, spec_for: Callable[[Weight], str], progress: bool = False):
-        self.gguf, self.spec_for = gguf, spec_for
+    def __init__(self, gguf: GGUFFile, placement: Placement, progress: bool = False):
+        self.gguf, self.placement = gguf, placement
         self.linears: list[Linear] = []
         n_weights = sum(len(t.shape) == 2 for t in gguf.tensors.values())
         self.bar = tqdm(total=n_weights, desc="loading", unit="tensor", disable=not progress, file=sys.stderr,
@@ -55,9 +57,15 @@ class WeightLoader:
     def gguf_weight(self, name: str) -> Weight:
         return Weight.from_gguf(self.gguf, name)
 
+    def spec_for(self, weight: Weight) -> MatmulSpec:
+        return self.placement.spec_for(weight)
+
+    def build(self, weight: Weight, spec: MatmulSpec | str | None = None) -> Linear:
+        """The placed Linear of a weight (for `spec`, or the placement's target); not recorded in `linears`."""
+        return self.placement.build(weight, spec)
+
     def linear(self, name: str) -> Linear:
-        weight = Weight.from_gguf(self.gguf, name)
-        lin = make_linear(weight, self.spec_for(weight))
+        lin = self.build(Weight.from_gguf(self.gguf, name))
         self.linears.append(lin)
         self.bar.update()
         return lin

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..linear import Linear, Weight, make_linear
+from ..linear import Linear, Weight
 from .base import WeightLoader, hparam
 from .blocks import gated_mlp
 
@@ -25,7 +25,7 @@ def expert_linears(w: WeightLoader, name: str) -> list[Linear]:
     """One Linear per expert of the 3-D tensor `name`, all placed by the tensor's GGUF name."""
     views = Weight.experts_from_gguf(w.gguf, name)
     spec = w.spec_for(views[0])
-    linears = [make_linear(v, spec) for v in views]
+    linears = [w.build(v, spec) for v in views]
     w.linears.extend(linears)
     return linears
 
@@ -45,7 +45,7 @@ class MoE:
     @classmethod
     def from_gguf(cls, w: WeightLoader, prefix: str) -> MoE:
         arch, kv = w.gguf.architecture, w.gguf.kv
-        router = make_linear(w.gguf_weight(prefix + "ffn_gate_inp.weight"), "cpu")
+        router = w.build(w.gguf_weight(prefix + "ffn_gate_inp.weight"), "cpu")
         w.linears.append(router)
         gate, up, down = (expert_linears(w, prefix + f"ffn_{n}_exps.weight") for n in ("gate", "up", "down"))
         return cls(router, gate, up, down, hparam(kv, arch, "expert_used_count"), arch not in UNNORMALIZED,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..linear import Linear, Weight, make_linear
+from ..linear import Linear, Weight
 from .base import Embedding, Model, WeightLoader, hparam
 from .blocks import silu
 
@@ -140,7 +140,7 @@ def wkv7(r: np.ndarray, w: np.ndarray, k: np.ndarray, v: np.ndarray, a: np.ndarr
 def _stacked(w: WeightLoader, name: str) -> list[Linear]:
     """The matrices of a 3-D GGUF tensor (rwkv6's time_mix_w2: 5 of them), one Linear each, zero-copy."""
     views = Weight.experts_from_gguf(w.gguf, name)
-    linears = [make_linear(v, w.spec_for(v)) for v in views]
+    linears = [w.build(v) for v in views]
     w.linears.extend(linears)
     return linears
 

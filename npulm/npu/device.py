@@ -1,13 +1,18 @@
-"""Which NPU runtime a model's weights use: `open_runtime()` picks librknnrt or the emulator."""
+"""Which NPU a model's weights use: `open_runtime()` picks librknnrt or the emulator; `NpuDevice` is one model's
+runtime, chip and shared arena."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
+import warnings
 
-from .chips import Chip
+from .chips import Chip, chip_from_env_or_board, get_chip
 from .emulator import EmulatorRuntime
 from .librknnrt import RknnRuntime
+from .planner import Arena
 from .rknn import RknnLoadError, find_library
 from .runtime import Runtime
 
@@ -37,3 +42,54 @@ def open_runtime(kind: str | None = None, chip: Chip | str | None = None, lib_pa
     rt = EmulatorRuntime(chip, **emulator_options)
     log.info("NPU: %s", rt.describe())
     return rt
+
+
+class NpuFallbackWarning(RuntimeWarning):
+    """A weight placed on the NPU runs on the CPU instead."""
+
+
+class NpuDevice:
+    """One model's NPU: its runtime (librknnrt, else the emulator) and chip, the arena its weights share (IOMMU
+    accounting, A/C scratch, the lock that serializes NPU calls, the core threads), the GGUF pipelines' K per call,
+    and the weights the NPU refused. Each model opens its own (`npulm.placement.Placement`): a second model with
+    another chip or runtime changes nothing for the first.
+
+    chip: a Chip or name; default: $NPULM_CHIP, else the board's device tree, else rk3588 (for the emulator).
+    runtime: a Runtime, or "auto" (default: librknnrt when found, else the emulator), "rknn", "emulator".
+    gguf_chunk: K per NPU call of the GGUF pipelines (None: the smallest aligned chunk; larger = fewer calls, more
+    rows). parallel: run the cores on threads (default: on librknnrt). The runtime in use is said once on stderr."""
+
+    def __init__(self, chip: Chip | str | None = None, runtime: Runtime | str | None = None, *,
+                 gguf_chunk: int | None = None, emulator_options: dict | None = None, parallel: bool | None = None):
+        want = get_chip(chip) if isinstance(chip, str) else chip
+        if isinstance(runtime, Runtime):
+            if want is not None and want is not runtime.chip:
+                raise ValueError(f"chip {want.name} differs from the runtime's {runtime.chip.name}")
+            rt = runtime
+        else:
+            rt = open_runtime(runtime, want or chip_from_env_or_board(), **(emulator_options or {}))
+        self.runtime, self.chip = rt, rt.chip
+        self.arena = Arena(rt, parallel=parallel)
+        self.gguf_chunk = gguf_chunk
+        self.fallbacks: list[str] = []
+        self._lock = threading.Lock()
+        where = "" if rt.kind == "rknn" else " (no librknnrt: results are the emulator's, not a board's)"
+        print(f"npulm: NPU {rt.describe()}{where}", file=sys.stderr)
+
+    def refused(self, name: str, error: BaseException) -> None:
+        """Record that the NPU refused a weight (it runs on the CPU): one warning per device, the rest logged."""
+        with self._lock:
+            self.fallbacks.append(name)
+            first = len(self.fallbacks) == 1
+        if first:
+            warnings.warn(f"npulm: NPU refused {name} ({error}); it and any other refused weight run on the CPU path",
+                          NpuFallbackWarning, stacklevel=4)
+        else:
+            log.info("NPU: %s runs on the CPU: %s", name, error)
+
+    def describe(self) -> str:
+        return self.runtime.describe()
+
+    def close(self) -> None:
+        """Stop the core threads and free the arena's own contexts (after the weights are dropped)."""
+        self.arena.close()

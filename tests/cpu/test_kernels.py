@@ -19,7 +19,9 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as T
 
 from npulm import cpu
-from npulm.linear import DenseLinear, Weight, make_linear
+from npulm.cpu import DenseLinear
+from npulm.linear import Weight
+from npulm.placement import make_linear
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="C kernels not built")
 
@@ -262,7 +264,9 @@ sys.meta_path.insert(0, Block())
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     from gguf.constants import GGMLQuantizationType as T
-    from npulm.linear import DenseLinear, Weight, make_linear
+    from npulm.cpu import DenseLinear
+    from npulm.linear import Weight
+    from npulm.placement import make_linear
     w = Weight("w", T.F16, 3, 4, np.ones((3, 4), np.float16))
     lins = [make_linear(w, "cpu") for _ in range(3)]
 assert all(isinstance(lin, DenseLinear) for lin in lins), lins

@@ -8,6 +8,7 @@ import pytest
 from npulm.gguf import GGUFFile
 from npulm.models import load_model
 from npulm.models.cache import cache_offset, trim_cache
+from npulm.placement import Placement
 
 A = [1, 270, 291, 273, 273, 276, 290, 261, 284, 276]
 B = [1, 279, 273, 265, 290, 296]
@@ -16,7 +17,7 @@ B = [1, 279, 273, 265, 290, 296]
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_batch_of_sequences_equals_each_alone(tiny_models, name):
     """Sequences at different positions, with prefill and decode rows mixed, in one pass."""
-    model = load_model(GGUFFile(tiny_models[name]), 32, spec_for=lambda w: "cpu-ref")
+    model = load_model(GGUFFile(tiny_models[name]), 32, Placement(default="cpu-ref"))
     alone = []
     for toks in (A, B):
         cache = model.make_cache()

@@ -14,6 +14,7 @@ from npulm.gguf import GGUFFile
 from npulm.linear import Weight
 from npulm.models import load_model
 from npulm.models.moe import MoE
+from npulm.placement import Placement, parse_overrides
 
 N_POS = 256
 # name -> (architecture, experts, experts used, kv heads); OLMoE's q/k norms span all heads: no grouped-query attention
@@ -75,7 +76,7 @@ def test_moe_prefill_equals_token_by_token(tmp_path, name):
 def test_moe_groups_tokens_per_expert(tmp_path):
     """Each selected expert runs one call over all the tokens that chose it; the result equals the per-token sum."""
     g = GGUFFile(family_model(tmp_path, "qwen3moe", n_ctx=32))
-    model = load_model(g, 32, spec_for=lambda w: "cpu-ref")
+    model = load_model(g, 32, Placement(default="cpu-ref"))
     moe: MoE = model.blocks[0].moe
     x = np.random.default_rng(2).standard_normal((24, 64)).astype(np.float32)
     calls: list[int] = []
@@ -115,9 +116,9 @@ def test_experts_on_the_npu_equal_the_cpu_path(tmp_path, qtype, pipeline):
     from npu.test_pipelines import BOUNDS
 
     g = GGUFFile(family_model(tmp_path, "qwen3moe", qtype, n_ctx=32))
-    on_npu = load_model(g, 32, spec_for=lambda w: f"npu:{pipeline}" if "_exps" in w.name else "cpu-ref")
-    on_cpu = load_model(g, 32, spec_for=lambda w: "cpu-ref")
-    assert {lin.spec for lin in on_npu.blocks[0].moe.gate} == {f"npu:{pipeline}"}
+    on_npu = load_model(g, 32, Placement(default="cpu-ref", overrides=[("*_exps*", pipeline)]))
+    on_cpu = load_model(g, 32, Placement(default="cpu-ref"))
+    assert {lin.runs_on for lin in on_npu.blocks[0].moe.gate} == {f"npu:{pipeline}"}
     x = np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32)
     for a, b in zip(on_npu.blocks, on_cpu.blocks):
         got, want = a.moe(x), b.moe(x)
@@ -129,14 +130,12 @@ def test_experts_on_the_npu_equal_the_cpu_path(tmp_path, qtype, pipeline):
 
 
 def test_cpu_moe_override_keeps_experts_on_the_cpu(tmp_path):
-    from npulm.placement import Placement, parse_overrides
-
     g = GGUFFile(family_model(tmp_path, "qwen3moe", T.Q8_0, n_ctx=32))
     placement = Placement(n_layer=2, npu_layers="all", overrides=parse_overrides(["blk.*.ffn_*_exps.*=cpu"]))
-    model = load_model(g, 32, spec_for=placement.spec_for)
+    model = load_model(g, 32, placement)
     block = model.blocks[0]
-    assert all(lin.spec == "cpu" for lin in block.moe.gate + block.moe.up + block.moe.down)
-    assert block.wq.spec.startswith("npu:") and block.moe.router.spec == "cpu"
+    assert all(lin.requested == "cpu" for lin in block.moe.gate + block.moe.up + block.moe.down)
+    assert block.wq.runs_on.startswith("npu:") and block.moe.router.requested == "cpu"
 
 
 def test_cost_model_prices_experts_at_their_real_m(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from npulm.evaluate import divergence
 from npulm.gguf import GGUFFile
 from npulm.models import load_model
+from npulm.placement import Placement
 
 
 def _rope(v: np.ndarray, pos: int, base: float, neox: bool) -> np.ndarray:
@@ -85,7 +86,7 @@ TOKENS = [1, 270, 291, 273, 273, 276, 290, 261, 284, 276, 279, 273, 265, 290, 29
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma3", "llama-q8_0", "llama-q4_0"])
 def test_forward_matches_float64_reference(tiny_models, name):
     """The model math, on the dequantized-weight reference path (cpu-ref)."""
-    model = load_model(GGUFFile(tiny_models[name]), n_ctx=32, spec_for=lambda w: "cpu-ref")
+    model = load_model(GGUFFile(tiny_models[name]), n_ctx=32, placement=Placement(default="cpu-ref"))
     got = model.forward(TOKENS, model.make_cache(), logits_from=0)
     ref = reference_logits(tiny_models[name], TOKENS)
     assert got.shape == ref.shape
@@ -146,8 +147,7 @@ def test_prefill_in_query_chunks(tiny_models, name, monkeypatch):
     # summation order into a whole rounding step
     monkeypatch.setattr(cache, "KV_DTYPE", np.float32)
     g = GGUFFile(tiny_models[name])
-    ref = lambda w: "cpu-ref"  # noqa: E731
-    model = load_model(g, 32, spec_for=ref)
+    model = load_model(g, 32, Placement(default="cpu-ref"))
     whole = model.forward(TOKENS, model.make_cache(), logits_from=0)
     monkeypatch.setattr(blocks, "ATTN_CHUNK", 5)  # 18 tokens in chunks of 5, across the sliding window of 8
     chunked = model.forward(TOKENS, model.make_cache(), logits_from=0)
