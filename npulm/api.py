@@ -29,7 +29,7 @@ from .models.base import hparam
 from .placement import Placement, parse_overrides
 from .sampling import SamplingParams, make_sampler, token_logprobs
 from .speculative import make_speculator
-from .tokenizer import Tokenizer
+from .vocab import load_tokenizer
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # as llama.cpp: "random"
 
@@ -93,7 +93,7 @@ class Llama:
         t0 = time.perf_counter()
         self.gguf = GGUFFile(self.model_path)
         self.metadata = {k: v for k, v in self.gguf.kv.items() if not isinstance(v, (list, np.ndarray))}
-        self.tokenizer = Tokenizer.from_gguf(self.gguf.kv)
+        self.tokenizer = load_tokenizer(self.gguf.kv)
         arch = self.gguf.architecture
         n_ctx_train = hparam(self.gguf.kv, arch, "context_length", 4096)  # type- and range-checked
         self._n_ctx = n_ctx_train if n_ctx <= 0 else n_ctx

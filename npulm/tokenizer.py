@@ -389,11 +389,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, kv: dict) -> Tokenizer:
-        """Build from a GGUF metadata dict (`GGUFFile(path).kv`)."""
-        if kv.get("tokenizer.ggml.model") == "rwkv":
-            from .rwkv_tokenizer import RwkvTokenizer
-
-            return RwkvTokenizer(kv)
+        """Build from a GGUF metadata dict (`GGUFFile(path).kv`); `npulm.vocab.load_tokenizer` also reads RWKV's."""
         return cls(kv)
 
     @classmethod

@@ -7,7 +7,7 @@ from gguf_writers import write_rwkv_model
 
 from npulm.gguf import GGUFFile
 from npulm.rwkv_tokenizer import unescape
-from npulm.tokenizer import Tokenizer
+from npulm.vocab import load_tokenizer
 
 TEXTS = ["hello world", "Hello\tworld\n\nthe end", "你好, the world", "weird \\ backslash \x01 byte", "", "   "]
 
@@ -19,7 +19,7 @@ def test_unescape():
 
 
 def test_longest_match_and_round_trip(tmp_path):
-    tok = Tokenizer.from_gguf(GGUFFile(write_rwkv_model(tmp_path / "v.gguf", 7, n_ctx=64, world_vocab=True)).kv)
+    tok = load_tokenizer(GGUFFile(write_rwkv_model(tmp_path / "v.gguf", 7, n_ctx=64, world_vocab=True)).kv)
     assert tok.model == "rwkv" and tok.bos_id is None
     ids = tok.encode("hello world")
     assert [tok.token_to_bytes(i) for i in ids] == [b"hello", b" world"]
@@ -33,6 +33,6 @@ def test_matches_llama_cpp(tmp_path):
     from npulm.reference import LlamaCpp
 
     path = write_rwkv_model(tmp_path / "v.gguf", 7, n_ctx=64, world_vocab=True)
-    tok, ref = Tokenizer.from_gguf(GGUFFile(path).kv), LlamaCpp(str(path), n_ctx=64)
+    tok, ref = load_tokenizer(GGUFFile(path).kv), LlamaCpp(str(path), n_ctx=64)
     for text in TEXTS:
         assert tok.encode(text) == ref.tokenize(text, add_bos=True), text
