@@ -110,7 +110,7 @@ def _host_factor(arena: Arena, reps: int, size: int = 2048) -> tuple[float, floa
     from ..linear import Weight
     from . import cost
     from .host_cost import HOST_COST
-    from .pipelines import prepare
+    from .prepared import prepare
 
     w = (np.random.default_rng(1).standard_normal((size, size)) * 0.05).astype(np.float16)
     pr = prepare("W16A16", Weight("calibrate.w", Q.F16, size, size, w), arena)

@@ -9,6 +9,7 @@ import sys
 import threading
 import warnings
 
+from . import owner
 from .chips import Chip, chip_from_env_or_board, get_chip
 from .emulator import EmulatorRuntime
 from .librknnrt import RknnRuntime
@@ -44,6 +45,19 @@ def open_runtime(kind: str | None = None, chip: Chip | str | None = None, lib_pa
     return rt
 
 
+_board: owner.NpuOwner | None = None  # the board's NPU lock: one per process (not per model), held while it lives
+_board_lock = threading.Lock()
+
+
+def claim_board(runtime: Runtime) -> None:
+    """Take the board's NPU for this process on the first device that needs it (npulm.npu.owner); NpuBusy names
+    the process that has it."""
+    global _board
+    with _board_lock:
+        if _board is None and owner.wants_lock(runtime.kind):
+            _board = owner.claim()
+
+
 class NpuFallbackWarning(RuntimeWarning):
     """A weight placed on the NPU runs on the CPU instead."""
 
@@ -68,6 +82,7 @@ class NpuDevice:
             rt = runtime
         else:
             rt = open_runtime(runtime, want or chip_from_env_or_board(), **(emulator_options or {}))
+        claim_board(rt)  # NpuBusy before anything is placed
         self.runtime, self.chip = rt, rt.chip
         self.arena = Arena(rt, parallel=parallel)
         self.gguf_chunk = gguf_chunk

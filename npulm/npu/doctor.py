@@ -90,7 +90,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return 1
     emulated = rt.kind == "emulator"
     if getattr(args, "calibrate", None):
-        from .npu.calibrate import run_cli
+        from .calibrate import run_cli
 
         return run_cli(rt, args.calibrate)
     if emulated:
@@ -130,7 +130,7 @@ CPU_ISA = ("sse4_2", "avx", "f16c", "fma", "avx2", "avx512f", "avx512bw", "avx51
 
 def _cpu(rep: Report) -> None:
     """The CPU's model and instruction sets, and whether the C kernels were built (and for which)."""
-    from .cpu import available, isa
+    from ..cpu import available, isa
 
     model, flags = platform.processor() or "unknown", set()
     for line in (_read("/proc/cpuinfo") or "").splitlines():
