@@ -72,8 +72,8 @@ def _npu_present() -> bool:
     """A board: librknnrt is found, or the runtime is forced ($NPULM_NPU_RUNTIME=rknn / emulator)."""
     import os
 
+    from .npu.device import RUNTIME_ENV
     from .npu.rknn import find_library
-    from .npu.runtime import RUNTIME_ENV
 
     return os.environ.get(RUNTIME_ENV, "auto").lower() != "auto" or find_library() is not None
 

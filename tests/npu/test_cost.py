@@ -131,7 +131,7 @@ def test_calibrate_refuses_the_emulator():
 def test_calibrate_writes_a_profile_the_cost_model_loads(double_lib, tmp_path):
     """Through the real ctypes path (the librknnrt test double: timings meaningless, the plumbing real)."""
     from npulm.npu.calibrate import calibrate, write_profile
-    from npulm.npu.runtime import RknnRuntime
+    from npulm.npu.librknnrt import RknnRuntime
 
     prof = calibrate(RknnRuntime(double_lib, chip="rk3588"), reps=3, quick=True)
     assert prof["chip"] == "rk3588" and prof["constants"]["launch_s"] > 0
