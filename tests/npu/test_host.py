@@ -5,8 +5,8 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 
 from npulm.linear import Weight
-from npulm.npu import prepared as P
 from npulm.npu import planner
+from npulm.npu import prepared as P
 from npulm.npu.emulator import EmulatorRuntime
 from npulm.npu.planner import Arena
 
