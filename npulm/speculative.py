@@ -53,7 +53,7 @@ def exact_rows(model: Model, limit: int = 16) -> int:
         return 1
     rows, rng, seen = min(limit, DECODE_ROWS), np.random.default_rng(0), set()
     for lin in model.linears:
-        key = (type(lin), lin.spec, lin.type, lin.n_in, lin.n_out)
+        key = (type(lin), lin.runs_on, lin.type, lin.n_in, lin.n_out)
         if key in seen:
             continue
         seen.add(key)
