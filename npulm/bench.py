@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +35,8 @@ from .placement import add_arguments as add_placement_arguments
 
 MD_COLUMNS = ("model", "size", "params", "backend", "threads", "test", "t/s")
 CSV_FIELDS = ("model_filename", "model_type", "model_size", "model_n_params", "backends", "n_npu_layers", "pipeline",
-              "npu_matmuls", "n_batch", "n_threads", "n_prompt", "n_gen", "n_depth", "test_time", "avg_ns", "stddev_ns",
-              "avg_ts", "stddev_ts", "load_s", "load_rss_mb", "peak_rss_mb")
+              "npu_matmuls", "n_batch", "n_threads", "n_prompt", "n_gen", "n_depth", "speculative", "test_time",
+              "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "load_s", "load_rss_mb", "peak_rss_mb")
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,15 @@ def set_threads(n: int) -> None:
 
 def run_bench(models: Sequence[str | None], n_prompt: Sequence[int], n_gen: Sequence[int], repetitions: int = 3,
               threads: Sequence[int] = (2,), places: Sequence[Placement] = (Placement(),), n_batch: int = 512,
-              seed: int = 0, progress: Callable[[str], None] | None = None, n_depth: Sequence[int] = (0,)
-              ) -> list[dict]:
+              seed: int = 0, progress: Callable[[str], None] | None = None, n_depth: Sequence[int] = (0,),
+              draft: Any = None, draft_max: int = 16, draft_min: int = 0, draft_p_min: float = 0.75) -> list[dict]:
     """One row per (model, placement, threads, test, depth); tests are pp<n> for n in n_prompt, then tg<n> for n in
     n_gen (zeros skipped), each after `depth` context tokens (untimed, as llama-bench's -d). The model is loaded
-    once per placement, with room for the longest test."""
+    once per placement, with room for the longest test. With a `draft` (what Llama(draft_model=...) takes), each
+    tg<n> at depth 0 gets two more rows: greedy generation after a text prompt (a news passage to copy: input-grounded
+    work) plain ("tg<n> text") and speculative ("tg<n> text+<drafter>")."""
     from .api import Llama
+    from .speculative import Speculator, make_speculator
 
     tests = [(p, 0) for p in n_prompt if p > 0] + [(0, n) for n in n_gen if n > 0]
     if not tests:
@@ -185,7 +189,7 @@ def run_bench(models: Sequence[str | None], n_prompt: Sequence[int], n_gen: Sequ
         raise ValueError("repetitions (-r) must be >= 1")
     if any(d < 0 for d in n_depth):
         raise ValueError("depth (-d) must be >= 0")
-    n_ctx = max(n_depth) + max(p for p, _ in tests) + max(n for _, n in tests) + 8
+    n_ctx = max(n_depth) + max(p for p, _ in tests) + max(n for _, n in tests) + 8 + (TEXT_PROMPT_ROOM if draft else 0)
     rows = []
     for model in models:
         path = str(assets.resolve_model(model))
@@ -200,6 +204,7 @@ def run_bench(models: Sequence[str | None], n_prompt: Sequence[int], n_gen: Sequ
             backend, npu_matmuls = backend_label(llm)
             bos = llm.token_bos() if llm.tokenizer.add_bos else None
             rng = np.random.default_rng(seed)
+            drafter = None
             for t in threads:
                 set_threads(t)
                 for (p, n), d in ((test, d) for test in tests for d in n_depth):
@@ -211,26 +216,65 @@ def run_bench(models: Sequence[str | None], n_prompt: Sequence[int], n_gen: Sequ
                     timer(llm, random_tokens(rng, p or n, llm.n_vocab(), None if d else bos), context)  # warm-up
                     seconds = [timer(llm, random_tokens(rng, p or n, llm.n_vocab(), None if d else bos), context)
                                for _ in range(repetitions)]
-                    rows.append({
-                        "model_filename": path, **desc, "backends": backend, "n_npu_layers": place.npu_layers,
-                        "pipeline": place.pipeline or ("auto" if backend != "CPU" else ""),
-                        "npu_matmuls": npu_matmuls, "n_batch": n_batch, "n_threads": t, "n_prompt": p, "n_gen": n,
-                        "n_depth": d,
-                        "test_time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                        **summarize(p or n, seconds), "load_s": round(load_s, 4),
-                        "load_rss_mb": round(load_rss, 2), "peak_rss_mb": round(peak_rss_mb(), 2)})
+                    runs = [("", seconds)]
+                    if draft is not None and n and not d:
+                        if drafter is None:
+                            drafter = make_speculator(draft, llm.tokenizer, n_ctx, p_min=draft_p_min).drafter
+                        prompt = text_prompt(llm)
+                        label = f"text+{type(drafter).__name__}"
+                        for tag, spec in (("text", False), (label, True)):
+                            def make(spec=spec, drafter=drafter):
+                                return Speculator(drafter, draft_max, draft_min) if spec else None
+
+                            time_text_gen(llm, prompt, n, make())  # warm-up
+                            runs.append((tag, [time_text_gen(llm, prompt, n, make()) for _ in range(repetitions)]))
+                    for tag, secs in runs:
+                        rows.append({
+                            "model_filename": path, **desc, "backends": backend, "n_npu_layers": place.npu_layers,
+                            "pipeline": place.pipeline or ("auto" if backend != "CPU" else ""),
+                            "npu_matmuls": npu_matmuls, "n_batch": n_batch, "n_threads": t, "n_prompt": p,
+                            "n_gen": n, "n_depth": d, "speculative": tag,
+                            "test_time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            **summarize(p or n, secs), "load_s": round(load_s, 4),
+                            "load_rss_mb": round(load_rss, 2), "peak_rss_mb": round(peak_rss_mb(), 2)})
             del llm
             gc.collect()
     return rows
 
 
-def test_name(n_prompt: int, n_gen: int, n_depth: int = 0) -> str:
-    """llama-bench's test label: pp512, tg128, tg128 @ d2000."""
-    return (f"pp{n_prompt}" if n_prompt else f"tg{n_gen}") + (f" @ d{n_depth}" if n_depth else "")
+def test_name(n_prompt: int, n_gen: int, n_depth: int = 0, speculative: str = "") -> str:
+    """llama-bench's test label: pp512, tg128, tg128 @ d2000; tg128 text / tg128 text+PromptLookup with a draft."""
+    return ((f"pp{n_prompt}" if n_prompt else f"tg{n_gen}") + (f" {speculative}" if speculative else "")
+            + (f" @ d{n_depth}" if n_depth else ""))
 
 
 def row_test_name(row: dict) -> str:
-    return test_name(row["n_prompt"], row["n_gen"], row.get("n_depth", 0))
+    return test_name(row["n_prompt"], row["n_gen"], row.get("n_depth", 0), row.get("speculative", ""))
+
+
+TEXT_PROMPT_ROOM = 400  # tokens the text prompt of the speculative rows may take
+
+
+def text_prompt(llm) -> list[int]:
+    """An input-grounded prompt: a lee_background news passage, then the start of a verbatim copy of it."""
+    words = next(ln for ln in assets.lee_background().read_text(encoding="utf-8").splitlines()
+                 if len(ln.split()) > 150).split()[:150]
+    tokens = llm.tokenize(f"Article:\n{' '.join(words)}\n\nThe same article, copied exactly:\n{' '.join(words[:12])}")
+    return tokens[:TEXT_PROMPT_ROOM]
+
+
+def time_text_gen(llm, prompt: list[int], n: int, speculator=None) -> float:
+    """Seconds for n greedy tokens after `prompt` (evaluated first, untimed), plainly or with a speculator."""
+    from .generate import generate
+    from .sampling import make_sampler
+
+    session = llm.session
+    session.reset()
+    session.prefill(prompt)
+    t0 = time.perf_counter()
+    for _ in generate(session, prompt, make_sampler(0), n, (), speculator):
+        pass
+    return time.perf_counter() - t0
 
 
 def _size(nbytes: int) -> str:
@@ -274,6 +318,8 @@ FORMATS = {"md": format_md, "json": format_json, "csv": format_csv}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .speculative import drafter_from_args
+
     models = str_list(args.model) or [None]
     places = placements(str_list(args.npu_layers) or ["0"], str_list(args.pipeline) or [None],
                         args.override_tensor or [], args.chip)
@@ -284,7 +330,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = run_bench(models, int_list(args.n_prompt or DEFAULTS["n_prompt"]),
                      int_list(args.n_gen or DEFAULTS["n_gen"]), args.repetitions,
                      int_list(args.threads or DEFAULTS["threads"]), places, args.batch_size, args.seed,
-                     progress if args.progress else None, int_list(args.n_depth or DEFAULTS["n_depth"]))
+                     progress if args.progress else None, int_list(args.n_depth or DEFAULTS["n_depth"]),
+                     drafter_from_args(args), args.draft_max, args.draft_min, args.draft_p_min)
     sys.stdout.write(FORMATS[args.output](rows))
     return 0
 
@@ -308,4 +355,7 @@ def add_parser(subparsers) -> None:
     add_placement_arguments(p, lists=True)
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     p.add_argument("--progress", action="store_true", help="print each test as it starts (stderr)")
+    from .speculative import add_arguments as add_speculative
+
+    add_speculative(p)
     p.set_defaults(func=cmd_bench)

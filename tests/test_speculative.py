@@ -249,3 +249,15 @@ def test_greedy_identical_real_models(name):
         draft_max = (1, 3, 6)[i % 3]
         spec = Speculator(PromptLookup(), draft_max=draft_max, adaptive=False)
         assert_same_run(plain, run(llm.model, tokens, make_sampler(0), 48, spec))
+
+
+def test_bench_spec_rows(tiny_model_writer, tmp_path, capsys):
+    import json
+
+    from npulm.cli import main
+
+    path = tiny_model_writer(tmp_path / "q8.gguf", "llama", T.Q8_0)
+    assert main(["bench", "-m", str(path), "-p", "0", "-n", "8", "-r", "1", "--spec", "lookup", "-o", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["speculative"] for r in rows] == ["", "text", "text+PromptLookup"]
+    assert all(r["avg_ts"] > 0 and r["n_gen"] == 8 for r in rows)
