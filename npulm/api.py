@@ -448,7 +448,8 @@ class Llama:
         sampler = self._sampler(self._sampling_args(locals()), as_grammar(grammar), rec, logits_processor,
                                 stopping_criteria)
         cid, created, name = f"cmpl-{uuid.uuid4()}", int(time.time()), model or self.model_path
-        head = prompt if echo and isinstance(prompt, str) else ""
+        head = "" if not echo else prompt if isinstance(prompt, str) else \
+            self.detokenize(tokens).decode("utf-8", errors="replace")
 
         def chunk(text: str, reason: str | None, lp: dict | None = None) -> dict:
             return {"id": cid, "object": "text_completion", "created": created, "model": name,
