@@ -5,11 +5,11 @@ on the mmap view) for F32, else the float32 reference DenseLinear (which is also
 extension was not built, everything takes the numpy path after one warning.
 
 Activation precision, per tensor:
-  "cpu:a8"   activations rounded to int8 per block of 32, as llama.cpp does: fastest, but over lee_background it
-             costs +0.26 % (SmolLM2) / +0.28 % (Gemma-3) perplexity against the float path;
-  "cpu:a16"  the int8 blocks plus their int8-quantized residual (~16-bit): the float path's logits (KL ~1e-6) for
+  "cpu:a8"   activations rounded to int8 per block of 32, as llama.cpp does: fastest, the least accurate;
+  "cpu:a16"  the int8 blocks plus their int8-quantized residual (~16-bit): close to the float path's logits, for
              twice the integer work;
   "cpu"      a16 for the matmuls whose input rounding reaches the logits most (ACT16_ROLES), a8 for the rest.
+Their perplexity and KL against the float path: the README's "CPU activation precision" (benchmarks/act_precision.py).
 """
 
 from __future__ import annotations
@@ -53,16 +53,15 @@ def get_num_threads() -> int:
 
 def set_spin_us(us: int) -> None:
     """How long idle kernel threads poll for the next matmul before sleeping (default 500 us). Polling keeps the
-    ~210 matmuls of a decode step from paying a wake-up each; lower it when other thread pools need the cores."""
+    hundreds of matmuls of a decode step from paying a wake-up each; lower it when other thread pools need the cores."""
     if _kernels is not None:
         _kernels.set_spin_us(us)
 
 
 # Tensor roles that take 16-bit activations under "cpu", by the KL against the float path that each role's int8
-# activations add (benchmarks/act_precision.py, lee_background): attn_v, ffn_up, ffn_down and the output carry most
-# of it in both models (SmolLM2 KL 0.0031 -> 0.0006, Gemma-3 0.0034 -> 0.0010). ffn_gate would lower the KL a little
-# more but left the perplexity where it was (SmolLM2 27.1540 without, 27.1535 with); attn_q/attn_k/attn_output add
-# little for their cost.
+# activations add (benchmarks/act_precision.py): attn_v, ffn_up, ffn_down and the output carry most of it in both
+# models; ffn_gate lowers the KL a little more but not the perplexity; attn_q/attn_k/attn_output add little for their
+# cost.
 ACT16_ROLES = ("attn_v", "ffn_up", "ffn_down", "output", "token_embd")
 ACTIVATIONS = ("a8", "a16")  # the "cpu:<option>" targets
 

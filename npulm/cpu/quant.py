@@ -9,9 +9,9 @@ block of 32 to int8 bounds the error of each output by sum over blocks of amax(|
 (plus float rounding), the same scheme as llama.cpp. With act16 the kernels also multiply the residual x - xq,
 rounded the same way, and add the two products: the bound shrinks by ~127x for twice the integer work.
 
-Each call returns a fresh output array. At M = 1 the whole call costs ~0.6-1 us of Python + binding overhead, of
-which np.empty is ~0.2-0.4 us (under 0.1 ms per 210-matmul token); for large outputs glibc reuses the freed block.
-That is too little to justify handing out a reused buffer that the next call would overwrite.
+Each call returns a fresh output array: callers keep outputs across calls (a step's logits, a block's q/k/v), which
+a buffer reused by the next call would overwrite, and np.empty is a small part of a call's fixed Python cost (large
+outputs reuse the freed block). The input is checked by its attributes, not by catching the binding's errors.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ PATH_AUTO, PATH_ROWS, PATH_GEMM = 0, 1, 2
 TILE_BYTES = 4 << 20  # dequantized tile for the BLAS fallback: few dequantize/BLAS alternations
 _scratch = threading.local()
 _F32 = np.float32
+_F32_DTYPE = np.dtype(np.float32)
 
 
 def _tile_scratch(n: int) -> np.ndarray:
@@ -63,15 +64,14 @@ class QuantLinear(Linear):
 
     def __call__(self, x: np.ndarray, path: int = PATH_AUTO) -> np.ndarray:
         """x (..., n_in) -> (..., n_out) float32; path forces the rows kernel (1) or the gemm (2), for tests."""
-        # fast path: 2-D C-contiguous float32 (the binding checks and raises otherwise)
-        m = len(x)
-        if not self._tiled or path == PATH_ROWS or (path == PATH_AUTO and m < _kernels.get_gemm_min_m()):
-            out = np.empty((m, self.n_out), _F32)
-            try:
+        # fast path: what the forward passes, 2-D C-contiguous float32 (anything else goes through _general)
+        if (type(x) is np.ndarray and x.dtype is _F32_DTYPE and x.ndim == 2 and x.flags.c_contiguous
+                and x.shape[1] == self.n_in):
+            m = x.shape[0]
+            if not self._tiled or path == PATH_ROWS or (path == PATH_AUTO and m < _kernels.get_gemm_min_m()):
+                out = np.empty((m, self.n_out), _F32)
                 _kernels.matmul(self._h, x, out, path)
                 return out
-            except (TypeError, ValueError, BufferError):
-                pass
         return self._general(x, path)
 
     def _general(self, x: np.ndarray, path: int) -> np.ndarray:
@@ -98,8 +98,8 @@ class QuantLinear(Linear):
 
 
 class RowReader:
-    """Rows of a GGUF weight as float32 through the C dequantizer: an embedding lookup costs ~1 us a row here
-    against ~300 us per call through gguf.quants (measured at decode, one token per call)."""
+    """Rows of a GGUF weight as float32 through the C dequantizer: embedding lookups without gguf.quants' per-call
+    overhead."""
 
     def __init__(self, weight: Weight):
         self.n_rows, self.n_in = weight.n_out, weight.n_in

@@ -129,7 +129,7 @@ class MatmulContext:
         self.select_m(m)
         a = _as_dtype(a, self.a_dtype)
         if self.info.AC_layout == LAYOUT_NATIVE:
-            raw = L.to_bytes(L.a_to_native(a, self.io.A.dims[2]), self.a_dtype, self.rt.nibbles.a_native)
+            raw = L.to_bytes(L.rows_to_native(a, self.io.A.dims[2]), self.a_dtype, self.rt.nibbles.a_native)
         else:
             raw = L.to_bytes(a, self.a_dtype, self.rt.nibbles.normal)
         self.A.data[: raw.size] = raw
@@ -143,7 +143,7 @@ class MatmulContext:
         count = int(np.prod(c_attr.dims))
         flat = L.from_bytes(self.C.data, self.c_dtype, count)
         if self.info.AC_layout == LAYOUT_NATIVE:
-            c = L.c_from_native(flat.reshape(c_attr.dims), self.N)
+            c = L.rows_from_native(flat.reshape(c_attr.dims), self.N)
         else:
             c = flat.reshape(self.M, self.N).copy()
         if self.c_dtype == "bf16":

@@ -342,13 +342,13 @@ class EmulatorRuntime(Runtime):
         count = int(np.prod(attr.dims))
         if c.info.AC_layout == LAYOUT_NATIVE:
             flat = L.from_bytes(mem.data, dtype, count, self.nibbles.a_native)
-            return L.a_from_native(flat.reshape(attr.dims), k)
+            return L.rows_from_native(flat.reshape(attr.dims), k)
         return L.from_bytes(mem.data, dtype, count, self.nibbles.normal).reshape(m, k)
 
     def _write_C(self, c: _Ctx, out: np.ndarray, dtype: str) -> None:
         attr, mem = c.io.C, c.mems["C"]
         if c.info.AC_layout == LAYOUT_NATIVE:
-            out = L.c_to_native(out, attr.dims[2])
+            out = L.rows_to_native(out, attr.dims[2])
         raw = np.ascontiguousarray(out).reshape(-1).view(np.uint8)
         mem.data[: raw.size] = raw
 

@@ -105,30 +105,18 @@ def _pad(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return out
 
 
-def a_to_native(a: np.ndarray, sub_k: int) -> np.ndarray:
-    """A (M, K) -> (Kp/sub_k, M, sub_k)."""
-    m, k = a.shape
-    kp = _ceil_to(k, sub_k)
-    return np.ascontiguousarray(_pad(a, m, kp).reshape(m, kp // sub_k, sub_k).transpose(1, 0, 2))
+def rows_to_native(x: np.ndarray, sub: int) -> np.ndarray:
+    """A (M, K) or C (M, N) -> the native (cols_p/sub, M, sub): columns zero-padded to a multiple of the tile `sub`
+    and cut into tiles, tile-major (sub: the chip's A sub_k, or C sub_n)."""
+    m, cols = x.shape
+    cols_p = _ceil_to(cols, sub)
+    return np.ascontiguousarray(_pad(x, m, cols_p).reshape(m, cols_p // sub, sub).transpose(1, 0, 2))
 
 
-def a_from_native(native: np.ndarray, k: int) -> np.ndarray:
-    """(Kp/sub_k, M, sub_k) -> A (M, K), a copy."""
-    k1, m, sub_k = native.shape
-    return native.transpose(1, 0, 2).reshape(m, k1 * sub_k)[:, :k].copy()
-
-
-def c_to_native(c: np.ndarray, sub_n: int) -> np.ndarray:
-    """C (M, N) -> (Np/sub_n, M, sub_n)."""
-    m, n = c.shape
-    np_ = _ceil_to(n, sub_n)
-    return np.ascontiguousarray(_pad(c, m, np_).reshape(m, np_ // sub_n, sub_n).transpose(1, 0, 2))
-
-
-def c_from_native(native: np.ndarray, n: int) -> np.ndarray:
-    """(Np/sub_n, M, sub_n) -> C (M, N), a copy."""
-    n1, m, sub_n = native.shape
-    return native.transpose(1, 0, 2).reshape(m, n1 * sub_n)[:, :n].copy()
+def rows_from_native(native: np.ndarray, cols: int) -> np.ndarray:
+    """(cols_p/sub, M, sub) -> A (M, K) or C (M, N) of `cols` columns, a copy."""
+    tiles, m, sub = native.shape
+    return native.transpose(1, 0, 2).reshape(m, tiles * sub)[:, :cols].copy()
 
 
 def k_segments(k: int, split_k: int | None) -> list[tuple[int, int]]:

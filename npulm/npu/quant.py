@@ -1,46 +1,24 @@
 """Quantization math of the NPU matmul pipelines: pure numpy, no runtime calls.
 
 Everything a pipeline needs besides the NPU itself, as small vectorised functions:
-  rotations      Sylvester Hadamard, random signs, block-diagonal / padded Hadamard `Rotation`s, fast WHT
+  rotations      Sylvester Hadamard, random signs, block-diagonal / padded Hadamard `Rotation`s, fast WHT, and the
+                 integer Hadamard on GGUF codes (`integer_hadamard_order`, `rotate_groups`)
   weights        per-tensor (absmax | KL clip), per-channel (absmax | MSE clip), group-wise -> (int8 codes, scales)
   activations    per-row / per-group symmetric int8 / int4 (round half to even), exact int8 -> two int4 halves
   GGUF codes     the exact integer codes and per-block affine params of a GGUF weight (`gguf_codes`)
   matmul         `quantized_matmul`: integer partial sums (what the NPU computes) scaled and summed in float64
-  recipes        `PIPELINES`, `prepare(name, weight)`, `simulate(name, x, weight)`: float64 references of each pipeline
+
+The pipelines that combine them are declared in `npulm.npu.pipelines`; their float64 references are
+`npulm.npu.simulate`; their accuracy on real models is in docs/accuracy.md (benchmarks/accuracy.py) and
+benchmarks/quant_sim.py.
 
 Conventions. A weight W is (n_out, n_in) = (N, K) and y = x @ W.T. Codes are int8 arrays holding int8 or int4 values.
 Scales have shape (1 | N, G) (or (M, G) for activations): G groups of K/G consecutive inputs share one scale, so
 per-tensor is (1, 1), per-channel (N, 1), group-wise (N, K/g). A float value is code * scale[group] (+ offset[group]).
 Integer products are simulated in float64, which is exact while sums stay below 2**53 (always, here).
-
-Pipelines (`PIPELINES`, simulated by `simulate`):
-
-  name             weight quant                         activation quant      rotation     NPU matmul type
-  W16A16           fp16                                 fp16                  none         FP16xFP16->FP32
-  W8A8_STANDARD    int8, one absmax scale per tensor    int8 per row          none         INT8xINT8->INT32
-  W8A8_CHANNEL     int8, absmax scale per out channel   int8 per row          none         INT8xINT8->INT32
-  W8A8_HADAMARD    int8 per channel (after rotation)    int8 per row          block Hadam. INT8xINT8->INT32
-  W4A4_HADAMARD    int4 per tensor, KL-calibrated clip  int4 per row          pad-to-2^n   INT4xINT4->INT16
-  W4A4_CHANNEL     int4 per channel, MSE-optimal clip   int4 per row          pad-to-2^n   INT4xINT4->INT16
-  W4A8_CHANNEL     int4 per channel, MSE-optimal clip   int8 per row          pad-to-2^n   INT8xINT8 | 2 x INT4xINT4
-  W4A8_GGUF        the GGUF's own codes (exact), block  int8 per row          none         INT8xINT8 per block group
-                   scales and offsets applied on CPU                                       | 2 x INT4xINT4 (int4 codes)
-  W4A8_GGUF_BLOCK  as W4A8_GGUF                         int8 per (row, block) none         as W4A8_GGUF
-  W4A4_GGUF_BLOCK  as W4A8_GGUF, int4-code types only   int4 per (row, block) none         INT4xINT4->INT16 per block
-
-"W4" in the GGUF recipes means "the file's codes": Q5_*/Q6_K/Q8_0/IQ4_* codes need int8 (INT8xINT8 only).
-Block Hadamard: block = largest power of two dividing K, capped at 512 (64 for K=576, 512 for 1536), random signs.
-Pad-to-2^n: K zero-padded to the next power of two, one randomized Hadamard (rk-llama.cpp).
-GGUF-exact weights cannot be rotated (W R leaves the code grid), so their 4-bit-activation variant takes one
-activation scale per (row, GGUF block) instead: an outlier then only coarsens its own block. The per-block partial
-sums these recipes need come from K-chunks aligned to the blocks, or from one matmul of the row-expanded activation
-(`expand_rows_by_group`); the block scales are applied to the int partials on the CPU.
-
-Measured on SmolLM2-135M Q4_1 (benchmarks/quant_sim.py): mean relative matmul error on real activations (70
-weights) and, end to end on 2 chunks of lee_background, mean KL(float || recipe):
-  W16A16 0.0002 / 0.0001    W8A8_STANDARD 0.041 / 0.107   W8A8_CHANNEL 0.030 / 0.034   W8A8_HADAMARD 0.011 / 0.0053
-  W4A4_HADAMARD 0.164 / 1.56  W4A4_CHANNEL 0.126 / 0.78   W4A8_CHANNEL 0.084 / 0.43    W4A8_GGUF 0.030 / 0.035
-  W4A8_GGUF_BLOCK 0.0093 / 0.0038 (best: 4-bit weights kept exact)                    W4A4_GGUF_BLOCK 0.144 / 0.63
+GGUF-exact weights cannot be rotated by a real Hadamard (W R leaves the code grid); the per-block partial sums they
+need come from K-chunks aligned to the blocks, or from one matmul of the row-expanded activation
+(`expand_rows_by_group`); the block scales are applied to the integer partials on the CPU.
 """
 
 from __future__ import annotations
@@ -99,14 +77,8 @@ def fwht(x: np.ndarray, normalize: bool = True) -> np.ndarray:
     """x @ H(n) along the last axis (n a power of two), in x's float dtype.
 
     Uses H(p*q) = H(p) kron H(q): x reshaped to (..., p, q) becomes H(p) X H(q), two small BLAS products costing
-    (p + q) per element instead of n. Measured (2 cores, float64, ms; M = rows of x):
-        K     block  M=512: dense K x K   dense block   butterfly   kron      M=1: dense block   kron
-        576     64          3.6           0.49          5.1         0.46           0.003       0.004
-        640    128          4.3           1.0           6.0         0.50           0.006       0.004
-        1024  1024         11.3          11.4          10.6         1.3            0.079       0.005
-        1536   512         23.8           8.1          15.5         1.5            0.13        0.006
-        2048  2048         44.2          46.2          28.8         5.5            0.53        0.011
-    so the Kronecker form is used for every size (`benchmarks/quant_sim.py --wht` re-measures)."""
+    (p + q) per element instead of n. It beat dense, block-dense and butterfly products at the sizes of the
+    models here, for one row and for 512 (`benchmarks/quant_sim.py --wht` measures them), so it is used for all."""
     n = x.shape[-1]
     if not is_pow2(n):
         raise ValueError(f"fast Walsh-Hadamard transform needs a power-of-two length, got {n}")

@@ -49,27 +49,27 @@ def test_nibble_order_validation():
 def test_a_native_index_formula():
     m, k, sk = 3, 20, 8  # K padded 20 -> 24
     a = np.arange(m * k, dtype=np.int32).reshape(m, k) + 1
-    nat = L.a_to_native(a, sk)
+    nat = L.rows_to_native(a, sk)
     assert nat.shape == (3, m, sk)
     for k1 in range(3):
         for mm in range(m):
             for k2 in range(sk):
                 kk = k1 * sk + k2
                 assert nat[k1, mm, k2] == (a[mm, kk] if kk < k else 0)
-    assert np.array_equal(L.a_from_native(nat, k), a)
+    assert np.array_equal(L.rows_from_native(nat, k), a)
 
 
 def test_c_native_index_formula():
     m, n, sn = 2, 12, 8  # N padded 12 -> 16
     c = RNG.standard_normal((m, n)).astype(np.float32)
-    nat = L.c_to_native(c, sn)
+    nat = L.rows_to_native(c, sn)
     assert nat.shape == (2, m, sn)
     for n1 in range(2):
         for mm in range(m):
             for n2 in range(sn):
                 nn = n1 * sn + n2
                 assert nat[n1, mm, n2] == (c[mm, nn] if nn < n else 0)
-    assert np.array_equal(L.c_from_native(nat, n), c)
+    assert np.array_equal(L.rows_from_native(nat, n), c)
 
 
 def test_b_native_index_formula():
@@ -108,11 +108,11 @@ def test_round_trips_for_every_chip_and_type(chip_name):
         lo, hi = (-8, 8) if b_dt == "int4" else (-128, 128)
         a = RNG.integers(lo, hi, (m, k)).astype(L.NP_DTYPES[a_dt])
         b = RNG.integers(lo, hi, (k, n)).astype(L.NP_DTYPES[b_dt])
-        assert np.array_equal(L.a_from_native(L.a_to_native(a, a_sk), k), a)
+        assert np.array_equal(L.rows_from_native(L.rows_to_native(a, a_sk), k), a)
         assert np.array_equal(L.b_from_native(L.b_to_native(b, b_sn, b_sk, chip.b_split_k), k, n, b_sn, b_sk,
                                               chip.b_split_k), b)
         c = RNG.standard_normal((m, n)).astype(np.float32)
-        assert np.array_equal(L.c_from_native(L.c_to_native(c, c_sn), n), c)
+        assert np.array_equal(L.rows_from_native(L.rows_to_native(c, c_sn), n), c)
 
 
 def test_io_shapes_match_the_header():
