@@ -13,6 +13,17 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
+def add_matrix(w: gguf.GGUFWriter, name: str, a: np.ndarray, qtype: T) -> None:
+    """A matrix (or a stack of them) in the file's weight type."""
+    a = a.astype(np.float32)
+    if qtype == T.F32:
+        w.add_tensor(name, a)
+    elif qtype == T.F16:
+        w.add_tensor(name, a.astype(np.float16))
+    else:
+        w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+
+
 def tiny_vocab() -> tuple[list[str], list[float], list[int]]:
     """A SentencePiece-style vocabulary: control tokens, 256 byte-fallback tokens, letters and a few words."""
     tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -67,22 +78,10 @@ def write_tiny_model(path: Path, arch: str = "llama", qtype: T = T.F32, n_layer:
     w.add_chat_template(CHATML)
 
     def mat(name: str, n_out: int, n_in: int, scale: float = weight_scale) -> None:
-        a = (rng.standard_normal((n_out, n_in)) * scale).astype(np.float32)
-        if qtype == T.F32:
-            w.add_tensor(name, a)
-        elif qtype == T.F16:
-            w.add_tensor(name, a.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        add_matrix(w, name, rng.standard_normal((n_out, n_in)) * scale, qtype)
 
     def experts(name: str, n_out: int, n_in: int, scale: float = weight_scale) -> None:
-        a = (rng.standard_normal((n_expert, n_out, n_in)) * scale).astype(np.float32)
-        if qtype == T.F32:
-            w.add_tensor(name, a)
-        elif qtype == T.F16:
-            w.add_tensor(name, a.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        add_matrix(w, name, rng.standard_normal((n_expert, n_out, n_in)) * scale, qtype)
 
     def vec(name: str, n: int, around: float = 1.0) -> None:
         w.add_tensor(name, (around + 0.1 * rng.standard_normal(n)).astype(np.float32))
@@ -170,13 +169,7 @@ def write_rwkv_model(path: Path, version: int, qtype: T = T.F32, seed: int = 0, 
         w.add_eos_token_id(2)
 
     def mat(name, *shape, scale=0.1):
-        a = (rng.standard_normal(shape) * scale).astype(np.float32) * (not any(z in name for z in zero))
-        if qtype == T.F32:
-            w.add_tensor(name, a)
-        elif qtype == T.F16:
-            w.add_tensor(name, a.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        add_matrix(w, name, rng.standard_normal(shape) * scale * (not any(z in name for z in zero)), qtype)
 
     def vec(name, *shape, around=0.0, scale=0.1):
         w.add_tensor(name, (around + scale * rng.standard_normal(shape)).astype(np.float32))
