@@ -54,7 +54,7 @@ class RwkvTokenizer(Tokenizer):
         self._pieces: dict[int, bytes] = {}
         self._lock = threading.Lock()
 
-    def _encode(self, text: str) -> list[int]:
+    def _text_ids(self, text: str, special: bool) -> list[int]:
         data, ids, pos = text.encode("utf-8"), [], 0
         index, unk = self._index, self.unk_id if self.unk_id is not None else 0
         while pos < len(data):
@@ -69,17 +69,8 @@ class RwkvTokenizer(Tokenizer):
                 pos += 1
         return ids
 
-    def encode(self, text: str, add_bos: bool | None = None, special: bool = False,
-               add_eos: bool | None = None) -> list[int]:
-        ids = self._encode(text)
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
-            ids.insert(0, self.bos_id)
-        if (self.add_eos if add_eos is None else add_eos) and self.eos_id is not None:
-            ids.append(self.eos_id)
-        return ids
-
     def encode_batch(self, texts: list[str], special: bool = False) -> list[list[int]]:
-        return [self._encode(t) for t in texts]
+        return [self._text_ids(t, special) for t in texts]
 
     def _piece(self, token_id: int, ty: int) -> bytes:
         return self._bytes[token_id]

@@ -535,19 +535,22 @@ class Tokenizer:
         """Token ids of `text`. special=False: special-token text (e.g. "<|im_start|>") is tokenized as plain text,
         as llama.cpp does with parse_special=false. add_bos/add_eos None: the GGUF's defaults."""
         _check_text(text)
-        if (strip := self._rstrip[special]) is not None:
-            text = strip.sub(r"\1", text)
-        if self._tk is None:
-            ids = self._encode_spm(text, special)
-        else:
-            with self._lock:
-                self._tk.encode_special_tokens = not special
-                ids = self._tk.encode(text, add_special_tokens=False).ids
+        ids = self._text_ids(text, special)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if (self.add_eos if add_eos is None else add_eos) and self.eos_id is not None:
             ids.append(self.eos_id)
         return ids
+
+    def _text_ids(self, text: str, special: bool) -> list[int]:
+        """The ids of the text alone (no BOS / EOS)."""
+        if (strip := self._rstrip[special]) is not None:
+            text = strip.sub(r"\1", text)
+        if self._tk is None:
+            return self._encode_spm(text, special)
+        with self._lock:
+            self._tk.encode_special_tokens = not special
+            return self._tk.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str], special: bool = False) -> list[list[int]]:
         """Token ids of several texts without BOS/EOS (parallel in the Rust library)."""
