@@ -318,13 +318,14 @@ def _print_placement(path: Path, args: argparse.Namespace) -> None:
     llm = Llama(str(path), n_ctx=16, verbose=False, n_npu_layers=args.npu_layers,
                 pipeline=args.pipeline, tensor_overrides=args.override_tensor, chip=args.chip)
     rows = placement_table(llm.model.linears)
-    on_npu = sum(r[3].startswith("npu:") for r in rows)
+    on_npu = sum(lin.runs_on.startswith("npu:") for lin in llm.model.linears)
     npu = llm.placement.npu
-    print(f"placement: {on_npu} of {len(rows)} matmuls on the NPU" + (f" ({npu.describe()})" if npu else ""))
-    head = ("tensor", "type", "requested", "runs on", "note")
-    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(4)] if rows else [len(h) for h in head]
+    print(f"placement: {on_npu} of {len(llm.model.linears)} matmuls on the NPU"
+          + (f" ({npu.describe()})" if npu else ""))
+    head = ("tensor", "type", "requested", "runs on", "NPU split", "note")
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(5)] if rows else [len(h) for h in head]
     for r in [head, *rows]:
-        print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)) + ("  " + r[4] if r[4] else ""))
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + ("  " + r[5] if r[5] else ""))
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:

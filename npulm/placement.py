@@ -148,12 +148,25 @@ class Placement:
         return make_linear(weight, spec, self.npu if spec.backend == "npu" else None)
 
 
-def table(linears: list[Linear]) -> list[tuple[str, str, str, str, str]]:
-    """(tensor, type and shape, requested target, where it runs, note) per Linear: `npulm info --placement`."""
-    rows = []
+def table(linears: list[Linear]) -> list[tuple[str, str, str, str, str, str]]:
+    """(tensor, type and shape, requested target, where it runs, NPU split, note) per weight tensor: `npulm info
+    --placement`. The split reads "C cores x K K-chunks = R runs/call (<= M rows)"; the experts of a 3-D tensor
+    (one Linear each, placed alike) make one row, "x E" after the shape."""
+    rows: list[tuple[str, str, str, str, str, str]] = []
+    seen: dict[str, int] = {}
     for lin in linears:
+        if lin.name in seen:  # another expert of the same 3-D tensor
+            i = seen[lin.name]
+            name, shape, *rest = rows[i]
+            n = int(shape.rsplit(" x ", 1)[1]) + 1 if " x " in shape else 2
+            rows[i] = (name, f"{shape.rsplit(' x ', 1)[0]} x {n}", *rest)
+            continue
+        seen[lin.name] = len(rows)
+        split = lin.split() if hasattr(lin, "split") else None
+        where = (f"{split[0]} core{'s' * (split[0] > 1)} x {split[1]} K-chunk{'s' * (split[1] > 1)} = {split[2]} "
+                 f"runs/call (<= {split[3]} rows)" if split else "")
         note = getattr(lin, "refused", None) or ""
-        rows.append((lin.name, f"{lin.type.name} {lin.n_out}x{lin.n_in}", lin.requested, lin.runs_on, note))
+        rows.append((lin.name, f"{lin.type.name} {lin.n_out}x{lin.n_in}", lin.requested, lin.runs_on, where, note))
     return rows
 
 

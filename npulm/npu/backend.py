@@ -81,3 +81,7 @@ class NpuLinear(Linear):
 
     def describe(self) -> str:
         return self._impl.describe() if self._impl is not None else f"{self.runs_on} ({self.refused})"
+
+    def split(self) -> tuple[int, int, int, int] | None:
+        """(cores, K-chunks, NPU runs per call, rows per call) on the NPU; None after a fallback to the CPU."""
+        return self._impl.split() if self._impl is not None else None

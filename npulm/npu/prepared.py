@@ -78,6 +78,12 @@ class Prepared:
                 f"N {op.n} on {len(op.slices)} core(s), {sum(o.b_bytes for o in self.ops)} B bytes, "
                 f"domain {op.domain}")
 
+    def split(self) -> tuple[int, int, int, int]:
+        """(cores, K-chunks, NPU runs per call, rows per call): a call of up to max_m rows runs every K-chunk on
+        every core slice of every op; more rows repeat that per max_m."""
+        op = self.ops[0]
+        return len(op.slices), op.n_chunks, sum(o.n_chunks * len(o.slices) for o in self.ops), self.max_m
+
     def _npu(self) -> str:
         return "FP16xFP16->FP32"
 

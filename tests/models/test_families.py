@@ -154,3 +154,17 @@ def test_cost_model_prices_experts_at_their_real_m(tmp_path):
     dense = C.ModelShape(shape.name, shape.n_layer, tuple(
         C.LinearShape(li.role, li.k, li.n, li.qtype, li.count) for li in shape.linears), shape.output, shape.q_dim)
     assert t1 < C.token_times(c, dense, cpu, 1)[0]  # decode pays for 2 of 8 experts, not all 8
+
+
+def test_info_placement_shows_experts_once_with_their_split(tmp_path, capsys):
+    from npulm.cli import main
+
+    path = family_model(tmp_path, "qwen3moe", T.Q8_0, n_ctx=32)
+    assert main(["info", str(path), "--placement", "-ngl", "all", "-ot", "blk.1.ffn_*_exps.*=cpu"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  blk.")]
+    rows = {cells[0]: cells[1:] for cells in lines}
+    assert len(lines) == len(rows)  # one row per tensor: the 8 experts of a 3-D tensor together
+    assert rows["blk.0.ffn_up_exps.weight"][:4] == ["Q8_0", "128x64", "x", "8"]
+    split = " ".join(rows["blk.0.ffn_up_exps.weight"][6:])
+    assert "core" in split and "K-chunk" in split and "runs/call" in split
+    assert rows["blk.1.ffn_up_exps.weight"][4:] == ["cpu", "cpu:a8"] and rows["blk.0.ffn_gate_inp.weight"][2] == "cpu"
