@@ -9,7 +9,7 @@ against the CPU path (0.0 here: not measured), except where a later run of the s
 MEASURED: dict[tuple[str, str], tuple[float, float, float, float]] = {
     # 2026-12-02: benchmarks/accuracy.py --pipelines W16A16 (against today's CPU path, a16 where it matters)
     ("W16A16", "smollm2-135m"): (0.02, 0.0, 0.00056, 0.999),
-    ("W16A16", "gemma3-270m"): (-0.09, 0.0, 0.0, 0.998),
+    ("W16A16", "gemma3-270m"): (-0.11, 0.0, 0.00064, 0.999),
     ("W8A8_STANDARD", "smollm2-135m"): (6.77, 0.09399, 0.0, 0.816),
     ("W8A8_STANDARD", "gemma3-270m"): (9.98, 0.0969, 0.0, 0.826),
     ("W8A8_CHANNEL", "smollm2-135m"): (1.6, 0.03236, 0.0, 0.884),
@@ -24,6 +24,8 @@ MEASURED: dict[tuple[str, str], tuple[float, float, float, float]] = {
     ("W4A4_CHANNEL", "gemma3-270m"): (134.16, 0.86066, 0.0, 0.54),
     ("W4A8_CHANNEL", "smollm2-135m"): (48.71, 0.38946, 0.0, 0.651),
     ("W4A8_CHANNEL", "gemma3-270m"): (58.4, 0.44123, 0.0, 0.646),
+    # 2026-12-02: benchmarks/accuracy.py --pipelines W4A8_BLOCK
+    ("W4A8_BLOCK", "smollm2-135m"): (79.39, 0.62114, 0.62104, 0.582),
     ("W4A8_GGUF_BLOCK", "smollm2-135m"): (-0.28, 0.00277, 0.0, 0.97),
     ("W4A8_GGUF_BLOCK", "gemma3-270m"): (-0.23, 0.00185, 0.0, 0.974),
     ("W4A4_GGUF_BLOCK", "smollm2-135m"): (85.36, 0.64179, 0.0, 0.56),
