@@ -190,7 +190,7 @@ def _mutate_value(rng: np.random.Generator, spec: Spec, entry: list) -> None:
             items[i] = str(rng.choice(["", "zz qq", "\u2581 ?", "a", "<0xZZ>", "a" * 200, "Ġ Ġ Ġ"]))
         elif op == 3 and items:
             i = int(rng.integers(len(items)))
-            items[i] = rng.choice(INTS) if itype != STR else items[i] + "x"
+            items[i] = rng.choice(INTS) if itype != STR else f"{items[i]}x"
         elif op == 4:
             itype = int(rng.choice([U8, I8, I32, U64, F32, F64, BOOL, STR]))
             items = [0 if itype != STR else "a"] * len(items)

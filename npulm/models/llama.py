@@ -15,6 +15,7 @@ from .base import Embedding, Model, WeightLoader, hparam, output_linear
 from .blocks import AttentionShape, Rope, attend, gated_mlp, rms_norm
 from .cache import KVCache
 from .moe import MoE
+from .validate import check_config
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class LlamaConfig:
     rope_scale: float  # position multiplier (1 / linear scaling factor)
     n_rot: int
     rope_neox: bool = False
+
+    def __post_init__(self) -> None:
+        check_config(self)  # relations between hyper-parameters, before any block is built
 
     @classmethod
     def from_gguf(cls, kv: dict[str, Any], arch: str = "llama", rope_neox: bool = False) -> LlamaConfig:

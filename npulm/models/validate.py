@@ -169,6 +169,13 @@ def check_config(config: Any) -> None:
         raise GGUFError(f"metadata attention.head_count_kv = {n_head_kv} does not divide attention.head_count = "
                         f"{n_head} (grouped-query attention shares each KV head among a whole number of heads)")
     n_rot, head_dim = _field(config, "n_rot"), _field(config, "head_dim")
+    if head_dim is not None and head_dim < 1:
+        raise GGUFError(f"metadata attention.head_count = {n_head} leaves a head size of {head_dim} for "
+                        f"embedding_length = {_field(config, 'n_embd')} (and no attention.key_length)")
+    n_layer, swa = _field(config, "n_layer"), getattr(config, "swa_layers", None)
+    if n_layer is not None and swa is not None and len(swa) < n_layer:
+        raise GGUFError(f"metadata attention.sliding_window_pattern has {len(swa)} per-layer flags for "
+                        f"block_count = {n_layer}")
     if n_rot is not None and head_dim and (n_rot > head_dim or n_rot % 2):
         raise GGUFError(f"metadata rope.dimension_count = {n_rot}: expected an even number <= the head size "
                         f"{head_dim}")

@@ -61,6 +61,18 @@ def test_tensor_shapes_are_checked_at_load(tiny_models, tmp_path, arch, name, di
     assert f"tensor {name!r} has shape {dims}, expected {expected}" in str(e.value)
 
 
+@pytest.mark.parametrize("arch, changes, message", [
+    # found by the 100,000-case fuzz run: both failed while the blocks were built (ZeroDivisionError, IndexError)
+    ("llama", {"llama.attention.head_count": (U32, 128), "llama.attention.head_count_kv": (U32, 128),
+               "llama.attention.key_length": None}, "leaves a head size of 0 for embedding_length = 64"),
+    ("gemma3", {"gemma3.attention.sliding_window_pattern": (ARR, (I32, [1]))},
+     "sliding_window_pattern has 1 per-layer flags for block_count = 3"),
+])
+def test_relations_are_checked_before_blocks_are_built(tiny_models, tmp_path, arch, changes, message):
+    with pytest.raises(GGUFError, match=message):
+        _load(variant(tiny_models[arch], tmp_path / "bad.gguf", changes))
+
+
 def test_biases_come_together(tiny_models, tmp_path):
     from fuzzing import serialize, spec_from_file
 
