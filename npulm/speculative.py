@@ -37,6 +37,7 @@ import numpy as np
 from .generate import Session
 from .models import Model
 from .models.cache import KVCache
+from .placement import Placement
 from .sampling import Sampler
 
 Distribution = tuple[np.ndarray, np.ndarray]  # (token ids, probabilities summing to 1)
@@ -153,15 +154,15 @@ class DraftModel:
         self.session = Session(model, n_batch)
 
     @classmethod
-    def load(cls, path: str, p_min: float = 0.75, n_ctx: int = 4096, spec_for: Callable | None = None
+    def load(cls, path: str, p_min: float = 0.75, n_ctx: int = 4096, placement: Placement | None = None
              ) -> DraftModel:
-        """A draft GGUF (file or known name), its matmuls on the CPU unless spec_for places them."""
+        """A draft GGUF (file or known name), its matmuls on the CPU unless `placement` places them."""
         from . import assets
         from .gguf import GGUFFile
         from .models import load_model
 
         gguf = GGUFFile(str(assets.resolve_model(path)))
-        model = load_model(gguf, n_ctx, spec_for or (lambda w: "cpu"))
+        model = load_model(gguf, n_ctx, placement)
         return cls(model, p_min, list(gguf.kv.get("tokenizer.ggml.tokens", [])))
 
     def draft(self, tokens: Sequence[int], n: int, sampler: Sampler | None = None) -> Draft:
