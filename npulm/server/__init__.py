@@ -34,16 +34,6 @@ def add_parser(sub, add_model: Callable, add_runtime: Callable) -> None:
     p.set_defaults(batch_size=128, func=cmd_serve)  # -b: prompt tokens per step, the longest stall of the others
 
 
-def exact_decode_batches(n_slots: int) -> None:
-    """Make decode passes of up to n_slots rows use the CPU kernels' rows algorithm, whose rows are computed as they
-    are alone (the gemm algorithm, chosen from M = 8 by default, sums in another order: greedy replies could differ
-    from a lone run's at near-ties). Process-wide: `npulm serve` owns its process."""
-    from ..cpu import _kernels
-
-    if _kernels is not None and _kernels.get_gemm_min_m() <= n_slots:
-        _kernels.set_gemm_min_m(n_slots + 1)
-
-
 def served_name(model_arg: str | None, model_path: str) -> str:
     from .. import assets
 
@@ -60,9 +50,8 @@ def build(args: argparse.Namespace):
     llm = Llama(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, n_threads=args.threads,
                 n_npu_layers=layers, pipeline=args.pipeline, tensor_overrides=args.override_tensor, chip=args.chip,
                 verbose=True)
-    engine = Engine(llm.model, llm.tokenizer, args.parallel, args.batch_size, args.max_queue, args.prefix_cache)
-    if getattr(args, "exact_batching", False):
-        exact_decode_batches(args.parallel)
+    engine = Engine(llm.model, llm.tokenizer, args.parallel, args.batch_size, args.max_queue, args.prefix_cache,
+                    exact_decode=getattr(args, "exact_batching", True))
     state = ServerState(llm, engine, args.alias or served_name(args.model, llm.model_path), api_key=args.api_key,
                         max_body=args.max_body)
     return create_app(state)

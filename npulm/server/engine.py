@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -124,6 +125,24 @@ def cpu_rows_kernel_bound() -> int:
     return _kernels.get_gemm_min_m() if _kernels is not None else 1
 
 
+@contextlib.contextmanager
+def rows_kernel(m: int):
+    """Run a pass of m rows on the CPU kernels' rows algorithm, as each row runs alone (the gemm algorithm, chosen
+    from M = 8 by default, sums in another order: greedy replies could differ from a lone run's at near-ties). The
+    threshold is process-wide: only the engine thread runs the model, and it is restored after the pass."""
+    from ..cpu import _kernels
+
+    default = _kernels.get_gemm_min_m() if _kernels is not None else m + 1
+    if default > m:
+        yield
+        return
+    _kernels.set_gemm_min_m(m + 1)
+    try:
+        yield
+    finally:
+        _kernels.set_gemm_min_m(default)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -138,13 +157,15 @@ class Engine:
     touches the model and the caches."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, n_slots: int = 1, n_chunk: int = 128,
-                 max_queue: int = 64, prefix_cache: bool = True, same_rows_below: int | None = None):
+                 max_queue: int = 64, prefix_cache: bool = True, same_rows_below: int | None = None,
+                 exact_decode: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.slots = [Slot(i, model) for i in range(max(1, n_slots))]
         self.n_chunk, self.max_queue, self.prefix_cache = max(1, n_chunk), max_queue, prefix_cache
         # passes of fewer rows than this compute each row as it is computed alone (the CPU kernels' rows algorithm);
         # a prompt chunk joins the decode rows only below it, so greedy replies are the same batched or alone
         self.same_rows_below = same_rows_below if same_rows_below is not None else cpu_rows_kernel_bound()
+        self.exact_decode = exact_decode  # decode passes on the rows kernel whatever their M (see rows_kernel)
         self.queue: collections.deque[GenRequest] = collections.deque()
         self.jobs: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self.cond = threading.Condition()
@@ -295,7 +316,8 @@ class Engine:
             self._pass([*decode, prefill], [*rows, chunk])
         else:  # a row's result must not depend on the rows beside it: kernels that switch algorithm at some M
             if decode:
-                self._pass(decode, rows)
+                with rows_kernel(len(rows)) if self.exact_decode else contextlib.nullcontext():
+                    self._pass(decode, rows)
             if chunk:
                 self._pass([prefill], [chunk])
 

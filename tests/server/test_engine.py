@@ -83,3 +83,15 @@ def test_prefix_cache_picks_the_slot_with_the_longest_prefix(tiny_models):
     assert again.n_cached == len(b) and engine.prefix_hits >= 1
     same = run(engine, [greedy(a, 5)])[0]
     assert [e.token for e in same[:-1]] == [e.token for e in first[0][:-1]]  # cached prefix: the same reply
+
+
+def test_rows_kernel_is_scoped_to_a_pass():
+    from npulm.cpu import _kernels
+    from npulm.server.engine import rows_kernel
+
+    if _kernels is None:
+        return
+    default = _kernels.get_gemm_min_m()
+    with rows_kernel(default + 4):
+        assert _kernels.get_gemm_min_m() == default + 5
+    assert _kernels.get_gemm_min_m() == default
