@@ -391,6 +391,7 @@ class Speculator:
 
     def step(self, session: Session, token: int, sampler: Sampler) -> list[int]:
         """Draft, verify in one pass, roll back: the emitted tokens (1..k+1; the last is not in the cache)."""
+        self.max_drafts(session)  # the one-time probe of the model stays off the drafting clock
         t0 = time.perf_counter()
         draft = self.propose(session, token, sampler)
         t1 = time.perf_counter()
