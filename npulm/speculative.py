@@ -38,7 +38,7 @@ from .generate import Session
 from .models import Model
 from .models.cache import KVCache
 from .placement import Placement
-from .sampling import Sampler
+from .sampling import Sampler, softmax
 
 Distribution = tuple[np.ndarray, np.ndarray]  # (token ids, probabilities summing to 1)
 
@@ -138,11 +138,6 @@ class CallableDrafter:
         return Draft([int(t) for t in list(self.fn(np.asarray(tokens, dtype=np.intc)))[:max(n, 0)]])
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits.astype(np.float64) - logits.max())
-    return z / z.sum()
-
-
 class DraftModel:
     """A smaller model of the target's vocabulary drafting token by token in its own cache. Drafting stops early when
     the draft's top probability falls under p_min (llama.cpp's --draft-p-min). With a sampling target it draws its
@@ -181,7 +176,7 @@ class DraftModel:
             else:
                 ids, p = dist
                 token, top = int(ids[rng.choice(len(ids), p=p)]), float(softmax(logits).max())
-            if top < self.p_min and i > 0:
+            if top < self.p_min:  # as llama.cpp: an unsure draft is not worth its rows
                 break
             out.tokens.append(token)
             out.probs.append(dist)
