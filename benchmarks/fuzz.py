@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def _bases(tmp: Path):
-    from conftest import write_tiny_model
+    from gguf_writers import write_tiny_model
     from fuzzing import gpt2_variant, spec_from_file
     from gguf.constants import GGMLQuantizationType as T
 
@@ -107,7 +107,7 @@ def crafted_table() -> str:
     from npulm.cli import main as npulm
 
     tmp = Path(tempfile.mkdtemp())
-    from conftest import write_tiny_model
+    from gguf_writers import write_tiny_model
 
     good = write_tiny_model(tmp / "tiny.gguf", "llama")
     gpt2 = tmp / "gpt2.gguf"

@@ -134,6 +134,17 @@ TENSOR_SHAPES: dict[str, tuple[str, ...] | list[tuple[str, ...]]] = {
     "ffn_gate_exps.weight": ("n_embd", "n_ff_exp", "n_expert"),
     "ffn_up_exps.weight": ("n_embd", "n_ff_exp", "n_expert"),
     "ffn_down_exps.weight": ("n_ff_exp", "n_embd", "n_expert"),
+    # rwkv6 / rwkv7
+    **dict.fromkeys(["attn_norm.bias", "attn_norm_2.weight", "attn_norm_2.bias", "output_norm.bias",
+                     "token_embd_norm.weight", "token_embd_norm.bias", "time_mix_ln.weight", "time_mix_ln.bias"],
+                    ("n_embd",)),
+    **dict.fromkeys(["time_mix_key.weight", "time_mix_value.weight", "time_mix_receptance.weight",
+                     "time_mix_output.weight", "time_mix_gate.weight", "channel_mix_receptance.weight"],
+                    ("n_embd", "n_embd")),
+    **dict.fromkeys(["time_mix_lerp_x.weight", "channel_mix_lerp_k.weight", "channel_mix_lerp_r.weight"],
+                    ("n_embd", "1", "1")),
+    "channel_mix_key.weight": ("n_embd", "n_ff"),
+    "channel_mix_value.weight": ("n_ff", "n_embd"),
 }
 # Rows an architecture narrows (its block reads only one of the alternatives).
 ARCH_TENSOR_SHAPES: dict[str, dict[str, tuple[str, ...] | list[tuple[str, ...]]]] = {
