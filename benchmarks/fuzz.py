@@ -26,9 +26,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def _bases(tmp: Path):
-    from gguf_writers import write_tiny_model
     from fuzzing import gpt2_variant, spec_from_file
     from gguf.constants import GGMLQuantizationType as T
+    from gguf_writers import write_tiny_model
 
     specs = [spec_from_file(write_tiny_model(tmp / f"{a}.gguf", a, n_layer=3 if a == "gemma3" else 2))
              for a in ("llama", "qwen2", "gemma3")]
