@@ -7,6 +7,7 @@ raise TypeError. `n_gpu_layers` is llama-cpp-python's name for the layers npulm 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import threading
@@ -160,10 +161,24 @@ class Llama:
                                              "supported: npulm loads no model hub")
         return cls(model_path=str(resolve_pretrained(repo_id, filename, local_dir or cache_dir)), **kwargs)
 
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[None]:
+        """The model's lock: one Llama is one sequence, so calls from several threads run one after the other. A
+        call from the thread whose generator is still open is an error (waiting for itself would deadlock)."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError("this Llama is already generating in this thread (an unfinished generator or "
+                               "stream): finish or close it first")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+
     # --- lifetime ----------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Free the weights and caches; the object is unusable afterwards."""
-        with self._lock:
+        with self._holding():
             self.model = self.session = self._embed_cache = self._lltokenizer = None
             self.scores = np.zeros((0, 0), np.float32)
 
@@ -257,13 +272,13 @@ class Llama:
 
     # --- evaluation ------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        with self._lock:
+        with self._holding():
             self._live().reset()
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens after those already in the context; logits land in self.scores (all rows if
         logits_all, else the last in scores[0])."""
-        with self._lock:
+        with self._holding():
             n0 = self.n_tokens
             logits = self._live().eval(tokens, logits_from=0 if self.logits_all else -1)
         if self.logits_all:
@@ -273,7 +288,7 @@ class Llama:
 
     def save_state(self) -> LlamaState:
         """A copy of the sequence: tokens, the cache's contents, the scores and the seed generator's state."""
-        with self._lock:
+        with self._holding():
             s = self._live()
             cache = [tuple(a.copy() for a in layer.state) if hasattr(layer, "set_state") else copy.deepcopy(layer)
                      for layer in s.cache]
@@ -281,7 +296,7 @@ class Llama:
             return LlamaState(list(s.tokens), cache, self.scores.copy(), rng, len(s.tokens), self._seed)
 
     def load_state(self, state: LlamaState) -> None:
-        with self._lock:
+        with self._holding():
             s = self._live()
             if len(state.cache) != len(s.cache) or state.scores.shape != self.scores.shape:
                 raise ValueError("load_state: the state was saved from a model or context of another shape")
@@ -372,40 +387,26 @@ class Llama:
                                presence_penalty=presence_penalty, mirostat_mode=mirostat_mode,
                                mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, seed=self._seed),
                           as_grammar(grammar), logits_processor=logits_processor)
-        if self._owner == threading.get_ident():
-            raise RuntimeError("this Llama is already generating in this thread (an unfinished generator?): "
-                               "finish or close it first")
-        with self._lock:
-            self._owner = threading.get_ident()
-            try:
-                session = self._live()
-                if reset:
-                    session.reset()
-                logits = session.prefill(list(tokens)) if tokens else session.eval([self.token_bos()])[-1]
-                while True:
-                    token = s(logits, session.tokens)
-                    if stopping_criteria and any(c(np.asarray(session.tokens + [token]), logits)
-                                                 for c in stopping_criteria):
-                        return
-                    yield token
-                    logits = session.eval([token])[-1]
-            finally:
-                self._owner = None
+        with self._holding():
+            session = self._live()
+            if reset:
+                session.reset()
+            logits = session.prefill(list(tokens)) if tokens else session.eval([self.token_bos()])[-1]
+            while True:
+                token = s(logits, session.tokens)
+                if stopping_criteria and any(c(np.asarray(session.tokens + [token]), logits)
+                                             for c in stopping_criteria):
+                    return
+                yield token
+                logits = session.eval([token])[-1]
 
     def _stream(self, prompt_tokens: list[int], max_tokens: int | None, stop: str | list[str] | None,
                 sampler) -> Iterator[tuple[str, str | None, int]]:
         """(text delta, finish_reason or None, completion token count), holding the model's lock throughout: one
         Llama is one sequence, so concurrent calls run one after the other."""
-        if self._owner == threading.get_ident():
-            raise RuntimeError("this Llama is already generating in this thread (an unfinished stream?): "
-                               "finish or close it first")
-        with self._lock:
-            self._owner = threading.get_ident()
-            try:
-                yield from stream_text(self._live(), self.tokenizer, prompt_tokens, sampler, max_tokens, stop,
-                                       self.speculator)
-            finally:
-                self._owner = None
+        with self._holding():
+            yield from stream_text(self._live(), self.tokenizer, prompt_tokens, sampler, max_tokens, stop,
+                                   self.speculator)
 
     # --- completion ------------------------------------------------------------------------------------------
     def _token_text(self, token: int) -> str:
@@ -628,7 +629,7 @@ class Llama:
                     raise ValueError(f"Requested tokens ({len(toks)}) exceed batch size of {self.n_batch}")
                 toks = toks[:self.n_batch]
             token_lists.append(toks)
-        with self._lock:
+        with self._holding():
             if self._embed_cache is None:
                 self._live()
                 self._embed_cache = self.model.make_cache()

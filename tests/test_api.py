@@ -104,3 +104,13 @@ def test_unfinished_stream_in_the_same_thread_is_an_error(llm):
         llm("in", max_tokens=2)
     stream.close()
     assert llm("in", max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
+
+
+def test_eval_while_own_stream_is_open_is_an_error_not_a_deadlock(llm):
+    stream = llm("the", max_tokens=4, temperature=0, stream=True)
+    next(stream)
+    for call in (lambda: llm.eval([5]), llm.reset, llm.save_state):
+        with pytest.raises(RuntimeError, match="already generating"):
+            call()
+    stream.close()
+    llm.reset()
