@@ -43,7 +43,8 @@ def served_name(model_arg: str | None, model_path: str) -> str:
 def build(args: argparse.Namespace):
     """Load the model and make the app (what `npulm serve` runs; tests call it too)."""
     from ..api import Llama
-    from .app import ServerState, create_app
+    from .app import ServerState
+    from .asgi import create_app
     from .engine import Engine
 
     layers = args.npu_layers if args.npu_layers == "all" else int(args.npu_layers)

@@ -4,7 +4,6 @@ the engine thread to a request's coroutine, metrics) plus /health, /metrics and 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -18,11 +17,8 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
 
 from .. import __version__, embeddings
 from ..sampling import SamplingParams, make_sampler
@@ -404,25 +400,6 @@ async def metrics(request: Request) -> Response:
 
 async def page(request: Request) -> Response:
     return Response((resources.files(__package__) / "static" / "index.html").read_bytes(), media_type="text/html")
-
-
-def create_app(state: ServerState) -> Starlette:
-    from . import ollama_routes, openai_routes
-
-    routes = [Route("/", page), Route("/health", health), Route("/metrics", metrics),
-              Mount("/static", StaticFiles(directory=str(resources.files(__package__) / "static")), name="static"),
-              *openai_routes.routes(), *ollama_routes.routes()]
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        if not state.engine.running:
-            state.engine.start()
-        yield
-        state.engine.stop()
-
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.npulm = state
-    app.add_middleware(AuthAndMetrics, state=state)
-    return app
 
 
 def version() -> str:
