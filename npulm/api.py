@@ -23,7 +23,7 @@ import numpy as np
 
 from . import assets, compat, embeddings
 from . import tools as tools_mod  # `tools` is create_chat_completion's keyword
-from .generate import Session, stream_text
+from .generate import Session, common_prefix, stream_text
 from .gguf import GGUFFile
 from .models import load_model
 from .models.base import hparam
@@ -252,12 +252,7 @@ class Llama:
 
     @staticmethod
     def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-        n = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            n += 1
-        return n
+        return common_prefix(a, b)
 
     # --- tokens ----------------------------------------------------------------------------------------------
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:

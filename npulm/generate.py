@@ -22,6 +22,16 @@ def context_overflow(n: int, n_ctx: int) -> ContextOverflow:
     return ContextOverflow(f"Requested tokens ({n}) exceed context window of {n_ctx}")
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Session:
     """One sequence: the cache it owns (made by the model) and the tokens it holds. Reuses the longest common
     prefix between calls and rolls back by trimming the cache."""
@@ -71,12 +81,7 @@ class Session:
             raise ValueError("empty prompt")
         if len(prompt) > self.n_ctx:
             raise context_overflow(len(prompt), self.n_ctx)
-        keep = 0
-        for a, b in zip(self.tokens, prompt[:-1]):  # at least the last prompt token is evaluated
-            if a != b:
-                break
-            keep += 1
-        self.truncate(keep)
+        self.truncate(common_prefix(self.tokens, prompt[:-1]))  # at least the last prompt token is evaluated
         return self.eval(prompt[len(self.tokens):])[-1]
 
 

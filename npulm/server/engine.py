@@ -15,14 +15,14 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..generate import TextStream
+from ..generate import TextStream, common_prefix
 from ..models.base import Model
 from ..models.cache import cache_offset
 from ..sampling import Sampler, token_logprobs
@@ -141,15 +141,6 @@ def rows_kernel(m: int):
         yield
     finally:
         _kernels.set_gemm_min_m(default)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Engine:
