@@ -107,8 +107,12 @@ def chat(llm, args: argparse.Namespace, sampling: dict[str, Any]) -> int:
             if pressed:
                 print()
                 return status
-            print("\n(Ctrl-C again or Ctrl-D to leave)", file=sys.stderr)
             pressed = True
+            try:  # the second Ctrl-C may come while the hint is printed, before input() waits again
+                print("\n(Ctrl-C again or Ctrl-D to leave)", file=sys.stderr)
+            except KeyboardInterrupt:
+                print()
+                return status
             continue
         pressed = False
         if not interactive and not line:
