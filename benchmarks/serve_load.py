@@ -45,7 +45,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "npulm.cli", "serve", "-m", model, "--port", str(self.port), "-np", str(parallel),
-               "-c", str(ctx), "--max-queue", "1024", *extra]
+               "-c", str(ctx * parallel), "--max-queue", "1024", *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while True:
@@ -177,7 +177,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=20, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--parallel", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("-c", "--ctx-size", type=int, default=1024)
+    ap.add_argument("-c", "--ctx-size", type=int, default=1024, help="context of each slot")
     ap.add_argument("--prefix-cache", action="store_true", help="keep the prefix cache on in the load runs")
     ap.add_argument("--skip-steps", action="store_true", help="skip the decode-step table")
     ap.add_argument("--turns", type=int, default=10, help="turns of the prefix-cache chat (0: skip)")

@@ -533,21 +533,10 @@ class Llama:
         compat.check("create_chat_completion", compat.CHAT, kwargs)
         from .grammar import as_grammar, response_format_grammar
 
-        tool_list = tools_mod.normalize_tools(tools, functions)
-        choice = tools_mod.normalize_choice(tool_choice, function_call, tool_list)
-        msgs = tools_mod.messages_for_template(messages)
-        source = self.chat_template.source
-        fmt = tools_mod.detect_format(source)
-        calling = bool(tool_list) and choice != "none"
-        if calling and not tools_mod.template_takes_tools(source):
-            msgs, fmt = tools_mod.with_tool_prompt(msgs, tool_list), "hermes"
-            tokens = self.apply_chat_template(msgs)
-        else:
-            tokens = self.apply_chat_template(msgs, tools=tool_list if calling else None,
-                                              tool_choice=choice if calling else None)
-        grammars = [g for g in (as_grammar(grammar), response_format_grammar(response_format),
-                                tools_mod.call_grammar(tool_list, choice, fmt) if calling and choice != "auto"
-                                else None) if g is not None]
+        use = tools_mod.ToolUse(messages, tools, tool_choice, self.chat_template.source, functions, function_call)
+        tokens = use.prompt(self.apply_chat_template)
+        grammars = [g for g in (as_grammar(grammar), response_format_grammar(response_format), use.grammar)
+                    if g is not None]
         if len(grammars) > 1:
             raise ValueError("give one of grammar, response_format and a required / named tool_choice")
         if top_logprobs is not None and not 0 <= top_logprobs <= 20:
@@ -557,18 +546,6 @@ class Llama:
                                 logits_processor)
         cid, created, name = f"chatcmpl-{uuid.uuid4()}", int(time.time()), model or self.model_path
         parts = self._stream(tokens, max_tokens, stop, sampler)
-        names = {t["function"]["name"] for t in tool_list} if calling else None
-
-        def message(text: str, reason: str) -> tuple[dict, str]:
-            msg: dict[str, Any] = {"role": "assistant", "content": text}
-            if calling:
-                content, calls = tools_mod.parse_tool_calls(text, fmt, names)
-                if calls:
-                    msg = {"role": "assistant", "content": content, "tool_calls": calls}
-                    if functions:
-                        msg["function_call"] = calls[0]["function"]
-                    reason = "tool_calls" if not functions else "function_call"
-            return msg, reason
 
         def chunk(delta: dict, reason: str | None, lp: dict | None = None) -> dict:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -577,7 +554,7 @@ class Llama:
         if stream:
             def chunks() -> Iterator[dict]:
                 yield chunk({"role": "assistant"}, None)
-                held, holding, done = "", calling, 0
+                held, holding, done = "", use.calling, 0
                 for text, reason, _ in parts:
                     lp = self._chat_logprobs(rec, done, len(rec.tokens)) if rec and not holding else None
                     if holding:  # a reply that may be a tool call waits for the end
@@ -590,11 +567,7 @@ class Llama:
                         yield chunk({"content": text}, None, lp)
                     if reason:
                         if held:
-                            msg, reason = message(held, reason)
-                            calls = [{"index": i, **c} for i, c in enumerate(msg.get("tool_calls", []))]
-                            delta = {"tool_calls": calls} if calls else {"content": held}
-                            if calls and msg.get("content"):
-                                delta["content"] = msg["content"]
+                            delta, reason = use.call_delta(held, reason)
                             yield chunk(delta, None, self._chat_logprobs(rec, done, len(rec.tokens)) if rec else None)
                         yield chunk({}, reason)
             return chunks()
@@ -602,7 +575,7 @@ class Llama:
         for delta, r, count in parts:
             text += delta
             reason, n = r or reason, count
-        msg, reason = message(text, reason)
+        msg, reason = use.message(text, reason)
         return {"id": cid, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": msg,
                              "logprobs": self._chat_logprobs(rec, 0, len(rec.tokens)) if rec else None,

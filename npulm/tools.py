@@ -212,3 +212,52 @@ def call_grammar(tools: list[dict], choice: str | dict, fmt: str) -> str:
         return lark_grammar(f"start: call\ncall: %json {schema}")
     return lark_grammar(f'start: call ("\\n" call)*\ncall: "<tool_call>\\n" body "\\n</tool_call>"\n'
                         f"body: %json {schema}")
+
+
+class ToolUse:
+    """One chat request's tools, as the Python API and the server both use them: `prompt(apply_template)` renders
+    the messages with the tools (through the template, or a system message where it takes none), `grammar` is the
+    constraint of a required / named tool_choice (None otherwise), `message(text, reason)` the reply as an OpenAI
+    message with `tool_calls` parsed out of the text."""
+
+    def __init__(self, messages: Sequence[Mapping], tools: Sequence[Mapping] | None, tool_choice: Any,
+                 template_source: str, functions: Sequence[Mapping] | None = None, function_call: Any = None):
+        self.tools = normalize_tools(tools, functions)
+        self.choice = normalize_choice(tool_choice, function_call, self.tools)
+        self.legacy = bool(functions)  # the reply also carries `function_call`
+        self.calling = bool(self.tools) and self.choice != "none"
+        self.messages = messages_for_template(messages)
+        self.format = detect_format(template_source)
+        self.in_template = not self.calling or template_takes_tools(template_source)
+        if not self.in_template:
+            self.messages, self.format = with_tool_prompt(self.messages, self.tools), "hermes"
+        self.grammar = call_grammar(self.tools, self.choice, self.format) if self.calling and \
+            self.choice != "auto" else None
+        self.names = {t["function"]["name"] for t in self.tools} if self.calling else None
+
+    def prompt(self, apply_template: Any) -> Any:
+        """apply_template(messages, **kw) with the tools where the template takes them."""
+        if self.in_template and self.calling:
+            return apply_template(self.messages, tools=self.tools, tool_choice=self.choice)
+        return apply_template(self.messages)
+
+    def message(self, text: str, reason: str) -> tuple[dict, str]:
+        """The assistant message of a finished reply and its finish reason ("tool_calls" when it called)."""
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.calling:
+            content, calls = parse_tool_calls(text, self.format, self.names)
+            if calls:
+                msg = {"role": "assistant", "content": content, "tool_calls": calls}
+                if self.legacy:
+                    msg["function_call"] = calls[0]["function"]
+                reason = "function_call" if self.legacy else "tool_calls"
+        return msg, reason
+
+    def call_delta(self, text: str, reason: str) -> tuple[dict, str]:
+        """A held-back streamed reply as its last delta: `tool_calls` (with an index each) or plain content."""
+        msg, reason = self.message(text, reason)
+        calls = [{"index": i, **c} for i, c in enumerate(msg.get("tool_calls", []))]
+        delta: dict[str, Any] = {"tool_calls": calls} if calls else {"content": text}
+        if calls and msg.get("content"):
+            delta["content"] = msg["content"]
+        return delta, reason

@@ -20,7 +20,8 @@ def add_parser(sub, add_model: Callable, add_runtime: Callable) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=os.environ.get("NPULM_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $NPULM_API_KEY)")
+                   help="require the key on every route but /health: 'Authorization: Bearer KEY', or as the "
+                        "Basic-auth password a browser asks for on the chat page (default: $NPULM_API_KEY)")
     p.add_argument("-np", "--parallel", type=int, default=4, help="slots: requests generated together in one batch")
     p.add_argument("-a", "--alias", default=None, help="model name clients use (default: the model's name)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
@@ -30,7 +31,7 @@ def add_parser(sub, add_model: Callable, add_runtime: Callable) -> None:
                    help="let decode batches of 8+ rows use the CPU gemm kernel (faster; greedy replies may then "
                         "differ from a lone run's at near-ties)")
     p.add_argument("--max-body", type=int, default=4 << 20, help="largest request body in bytes (413 beyond)")
-    add_runtime(p, 4096)
+    add_runtime(p, 16384)  # -c: the total over the slots, as llama-server's (4 slots of 4096 by default)
     p.set_defaults(batch_size=128, func=cmd_serve)  # -b: prompt tokens per step, the longest stall of the others
 
 
@@ -38,6 +39,21 @@ def served_name(model_arg: str | None, model_path: str) -> str:
     from .. import assets
 
     return model_arg if model_arg in assets.MODELS else Path(model_path).stem
+
+
+def slot_context(model: str | None, ctx_size: int, parallel: int) -> int:
+    """Each slot's context, as llama-server divides it: `-c` is the total over the slots (0 = the model's trained
+    context), each of the `-np` slots holding an equal share."""
+    if ctx_size <= 0:
+        from .. import assets
+        from ..gguf import GGUFFile
+        from ..models.base import hparam
+
+        gguf = GGUFFile(str(assets.resolve_model(model)))
+        ctx_size = hparam(gguf.kv, gguf.architecture, "context_length", 4096)
+    if ctx_size < parallel:
+        raise ValueError(f"-c {ctx_size} cannot be shared by {parallel} slots (-np): each needs at least one token")
+    return ctx_size // parallel
 
 
 def build(args: argparse.Namespace):
@@ -48,9 +64,9 @@ def build(args: argparse.Namespace):
     from .engine import Engine
 
     layers = args.npu_layers if args.npu_layers == "all" else int(args.npu_layers)
-    llm = Llama(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, n_threads=args.threads,
-                n_npu_layers=layers, pipeline=args.pipeline, tensor_overrides=args.override_tensor, chip=args.chip,
-                verbose=True)
+    llm = Llama(args.model, n_ctx=slot_context(args.model, args.ctx_size, args.parallel), n_batch=args.batch_size,
+                n_threads=args.threads, n_npu_layers=layers, pipeline=args.pipeline,
+                tensor_overrides=args.override_tensor, chip=args.chip, verbose=True)
     engine = Engine(llm.model, llm.tokenizer, args.parallel, args.batch_size, args.max_queue, args.prefix_cache,
                     exact_decode=getattr(args, "exact_batching", True))
     state = ServerState(llm, engine, args.alias or served_name(args.model, llm.model_path), api_key=args.api_key,

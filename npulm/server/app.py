@@ -4,6 +4,8 @@ the engine thread to a request's coroutine, metrics) plus /health, /metrics and 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import secrets
@@ -22,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from .. import __version__, embeddings
 from ..sampling import SamplingParams, make_sampler
+from ..tools import ToolUse
 from .engine import DoneEvent, Engine, EngineStopped, ErrorEvent, GenRequest, QueueFull, TokenEvent
 
 log = logging.getLogger("npulm.server")
@@ -109,9 +112,9 @@ class ServerState:
     def token_text(self, token: int) -> str:
         return self.llm.tokenizer.token_to_bytes(token).decode("utf-8", errors="replace")
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
+    def chat_prompt(self, messages: list[dict], tools: ToolUse | None = None) -> list[int]:
         try:
-            return self.llm.apply_chat_template(messages)
+            return tools.prompt(self.llm.apply_chat_template) if tools else self.llm.apply_chat_template(messages)
         except ValueError as e:  # the template raised or failed (ChatTemplate's messages name which)
             raise ApiError(400, str(e), "messages", "chat_template_error") from None
 
@@ -335,13 +338,28 @@ def _route_label(path: str) -> str:
 
 
 class AuthAndMetrics:
-    """Pure ASGI middleware (streams pass through untouched): Bearer auth on every route but /health and the page's
-    static files, and the request counter."""
+    """Pure ASGI middleware (streams pass through untouched): with an API key, every route but /health takes it as
+    `Authorization: Bearer KEY` (API clients) or as the password of HTTP Basic auth (any user name): a browser has no
+    way to send a Bearer header for a page load, but it asks for Basic credentials on the page's 401 and then sends
+    them with the page's own requests. Also the request counter."""
 
-    OPEN = ("/health", "/", "/favicon.ico")
+    OPEN = ("/health",)
 
     def __init__(self, app: Callable[..., Awaitable[None]], state: ServerState):
         self.app, self.state = app, state
+
+    def authorized(self, scope) -> bool:
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, value = auth.partition(" ")
+        given = value.strip()
+        if scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(given, validate=True).decode("utf-8").partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+        elif scheme.lower() != "bearer":
+            return False
+        return secrets.compare_digest(given.encode(), self.state.api_key.encode())
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -354,18 +372,16 @@ class AuthAndMetrics:
                 status[0] = message["status"]
             await send(message)
 
-        key = self.state.api_key
-        if key and path not in self.OPEN and not path.startswith("/static/"):
-            headers = dict(scope["headers"])
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            given = auth[7:] if auth[:7].lower() == "bearer " else ""
-            if not secrets.compare_digest(given.encode(), key.encode()):
-                e = ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                             code="invalid_api_key")
-                response = ollama_error(e) if path.startswith("/api/") else openai_error(e)
-                await response(scope, receive, send_counting)
-                self.state.requests.labels(_route_label(path), "401").inc()
-                return
+        if self.state.api_key and path not in self.OPEN and not self.authorized(scope):
+            e = ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+            response = ollama_error(e) if path.startswith("/api/") else openai_error(e)
+            # Basic on every route: a browser shows its login dialog for the page, and answers the page's own API
+            # requests' challenges with what the user typed there (it sends nothing before a challenge it can meet)
+            response.headers["WWW-Authenticate"] = 'Basic realm="npulm", charset="UTF-8"'
+            response.headers.append("WWW-Authenticate", 'Bearer realm="npulm"')
+            await response(scope, receive, send_counting)
+            self.state.requests.labels(_route_label(path), "401").inc()
+            return
         try:
             await self.app(scope, receive, send_counting)
         finally:

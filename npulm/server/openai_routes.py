@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .. import tools
 from .app import (
     ApiError,
     ServerState,
@@ -49,8 +50,10 @@ def grammar_of(body: dict) -> str | None:
         raise ApiError(400, str(e), given[0] if given else None) from None
 
 
-async def _request(state: ServerState, body: dict, prompt: list[int], logprobs: int | None) -> GenRequest:
-    """The sampling fields both endpoints share, checked; defaults are llama-server's."""
+async def _request(state: ServerState, body: dict, prompt: list[int], logprobs: int | None,
+                   tool_grammar: str | None = None) -> GenRequest:
+    """The sampling fields both endpoints share, checked; defaults are llama-server's. tool_grammar: the constraint
+    of a required / named tool_choice."""
     if field_of(body, "n", int, 1) != 1:
         raise ApiError(400, "only n=1 is supported", "n")
     max_tokens = field_of(body, "max_completion_tokens", int, None, lo=1)
@@ -67,6 +70,9 @@ async def _request(state: ServerState, body: dict, prompt: list[int], logprobs: 
     if not 0 <= params["temperature"] <= 2:
         raise ApiError(400, f"'temperature' must be in [0, 2], got {params['temperature']}", "temperature")
     grammar = grammar_of(body)
+    if grammar is not None and tool_grammar is not None:
+        raise ApiError(400, "give one of response_format / grammar and a required or named tool_choice", "tool_choice")
+    grammar = tool_grammar if grammar is None else grammar
     lltok = await state.grammar_tokenizer() if grammar is not None else None
     sampler = state.sampler(params, grammar=grammar, lltok=lltok)
     return GenRequest(prompt, sampler, max_tokens, _stop_list(body.get("stop")), logprobs,
@@ -205,18 +211,31 @@ def _chat_logprob(state: ServerState, e: TokenEvent) -> dict:
     return {**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top or []]}
 
 
+def tool_use(state: ServerState, body: dict, messages: list[dict]) -> tools.ToolUse:
+    """The request's tools / tool_choice (or legacy functions / function_call), checked (a 400 naming the field)."""
+    for key in ("tools", "functions"):
+        if body.get(key) is not None and not isinstance(body[key], list):
+            raise ApiError(400, f"'{key}' must be a list of tool definitions", key)
+    try:
+        return tools.ToolUse(messages, body.get("tools"), body.get("tool_choice"), state.llm.chat_template.source,
+                             body.get("functions"), body.get("function_call"))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        field = "tool_choice" if "tool_choice" in str(e) else "tools"
+        raise ApiError(400, f"bad tools: {e}", field) from None
+
+
 @handles(openai_error)
 async def chat_completions(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.max_body)
     state.check_model(body.get("model"))
     messages = message_list(body.get("messages"))
-    if body.get("tools") or body.get("functions"):  # the Python API has them (npulm.tools); the server not yet
-        raise ApiError(400, "tools / functions are not supported by npulm serve yet", "tools")
+    use = tool_use(state, body, messages)
     want_logprobs = field_of(body, "logprobs", bool, False)
     top = field_of(body, "top_logprobs", int, None, lo=0, hi=20)
     if top is not None and not want_logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    req = await _request(state, body, state.chat_prompt(messages), (top or 0) if want_logprobs else None)
+    req = await _request(state, body, state.chat_prompt(messages, use), (top or 0) if want_logprobs else None,
+                         use.grammar)
     cid, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
 
     def chunk(delta: dict, reason: str | None, events: list[TokenEvent] = ()) -> dict:
@@ -230,12 +249,24 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
 
         async def chunks():
             yield chunk({"role": "assistant", "content": ""}, None)
+            held, holding, held_events = "", use.calling, []
             async for e in events:
                 if isinstance(e, TokenEvent):
-                    if e.text or want_logprobs:
+                    if holding:  # a reply that may be a tool call waits for the end
+                        held += e.text
+                        held_events.append(e)
+                        holding = tools.may_start_call(held)
+                        if not holding:
+                            yield chunk({"content": held}, None, held_events)
+                            held, held_events = "", []
+                    elif e.text or want_logprobs:
                         yield chunk({"content": e.text}, None, [e])
                 else:
-                    last = chunk({"content": e.text} if e.text else {}, e.reason)
+                    if held or (holding and e.text):
+                        delta, reason = use.call_delta(held + e.text, e.reason)
+                        last = chunk(delta, reason, held_events)
+                    else:
+                        last = chunk({"content": e.text} if e.text else {}, e.reason)
                     last["timings"] = _timings(e)
                     yield last
                     if include_usage:
@@ -245,11 +276,12 @@ async def chat_completions(request: Request, state: ServerState) -> Response:
     events = await collect(request, state, req)
     done, tokens = events[-1], events[:-1]
     text = "".join(e.text for e in tokens) + done.text
+    message, reason = use.message(text, done.reason)
     return JSONResponse({
         "id": cid, "object": "chat.completion", "created": created, "model": state.name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+        "choices": [{"index": 0, "message": message,
                      "logprobs": {"content": [_chat_logprob(state, e) for e in tokens]} if want_logprobs else None,
-                     "finish_reason": done.reason}],
+                     "finish_reason": reason}],
         "usage": _usage(done), "timings": _timings(done)})
 
 

@@ -29,6 +29,8 @@ class RunningServer:
                                   alias="tiny", api_key=None, max_body=1 << 16)
         for k, v in options.items():
             setattr(args, k, v)
+        if "ctx_size" not in options:  # -c is the total over the slots: 256 tokens each
+            args.ctx_size = 256 * args.parallel
         self.app = build(args)
         self.state = self.app.state.npulm
         self.port = free_port()

@@ -72,7 +72,8 @@ def test_bad_max_tokens(server, after, value):
 
 @pytest.mark.parametrize("field,value", [("temperature", -1), ("top_p", 2), ("n", 2), ("stop", 5),
                                          ("top_logprobs", 3), ("stream", "yes"), ("logit_bias", {"x": 1}),
-                                         ("tools", [{"type": "function", "function": {"name": "f"}}])])
+                                         ("tools", [{"type": "function"}]), ("tools", {"f": 1}),
+                                         ("tool_choice", "sometimes")])
 def test_bad_fields(server, after, field, value):
     assert error_of(post(server, "/v1/chat/completions", json={**GOOD, field: value}), 400)["param"] == field
 
@@ -115,3 +116,14 @@ def test_too_many_queued_requests(server, after):
 def test_unknown_route_and_method(server, after):
     assert httpx.get(server.url + "/v1/nothing").status_code == 404
     assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
+
+
+def test_context_is_shared_by_the_slots(server, tiny_models):
+    """-c is the total over the slots (llama-server's rule); -c 0 shares the model's trained context."""
+    from npulm.server import slot_context
+
+    assert server.state.n_ctx == 256 and server.state.engine.n_ctx == 256  # the fixture's -c 1024 over 4 slots
+    assert slot_context(str(tiny_models["llama"]), 1000, 4) == 250
+    assert slot_context(str(tiny_models["llama"]), 0, 2) == server.state.llm.metadata["llama.context_length"] // 2
+    with pytest.raises(ValueError, match="-c 3 cannot be shared by 4 slots"):
+        slot_context(str(tiny_models["llama"]), 3, 4)

@@ -152,6 +152,21 @@ def test_auth(keyed_server):
     assert httpx.get(keyed_server.url + "/metrics", headers={"Authorization": "Bearer sesame"}).status_code == 200
 
 
+def test_auth_covers_the_page(keyed_server):
+    """The page and its files need the key too; a browser gets a Basic challenge and may send the key as the
+    password (any user name)."""
+    for path in ("/", "/static/app.js", "/favicon.ico"):
+        r = httpx.get(keyed_server.url + path)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic"), path
+        assert httpx.get(keyed_server.url + path, auth=("someone", "wrong")).status_code == 401
+    assert httpx.get(keyed_server.url + "/", auth=("someone", "sesame")).status_code == 200
+    assert "renderMarkdown" in httpx.get(keyed_server.url + "/static/app.js", auth=("", "sesame")).text
+    assert httpx.get(keyed_server.url + "/v1/models", auth=("", "sesame")).status_code == 200
+    r = httpx.get(keyed_server.url + "/v1/models", headers={"Authorization": "Basic !!not-base64"})
+    assert r.status_code == 401 and r.headers.get_list("www-authenticate")[1].startswith("Bearer")
+    assert httpx.get(keyed_server.url + "/v1/models", headers={"Authorization": "Token sesame"}).status_code == 401
+
+
 def test_metrics(server):
     client(server).completions.create(model="tiny", prompt="the", max_tokens=2)
     text = httpx.get(server.url + "/metrics").text
@@ -189,3 +204,53 @@ def test_response_format_json_schema(server):
     with pytest.raises(openai.BadRequestError):
         client(server).chat.completions.create(model="tiny", messages=MESSAGES,
                                                response_format={"type": "xml"})
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["a"], "additionalProperties": False}}}]
+
+
+@pytest.fixture(scope="module")
+def tool_server(tiny_models, start_server):
+    s = start_server(str(tiny_models["llama"]), ctx_size=2048, parallel=1)  # the tool prompt, letter by letter
+    yield s
+    s.stop()
+
+
+def test_tool_calls(tool_server):
+    """tools / tool_choice through the model's template, OpenAI tool_calls back (plain and streamed), the same
+    reply as the Python API's for a greedy request."""
+    import json
+
+    from npulm import Llama
+
+    c = client(tool_server)
+    msgs = [{"role": "user", "content": "weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = c.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, tool_choice=named, max_tokens=200,
+                                  temperature=0)
+    assert r.choices[0].finish_reason == "tool_calls"
+    call = r.choices[0].message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
+    alone = Llama(tool_server.state.llm.model_path, n_ctx=2048, verbose=False).create_chat_completion(
+        msgs, tools=TOOLS, tool_choice=named, max_tokens=200, temperature=0)["choices"][0]["message"]
+    assert alone["tool_calls"][0]["function"] == {"name": call.function.name, "arguments": call.function.arguments}
+
+    stream = c.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, tool_choice="required",
+                                       max_tokens=200, temperature=0.7, seed=4, stream=True)
+    chunks = list(stream)
+    calls = [d.tool_calls for d in (ch.choices[0].delta for ch in chunks if ch.choices) if d.tool_calls]
+    assert calls and calls[0][0].index == 0 and calls[0][0].function.name in ("get_weather", "add")
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+    # the call goes back into the history with the tool's answer
+    follow = msgs + [r.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "22 C"}]
+    assert c.chat.completions.create(model="tiny", messages=follow, tools=TOOLS, max_tokens=3).choices[0].message
+    with pytest.raises(openai.BadRequestError, match="not among the tools"):
+        c.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS,
+                                  tool_choice={"type": "function", "function": {"name": "nope"}})

@@ -82,7 +82,7 @@ def test_litellm_spreads_requests_and_survives_a_dead_server(tiny_models, tmp_pa
         for _ in range(2):
             port = free_port()
             procs.append(subprocess.Popen([sys.executable, "-m", "npulm.cli", "serve", "-m", str(tiny_models["llama"]),
-                                           "--port", str(port), "-np", "2", "-c", "128", "--alias", "tiny"],
+                                           "--port", str(port), "-np", "2", "-c", "256", "--alias", "tiny"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             urls.append(f"http://127.0.0.1:{port}")
         for url, proc in zip(urls, procs):

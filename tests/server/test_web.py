@@ -33,7 +33,7 @@ def long_server(start_server):
     ends its replies too soon)."""
     from npulm import assets
 
-    s = start_server(str(assets.model_path(assets.SMOLLM2)), ctx_size=1024, parallel=2, alias="smollm2")
+    s = start_server(str(assets.model_path(assets.SMOLLM2)), ctx_size=2048, parallel=2, alias="smollm2")
     yield s
     s.stop()
 
@@ -95,3 +95,28 @@ def test_markdown_cannot_inject_html(browser, long_server):
     assert [a.get_attribute("href") for a in md.find_elements(By.TAG_NAME, "a")] == ["https://example.org/"]
     assert len(md.find_elements(By.TAG_NAME, "li")) == 2 and "&lt;img" in html
     assert browser.execute_script("return window.pwned") is None
+
+
+def test_page_behind_an_api_key(browser, keyed_server):
+    """With --api-key the page needs the key too: without credentials the browser gets a 401 (with a Basic challenge:
+    its login dialog); with the Basic credentials a browser sends once the user typed the key there (set here through
+    the DevTools protocol, as headless Chromium shows no dialog) the page loads, names the model and chats."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(keyed_server.url + "/")
+    assert browser.find_elements(By.ID, "input") == []
+    basic = "Basic " + base64.b64encode(b"user:sesame").decode()
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": basic}})
+    try:
+        browser.get(keyed_server.url + "/")
+        wait_for(lambda: browser.find_element(By.ID, "model").text == "tiny")
+        browser.find_element(By.ID, "input").send_keys("Hello", Keys.ENTER)
+        reply = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant"))[-1]
+        wait_for(lambda: reply.get_attribute("data-done") == "1")
+        assert "tokens/s" in browser.find_element(By.ID, "stats").text
+    finally:
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})

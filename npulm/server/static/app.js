@@ -6,6 +6,12 @@ const $ = (id) => document.getElementById(id);
 const history = [];
 let controller = null;
 
+// absolute URLs on the page's origin: a page opened as http://user:key@host/ would otherwise give fetch relative
+// URLs holding the credentials, which it refuses; the browser sends its Basic credentials on its own
+function api(path) {
+  return new URL(path, location.origin).href;
+}
+
 function headers() {
   const h = {"Content-Type": "application/json"};
   const key = $("apikey").value || localStorage.getItem("npulm-key");
@@ -30,7 +36,7 @@ function addMessage(role, text) {
 
 async function loadModel() {
   try {
-    const r = await fetch("/v1/models", {headers: headers()});
+    const r = await fetch(api("/v1/models"), {headers: headers()});
     const data = await r.json();
     $("model").textContent = r.ok ? data.data[0].id : "(" + data.error.message + ")";
   } catch (e) {
@@ -61,7 +67,7 @@ async function send(text) {
     $("log").scrollTop = $("log").scrollHeight;
   };
   try {
-    const r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(request),
+    const r = await fetch(api("/v1/chat/completions"), {method: "POST", headers: headers(), body: JSON.stringify(request),
                                                    signal: controller.signal});
     if (!r.ok) {
       const err = await r.json().catch(() => ({error: {message: r.statusText}}));
