@@ -227,3 +227,23 @@ def world_vocab_tokens() -> tuple[list[str], list[float], list[int]]:
                         for b in range(256)]
     tokens += ["he", "hel", "hello", " w", " world", "th", " the", "wor", "\\n\\n", "\\xe4\\xbd\\xa0", ", "]
     return tokens, [], [3] + [1] * (len(tokens) - 1)
+
+
+def write_dequantized_copy(src: Path, dst: Path) -> None:
+    """The same model with every tensor stored as F32 (its quantized weights dequantized): llama.cpp then runs the
+    same weights with float matmuls, without rounding its activations to 8 bits."""
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        kind = field.types[0]
+        sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+        w.add_key_value(name, field.contents(), kind, sub_type=sub)
+    for t in reader.tensors:
+        w.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+                     .reshape([int(n) for n in reversed(t.shape)]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
