@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..tools import ToolUse
 from .app import (
     ApiError,
     ServerState,
@@ -155,11 +156,39 @@ async def api_generate(request: Request, state: ServerState) -> Response:
     return await _reply(request, state, body, req, shape)
 
 
+def ollama_message(use: ToolUse, text: str, reason: str) -> dict:
+    """A finished reply as Ollama's message: tool calls with their arguments as objects, not JSON text."""
+    msg, _ = use.message(text, reason)
+    out = {"role": "assistant", "content": msg.get("content") or ""}
+    if msg.get("tool_calls"):
+        out["tool_calls"] = [{"function": {"name": c["function"]["name"],
+                                           "arguments": json.loads(c["function"]["arguments"])}}
+                             for c in msg["tool_calls"]]
+    return out
+
+
 @handles(ollama_error)
 async def api_chat(request: Request, state: ServerState) -> Response:
     body = await _body(request, state)
     messages = message_list(body.get("messages"))
-    req = await _request(state, body, state.chat_prompt(messages))
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise ApiError(400, "'tools' must be a list of tool definitions", "tools")
+    try:
+        use = ToolUse(messages, tools or None, None, state.llm.chat_template.source)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ApiError(400, f"bad tools: {e}", "tools") from None
+    req = await _request(state, body, state.chat_prompt(messages, use))
+    if use.calling:  # as Ollama: a reply that may hold tool calls comes whole, in one message (streamed or not)
+        events = await collect(request, state, req)
+        done, tokens = events[-1], events[:-1]
+        out = {"model": state.name, "created_at": _now(),
+               "message": ollama_message(use, "".join(e.text for e in tokens) + done.text, done.reason),
+               **_final(done)}
+        if field_of(body, "stream", bool, True):
+            return StreamingResponse(iter([json.dumps(out, ensure_ascii=False) + "\n"]),
+                                     media_type="application/x-ndjson")
+        return JSONResponse(out)
 
     def shape(text: str, fields: dict, req: GenRequest | None = None, done: DoneEvent | None = None) -> dict:
         return {"model": state.name, "created_at": _now(), "message": {"role": "assistant", "content": text},
