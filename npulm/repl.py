@@ -96,6 +96,8 @@ def chat(llm, args: argparse.Namespace, sampling: dict[str, Any]) -> int:
     if interactive:
         _readline_history()
         print(HELP, file=sys.stderr)
+        # Ctrl-C must reach input() even when whatever started npulm ignored SIGINT (Python then keeps SIG_IGN)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     status, pressed = 0, False
     while True:
         try:
