@@ -28,6 +28,7 @@ its parts `propose` -> one forward pass (possibly batched with other sequences) 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,11 +44,23 @@ from .sampling import Sampler, softmax
 Distribution = tuple[np.ndarray, np.ndarray]  # (token ids, probabilities summing to 1)
 
 
+_EXACT_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {limit: rows}, probed once
+_PASS_SECONDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {rows: seconds of a verify pass}
+
+
 def exact_rows(model: Model, limit: int = 16) -> int:
     """The largest pass (rows) whose logits are bit-identical, row by row, to single-token decode, probed on random
     activations once per kind of Linear (class, placement, type, shape): the CPU kernels' row path qualifies up to their
     packed-gemm switch, integer NPU pipelines quantize each row on its own, BLAS on float weights does not (a matrix
-    product may sum in another order than a vector product). Attention is row-exact within the fused decode loop."""
+    product may sum in another order than a vector product). Attention is row-exact within the fused decode loop.
+    Probed once per model (tens of ms): every Speculator of the model shares the answer."""
+    known = _EXACT_ROWS.setdefault(model, {})
+    if limit not in known:
+        known[limit] = _probe_exact_rows(model, limit)
+    return known[limit]
+
+
+def _probe_exact_rows(model: Model, limit: int) -> int:
     from .models.blocks import DECODE_ROWS, _ops
 
     if _ops is None:  # numpy attention batches queries through BLAS
@@ -260,19 +273,23 @@ class DraftLength:
         cost(k) = pass(k + 1) + k * draft_token
     pass(M) is measured per M (decayed averages of wall time, interpolated where unmeasured), or given by `pass_cost`
     (seconds of an M-token pass: a modeled NPU). k = 0 is plain decode, chosen whenever nothing beats it; a one-token
-    probe after `probe_every` plain steps of a kind keeps its acceptance estimate alive."""
+    probe after `probe_every` plain steps of a kind keeps its acceptance estimate alive, and each probe of a kind that
+    fails doubles that kind's wait (up to `probe_max` steps; a hit resets it): free text, where lookup drafts are
+    rarely right, then pays almost nothing for them."""
 
     def __init__(self, k_max: int, k_min: int = 0, pass_cost: Callable[[int], float] | None = None,
-                 decay: float = 0.9, probe_every: int = 16):
+                 decay: float = 0.9, probe_every: int = 16, probe_max: int = 256):
         self.k_max, self.k_min, self.pass_cost = k_max, k_min, pass_cost
-        self.decay, self.probe_every = decay, probe_every
+        self.decay, self.probe_every, self.probe_max = decay, probe_every, probe_max
         self.counts: dict[Any, list[float]] = {}  # kind -> [accepted, tried], decayed
         self.plain_steps: dict[Any, int] = {}
+        self.probe_wait: dict[Any, int] = {}  # kind -> plain steps before its next probe
+        self.probing: set[Any] = set()  # kinds whose last draft was a probe
         self.seconds: dict[int, float] = {}
         self.draft_token_s = 0.0
 
     def acceptance(self, key: Any = None) -> float:
-        hits, tries = self.counts.get(key, (1.0, 2.0))  # prior 0.5
+        hits, tries = self.counts.get(key, (1.0, 3.0))  # prior 1/3: a kind must show it pays
         return hits / tries
 
     def pass_seconds(self, m: int) -> float:
@@ -289,8 +306,13 @@ class DraftLength:
             return (1 - w) * self.seconds[lo] + w * self.seconds[hi]
         if lo is None:
             return self.seconds[hi]
-        one = self.seconds.get(1, self.seconds[lo])  # unexplored larger M: optimistic, +5 % of M=1 a row
-        return self.seconds[lo] + 0.05 * one * (m - lo)
+        # beyond the largest M measured: the slope of the last two measured, or (one point) as dear as M single
+        # passes: unexplored sizes are reached by probes, not by guessing them cheap
+        below = max((k for k in self.seconds if k < lo), default=None)
+        if below is None:
+            return self.seconds[lo] * m / lo
+        slope = (self.seconds[lo] - self.seconds[below]) / (lo - below)
+        return self.seconds[lo] + max(slope, 0.0) * (m - lo)
 
     def expected_tokens(self, k: int, key: Any = None) -> float:
         a = min(self.acceptance(key), 0.999)
@@ -309,8 +331,11 @@ class DraftLength:
                 best, best_rate = k, r
         if best == 0 and top >= max(self.k_min, 1):
             n = self.plain_steps.get(key, 0) + 1
-            self.plain_steps[key] = 0 if n >= self.probe_every else n
-            if n >= self.probe_every:
+            # the first probes come early while only single-token passes have been timed
+            wait = self.probe_wait.get(key, self.probe_every if len(self.seconds) > 1 else 4)
+            self.plain_steps[key] = 0 if n >= wait else n
+            if n >= wait:
+                self.probing.add(key)
                 return max(self.k_min, 1)
         return best
 
@@ -319,10 +344,14 @@ class DraftLength:
         """A verify pass of m rows took `seconds`; `accepted` of `proposed` drafts (of kind `key`) were kept."""
         old = self.seconds.get(m)
         self.seconds[m] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        if proposed and key in self.probing:
+            self.probing.discard(key)
+            wait = self.probe_wait.get(key, self.probe_every)
+            self.probe_wait[key] = self.probe_every if accepted else min(2 * wait, self.probe_max)
         if proposed:
             per = draft_seconds / proposed
             self.draft_token_s = per if not self.draft_token_s else 0.8 * self.draft_token_s + 0.2 * per
-            c = self.counts.setdefault(key, [1.0, 2.0])
+            c = self.counts.setdefault(key, [1.0, 3.0])
             c[0] = self.decay * c[0] + accepted
             c[1] = self.decay * c[1] + accepted + (accepted < proposed)  # tries: up to and including a rejection
 
@@ -387,10 +416,15 @@ class Speculator:
     def step(self, session: Session, token: int, sampler: Sampler) -> list[int]:
         """Draft, verify in one pass, roll back: the emitted tokens (1..k+1; the last is not in the cache)."""
         self.max_drafts(session)  # the one-time probe of the model stays off the drafting clock
+        if self.length.pass_cost is None:  # pass times are the model's: every Speculator of it shares them
+            self.length.seconds = _PASS_SECONDS.setdefault(session.model, {})
         t0 = time.perf_counter()
         draft = self.propose(session, token, sampler)
         t1 = time.perf_counter()
-        out = verify(session, token, draft, sampler)
+        if draft.tokens:
+            out = verify(session, token, draft, sampler)
+        else:  # plain decode, as plain_step does it (no verification or rollback to pay for)
+            out = [sampler(session.eval([token])[-1], session.tokens)]
         t2 = time.perf_counter()
         k = len(draft.tokens)
         self.length.observe(k + 1, t2 - t1, k, len(out) - 1, t1 - t0, draft.key)
