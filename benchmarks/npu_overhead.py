@@ -2,6 +2,8 @@
 
     python benchmarks/npu_overhead.py                 # K = N = 2048 and the two models' shapes, M = 1 and 128
     python benchmarks/npu_overhead.py --pipelines W8A8_CHANNEL,W16A16 --m 1
+    python benchmarks/npu_overhead.py --pipelines W16A16,W8A8_CHANNEL --m 128,512 --clock wall --threads 2
+                                                      # the C host work split over 2 threads (scaling)
     python benchmarks/npu_overhead.py --fit           # also fit per-call / per-element host cost per pipeline and
                                                       # write npulm/npu/host_cost.py (the cost model's host term)
 
@@ -122,13 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", action="store_true", help="dispatch the cores on the thread pool")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="cpu: this thread's CPU time (default; robust on a shared machine), wall: elapsed time")
+    ap.add_argument("--threads", type=int, default=1, help="threads of the C host work (pipelines.C_HOST) for large "
+                                                            "calls; > 1 needs --clock wall")
     ap.add_argument("--fit", action="store_true", help="fit host = per_call + per_elem x (A + C values) per "
                                                        "pipeline and write npulm/npu/host_cost.py")
     args = ap.parse_args(argv)
     samples: dict[str, list[tuple[int, int, float]]] = {}
     global CLOCK
-    if P._host is not None:  # one thread: the CPU time of the calling thread is then the whole host work
-        P._host.set_threads(1)
+    if R._host is not None:  # one thread: the CPU time of the calling thread is then the whole host work
+        R._host.set_threads(args.threads)
+    if args.threads > 1 and args.clock != "wall":
+        raise SystemExit("--threads > 1 runs the host work on other threads too: time it with --clock wall")
     if args.clock == "wall":
         CLOCK = time.perf_counter
     elif args.parallel:
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ms = [int(v) for v in args.m.split(",")]
     print(f"host time per call, microseconds of {'CPU' if args.clock == 'cpu' else 'wall'} time (emulator with "
           f"no-op run, rk3588 layout, {'thread pool' if args.parallel else 'caller thread'} dispatch; "
-          f"C host path: {'yes' if P._host is not None else 'no'})\n")
+          f"C host path: {'yes' if R._host is not None else 'no'}, {args.threads} host thread(s))\n")
     print("| pipeline | K x N | M | total | quantize | write A | dispatch | epilogue | NPU calls |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.pipelines.split(","):

@@ -118,7 +118,7 @@ class Planner:
         t_pp = sum(li.count * self.linear_time(li, choices.get(li, Choice()), p) for li in s.linears)
         t_tg = sum(li.count * self.linear_time(li, choices.get(li, Choice()), 1) for li in s.linears)
         out = C.cpu_linear_time(c, s.output, 1)
-        return {"pp_tok_s": p / (t_pp + out + C.attention_time(c, s, p)),
+        return {"pp_tok_s": p / (t_pp + out + C.prefill_cpu_time(c, s, p)),
                 "tg_tok_s": 1.0 / (t_tg + out + s.n_layer * c["cpu_layer_s"])}
 
     def stats(self, choices: dict[C.LinearShape, Choice]) -> dict[str, float]:

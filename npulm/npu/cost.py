@@ -5,15 +5,16 @@ published rows in `FIT_ROWS` (one constant per row, in order); every other publi
 the model never saw (`python -m npulm.npu.cost` prints predicted / published for all of them).
 
 The model:
-  * an NPU call on one core = launch + max(B bytes / bandwidth per core, 2 x rows x chunk_k x N_core / ops(type,
-    layout, chunk_k)); a core runs its K-chunks in turn, the cores run in parallel (the longest chain counts), the
-    cores share the DRAM bandwidth (bw_total / active cores, at most bw_core);
+  * an NPU call on one core = launch + rows x row cost + max(B bytes / bandwidth per core, 2 x rows x chunk_k x
+    N_core / ops(type, layout, chunk_k)); a core runs its K-chunks in turn, the cores run in parallel (the
+    longest chain counts), the cores share the DRAM bandwidth (bw_total / active cores, at most bw_core);
   * host work per call = per_call + per_element x (A values written + C values read), from the implementation's
     measured cost (npulm: `HOST_COST`, measured on the x86 VM and scaled to the A76 by `host_a76_factor`);
   * the CPU (llama.cpp, 4 x A76): decode streams every weight once per token at cpu_bw plus a fixed cost per layer;
     prefill is compute-bound at cpu_ops(type) for the matmuls and cpu_attn_ops for attention (llama-bench computes
     the full masked n_batch x n_batch scores without flash attention);
-  * a token = its block linears (CPU or NPU each) + the output matmul + the per-layer CPU work.
+  * a token = its block linears (CPU or NPU each) + the output matmul + the per-layer CPU work (decode: a fitted
+    time per layer; prefill: attention and the other ops' activation passes at cpu_bw, `prefill_cpu_time`).
 A board profile written by `npulm doctor --calibrate` (JSON {"constants": {name: value}}) replaces the published
 values: `constants(chip, profile=path)` or $NPULM_COST_PROFILE.
 """
@@ -47,11 +48,18 @@ CONSTANTS: dict[str, dict[str, Const]] = {
         "launch_s": Const(32.9e-6, "s", f"{_F} 1.3: unimatrix rknpu2-run-latency-probe, fixed cost per run"),
         "bw_core": Const(11.1e9, "B/s", f"{_F} 1.4: INT8 M=1 one core (unimatrix)"),
         "bw_total": Const(26.6e9, "B/s", f"{_F} 1.4: INT8 M=1 on three cores (unimatrix)"),
-        "ops_int8_native": Const(1.78e12, "op/s/core", f"{_A} 8.2: wtwver M=128 K=N=4096 one core, native A/B/C"),
-        "ops_fp16_native": Const(0.85e12, "op/s/core", f"{_A} 8.2: wtwver M=128 K=N=2048 one core"),
+        "ops_int8_native": Const(1.876e12, "op/s/core", f"{_A} 8.2: wtwver M=128 one core, native: the marginal "
+                                                        "rate from K=N=1024 (263 us) to K=N=4096 (2.41 ms)"),
+        "ops_fp16_native": Const(0.952e12, "op/s/core", f"{_A} 8.2: wtwver M=128 one core: marginal rate from "
+                                                        "K=N=1024 (420 us) to K=N=2048 (1266 us)"),
         "ops_fp16_native_k4096": Const(0.50e12, "op/s/core", f"{_A} 8.2: wtwver K=N=4096 (fp16 collapses, K>=4096)"),
         "ops_fp16_native_k8192": Const(0.27e12, "op/s/core", f"{_A} 8.2: wtwver K=N=8192"),
-        "ops_int4_native": Const(3.5e12, "op/s/core", f"{_A} 8.2 / {_F} 1.4: INT4 NATIVE A/C 3.4-3.9 TOPS"),
+        "ops_int4_native": Const(3.88e12, "op/s/core", f"{_A} 8.2: wtwver M=128 one core: marginal rate from "
+                                                       f"K=N=1024 (193 us) to K=N=4096 (1.23 ms); {_F} 1.4: 3.6-3.9"),
+        "npu_row_s": Const(0.68e-6, "s/row", f"{_A} 8.2: wtwver M=128: what a call costs beyond launch + ops at the "
+                                             "marginal rate, per A row (INT8 K=N=1024: 87 us / 128 rows; FP16 0.82, "
+                                             "INT4 0.71 us/row; checks: INT8 K=N=2048 692 vs 703 us, K=2048 N=8192 "
+                                             "2.41 vs 2.39 ms)"),
         "ops_int8_norm": Const(None, "op/s/core", "fit: Mojo24x7 BENCHMARKS.md 6, INT8 K=2048 N=768 3 cores, M=1024"),
         "ops_int4_norm": Const(None, "op/s/core", "fit: Mojo24x7 BENCHMARKS.md 6, INT4 K=2048 N=768 3 cores, M=1024"),
         "ops_fp16_norm_ratio": Const(None, "", "[I] normal A/C costs fp16 what it costs int8: ops_int8_norm / "
@@ -81,11 +89,12 @@ CONSTANTS: dict[str, dict[str, Const]] = {
         "launch_s": Const(32.9e-6, "s", "[I] same driver and runtime as RK3588"),
         "bw_core": Const(11.1e9, "B/s", "[I] as RK3588 per core"),
         "bw_total": Const(None, "B/s", "fit: RKLLM benchmark.md v1.3.0 RK3576, TinyLLaMA-1.1B w8a8 decode 12.18"),
-        "ops_int8_native": Const(1.78e12, "op/s/core", "[I] as RK3588 per core (6 TOPS class)"),
-        "ops_fp16_native": Const(0.85e12, "op/s/core", "[I] as RK3588"),
+        "ops_int8_native": Const(1.876e12, "op/s/core", "[I] as RK3588 per core (6 TOPS class)"),
+        "ops_fp16_native": Const(0.952e12, "op/s/core", "[I] as RK3588"),
         "ops_fp16_native_k4096": Const(0.50e12, "op/s/core", "[I] as RK3588"),
         "ops_fp16_native_k8192": Const(0.27e12, "op/s/core", "[I] as RK3588"),
-        "ops_int4_native": Const(0.85e12, "op/s/core", "[I] FP16xINT4 runs at the fp16 MAC rate (no INT4xINT4)"),
+        "ops_int4_native": Const(0.952e12, "op/s/core", "[I] FP16xINT4 runs at the fp16 MAC rate (no INT4xINT4)"),
+        "npu_row_s": Const(0.68e-6, "s/row", "[I] as RK3588"),
         "ops_int8_norm": Const(0.52e12, "op/s/core", "[I] as RK3588"),
         "ops_int4_norm": Const(0.04e12, "op/s/core", "[I] as RK3588"),
         "ops_fp16_norm_ratio": Const(0.29, "", "[I] as RK3588"),
@@ -139,6 +148,19 @@ class ModelShape:
     output: LinearShape  # the output matmul (lm head)
     q_dim: int  # n_head x head_dim (attention work)
     tied: bool = True
+    n_head: int = 0  # attention heads (0: q_dim / 64): the attention scores per token are n_kv x n_head
+
+    def dims(self) -> tuple[int, int, int, int]:
+        """(d_model, q_dim, kv_dim, ffn width per token) for the per-layer activation passes."""
+        by_role = {li.role: li for li in self.linears}
+        kv = by_role["attn_k"].n if "attn_k" in by_role else self.q_dim
+        ffn = max([li.n * max(1, li.used) for li in self.linears if li.role.startswith(("ffn_up", "ffn_gate"))]
+                  or [0])
+        return self.output.k, self.q_dim, kv, ffn
+
+    @property
+    def heads(self) -> int:
+        return self.n_head or max(1, self.q_dim // 64)
 
     @property
     def block_params(self) -> int:
@@ -146,14 +168,14 @@ class ModelShape:
 
     @classmethod
     def dense(cls, name: str, *, d: int, layers: int, ffn: int, q: int, kv: int, vocab: int, qtype: str,
-              out_type: str | None = None, tied: bool = True) -> ModelShape:
+              out_type: str | None = None, tied: bool = True, heads: int = 0) -> ModelShape:
         """A llama-style decoder (gated FFN) with every block linear of one GGUF type."""
         if out_type is None:  # llama.cpp quantize: the output gets Q6_K (Q8_0 when d % 256) for 4-bit files
             out_type = qtype if qtype in ("F16", "F32", "BF16", "Q8_0") else ("Q6_K" if d % 256 == 0 else "Q8_0")
         roles = [("attn_q", d, q), ("attn_k", d, kv), ("attn_v", d, kv), ("attn_output", q, d),
                  ("ffn_gate", d, ffn), ("ffn_up", d, ffn), ("ffn_down", ffn, d)]
         return cls(name, layers, tuple(LinearShape(r, k, n, qtype, layers) for r, k, n in roles),
-                   LinearShape("output", d, vocab, out_type), q, tied)
+                   LinearShape("output", d, vocab, out_type), q, tied, heads)
 
     @classmethod
     def from_gguf(cls, path) -> ModelShape:
@@ -182,21 +204,22 @@ class ModelShape:
         q_dim = next((li.n for li in linears if li.role == "attn_q"), heads * 64)
         stem = os.path.basename(str(path)).rsplit(".", 1)[0]
         return cls(stem, n_layer, linears, LinearShape("output", out.shape[0], out.shape[1], out.type.name), q_dim,
-                   tied)
+                   tied, heads)
 
 
 # Published models' shapes (HF config.json values); "[I]" where recalled rather than read.
 def published_shape(name: str, qtype: str) -> ModelShape:
     d = dict(
-        granite4_350m=dict(d=1024, layers=28, ffn=2048, q=1024, kv=256, vocab=100352),
-        gemma3_1b=dict(d=1152, layers=26, ffn=6912, q=1024, kv=256, vocab=262144),
-        ministral3_3b=dict(d=3072, layers=26, ffn=9216, q=4096, kv=1024, vocab=131072),
-        qwen2_0_5b=dict(d=896, layers=24, ffn=4864, q=896, kv=128, vocab=151936),
-        qwen3_0_6b=dict(d=1024, layers=28, ffn=3072, q=2048, kv=1024, vocab=151936),
-        tinyllama_1_1b=dict(d=2048, layers=22, ffn=5632, q=2048, kv=256, vocab=32000, tied=False),
-        qwen2_5_1_5b=dict(d=1536, layers=28, ffn=8960, q=1536, kv=256, vocab=151936),
-        smollm2_135m=dict(d=576, layers=30, ffn=1536, q=576, kv=192, vocab=49152),
-        gemma3_270m=dict(d=640, layers=18, ffn=2048, q=1024, kv=256, vocab=262144),
+        granite4_350m=dict(d=1024, layers=28, ffn=2048, q=1024, kv=256, vocab=100352, heads=16),
+        gemma3_1b=dict(d=1152, layers=26, ffn=6912, q=1024, kv=256, vocab=262144, heads=4),
+        ministral3_3b=dict(d=3072, layers=26, ffn=9216, q=4096, kv=1024, vocab=131072, heads=32),
+        qwen2_0_5b=dict(d=896, layers=24, ffn=4864, q=896, kv=128, vocab=151936, heads=14),
+        qwen3_0_6b=dict(d=1024, layers=28, ffn=3072, q=2048, kv=1024, vocab=151936, heads=16),
+        tinyllama_1_1b=dict(d=2048, layers=22, ffn=5632, q=2048, kv=256, vocab=32000, tied=False,
+                            heads=32),
+        qwen2_5_1_5b=dict(d=1536, layers=28, ffn=8960, q=1536, kv=256, vocab=151936, heads=12),
+        smollm2_135m=dict(d=576, layers=30, ffn=1536, q=576, kv=192, vocab=49152, heads=9),
+        gemma3_270m=dict(d=640, layers=18, ffn=2048, q=1024, kv=256, vocab=262144, heads=4),
     )[name]
     return ModelShape.dense(name, qtype=qtype, **d)
 
@@ -253,7 +276,8 @@ def npu_time(c: dict[str, float], g: Geometry, m: int, host: HostCost) -> float:
     n_core = g.n_pad / g.n_slices
     bw = min(c["bw_core"], c["bw_total"] / g.n_slices)
     b_chunk = g.b_bytes / (g.n_chunks * g.n_slices)
-    t_chunk = c["launch_s"] + max(b_chunk / bw, 2.0 * rows * g.chunk_k * n_core / _ops(c, g.dtype, g.layout, g.chunk_k))
+    t_chunk = c["launch_s"] + rows * c["npu_row_s"] + max(b_chunk / bw, 2.0 * rows * g.chunk_k * n_core /
+                                                          _ops(c, g.dtype, g.layout, g.chunk_k))
     elems = m * g.rows_per_token * (g.k_pad + g.n_chunks * g.n_pad)
     return inv * (g.n_chunks * t_chunk + host.per_call) + host.per_elem * elems
 
@@ -362,6 +386,31 @@ def attention_time(c: dict[str, float], shape: ModelShape, n_tokens: int) -> flo
     return shape.n_layer * 4.0 * n_tokens * n_tokens * shape.q_dim / c["cpu_attn_ops"]
 
 
+# F32 values each token's activations are read + written per layer by llama.cpp's non-matmul ops in prefill (the
+# llama graph without flash attention, SwiGLU fused), counted from the graph: per d: 2 RMS norms and their weight
+# multiplies (8), 2 residual adds (6), src1 conversions of the q/k/v, gate/up matmuls (~5 x 1.25), the o and down
+# outputs (2); per q: q output, RoPE (2), Q to F16 for KQ (1.5), KQV output, permute + cont (2), its conversion
+# for attn_output (1.25); per kv: k, v outputs (2), RoPE on k (2), the F16 cache copies (3); per ffn: gate/up
+# outputs (2), SwiGLU (3), the conversion for down (1.25); per attention score (n_kv x heads): KQ output (1),
+# masked softmax read + write (2), the F16 conversion for KQV (1.5).
+PREFILL_PASSES = {"d": 22.25, "q": 8.75, "kv": 7.0, "ffn": 6.25, "scores": 4.5}
+
+
+def prefill_layer_bytes(shape: ModelShape, n_tokens: int) -> float:
+    """Bytes per token and layer of the non-matmul activation passes in a prefill of n_tokens (n_kv = n_tokens)."""
+    d, q, kv, ffn = shape.dims()
+    p = PREFILL_PASSES
+    return 4.0 * (p["d"] * d + p["q"] * q + p["kv"] * kv + p["ffn"] * ffn + p["scores"] * n_tokens * shape.heads)
+
+
+def prefill_cpu_time(c: dict[str, float], shape: ModelShape, n_tokens: int) -> float:
+    """The CPU's share of a prefill of n_tokens besides the matmuls, whatever runs the matmuls: attention (QK, PV)
+    and the activation passes of the other ops. At prefill these stream from DRAM (a 512-token activation is
+    0.6-18 MB, over the A76's 512 KB L2 and the 3 MB L3), at cpu_bw."""
+    return attention_time(c, shape, n_tokens) + \
+        shape.n_layer * n_tokens * prefill_layer_bytes(shape, n_tokens) / c["cpu_bw"]
+
+
 # ----------------------------------------------------------------------------------------------------- placements
 
 
@@ -404,7 +453,7 @@ def tg_tok_s(c: dict[str, float], shape: ModelShape, impl: Impl) -> float:
 def pp_tok_s(c: dict[str, float], shape: ModelShape, impl: Impl, n: int = 512) -> float:
     """Prompt tokens per second for one batch of n (llama-bench pp: logits of the last token only)."""
     t, t_out = token_times(c, shape, impl, n)
-    return n / (t + t_out + attention_time(c, shape, n))
+    return n / (t + t_out + prefill_cpu_time(c, shape, n))
 
 
 # --- published implementations (the rows to fit and to check)
@@ -617,10 +666,12 @@ def report() -> str:
         "marked \"fit:\" are solved from one published row each; every other row below was held out of the fit "
         f"and is predicted: {ok} of {len(HELD_OUT)} held-out rows within ±25 %. [I] marks an inference where no "
         "published figure exists (RK3576 mostly).", "",
-        "Model: an NPU call = launch + max(B bytes / per-core bandwidth, MACs / per-core throughput(type, layout, "
-        "chunk K)); per-core chains of K-chunks run in parallel; host work per call = per_call + per_elem x (A + "
-        "C values); CPU decode = bytes / cpu_bw + per-layer work, CPU prefill = matmul ops / cpu_ops(type) + "
-        "attention (full n x n scores, llama-bench without -fa) / cpu_attn_ops.", "",
+        "Model: an NPU call = launch + rows x npu_row_s + max(B bytes / per-core bandwidth, MACs / per-core "
+        "throughput(type, layout, chunk K)); per-core chains of K-chunks run in parallel; host work per call = "
+        "per_call + per_elem x (A + C values); CPU decode = bytes / cpu_bw + per-layer work, CPU prefill = matmul "
+        "ops / cpu_ops(type) + attention (full n x n scores, llama-bench without -fa) / cpu_attn_ops + the other "
+        "ops' activation passes (`PREFILL_PASSES`, counted from llama.cpp's graph) / cpu_bw, whatever runs the "
+        "matmuls.", "",
         "## Constants (rk3588)", "", constants_table("rk3588"), "",
         "## Constants (rk3576)", "", constants_table("rk3576"), "",
         "## Published rows: fitted, and held out (predicted / published)", "", validation_table(), ""])
