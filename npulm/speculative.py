@@ -271,7 +271,8 @@ class DraftLength:
         E(k) = 1 + a + ... + a^k tokens (a: per-token acceptance, a decayed average of what was observed, kept per
                draft kind: a lookup draft found by a 3-gram is far likelier right than one found by a 1-gram)
         cost(k) = pass(k + 1) + k * draft_token
-    pass(M) is measured per M (decayed averages of wall time, interpolated where unmeasured), or given by `pass_cost`
+    pass(M) is measured per M (wall time: the fastest seen, drifting up slowly; interpolated between measured M and
+    extrapolated by their slope beyond), or given by `pass_cost`
     (seconds of an M-token pass: a modeled NPU). k = 0 is plain decode, chosen whenever nothing beats it; a one-token
     probe after `probe_every` plain steps of a kind keeps its acceptance estimate alive, and each probe of a kind that
     fails doubles that kind's wait (up to `probe_max` steps; a hit resets it): free text, where lookup drafts are
@@ -285,6 +286,7 @@ class DraftLength:
         self.plain_steps: dict[Any, int] = {}
         self.probe_wait: dict[Any, int] = {}  # kind -> plain steps before its next probe
         self.probing: set[Any] = set()  # kinds whose last draft was a probe
+        self.longer_steps: dict[Any, int] = {}
         self.seconds: dict[int, float] = {}
         self.draft_token_s = 0.0
 
@@ -329,6 +331,11 @@ class DraftLength:
             r = self.rate(k, key)
             if r > best_rate:
                 best, best_rate = k, r
+        if 0 < best < top:  # now and then one draft more: a longer pass timed once when the machine was busy
+            n = self.longer_steps.get(key, 0) + 1  # would otherwise never be chosen (and re-timed) again
+            self.longer_steps[key] = 0 if n >= self.probe_every else n
+            if n >= self.probe_every:
+                return best + 1
         if best == 0 and top >= max(self.k_min, 1):
             n = self.plain_steps.get(key, 0) + 1
             # the first probes come early while only single-token passes have been timed
@@ -343,7 +350,9 @@ class DraftLength:
                 key: Any = None) -> None:
         """A verify pass of m rows took `seconds`; `accepted` of `proposed` drafts (of kind `key`) were kept."""
         old = self.seconds.get(m)
-        self.seconds[m] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        # a faster pass is taken at once, a slower one drifts in slowly: on a shared machine one pass delayed by
+        # another process would otherwise make its M look dear, and an M not chosen again is never re-timed
+        self.seconds[m] = seconds if old is None or seconds < old else 0.95 * old + 0.05 * seconds
         if proposed and key in self.probing:
             self.probing.discard(key)
             wait = self.probe_wait.get(key, self.probe_every)

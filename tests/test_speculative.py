@@ -205,6 +205,34 @@ def test_draft_length_never_beats_plain_when_passes_cost():
     assert [c.choose(6, key=1) for _ in range(4)] == [0, 0, 0, 1]  # a probe after probe_every plain steps
 
 
+def test_draft_length_timing_probes_and_backoff():
+    c = DraftLength(k_max=6, probe_every=4)
+    c.observe(1, 1.0, 0, 0)
+    assert c.pass_seconds(3) == 3.0  # one point: an unexplored M is priced as M single passes, not guessed cheap
+    c.observe(2, 1.2, 1, 1)
+    assert abs(c.pass_seconds(5) - 1.8) < 1e-9  # beyond: the slope of the last two measured
+    c.observe(2, 5.0, 0, 0)  # a pass delayed by another process: drifts in slowly
+    assert c.pass_seconds(2) < 1.4
+    c.observe(2, 1.1, 0, 0)  # a faster one counts at once
+    assert c.pass_seconds(2) == 1.1
+    # a kind whose probes fail waits twice as long before the next one
+    c = DraftLength(k_max=6, pass_cost=lambda m: float(m), probe_every=4)
+    waits = []
+    for _ in range(3):
+        n = 1
+        while c.choose(6, key=1) == 0:
+            n += 1
+        waits.append(n)
+        c.observe(2, 2.0, 1, 0, key=1)
+    assert waits == [4, 8, 16]
+    c.observe(2, 2.0, 1, 1, key=1)  # (a drafted step, not a probe: the wait stays)
+    assert c.probe_wait[1] == 32
+    # with a good kind, one draft more now and then re-times a longer pass
+    c = DraftLength(k_max=6, pass_cost=lambda m: 1.0 if m <= 2 else 9.0, probe_every=4)
+    c.counts[3] = [9.0, 10.0]
+    assert [c.choose(6, key=3) for _ in range(4)] == [1, 1, 1, 2]
+
+
 def test_vocab_check_and_llama_hooks(tiny_model_writer, tmp_path):
     with pytest.raises(ValueError, match="differs from the target's at token 2"):
         check_vocab(["a", "b", "c"], ["a", "b", "x"])
