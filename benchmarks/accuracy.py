@@ -1,14 +1,15 @@
 """Accuracy of every NPU pipeline on real models, on the emulator: regenerates docs/accuracy.md and docs/accuracy.png.
 
     python benchmarks/accuracy.py                  # both models, every pipeline, 8 chunks (about half an hour)
-    python benchmarks/accuracy.py --chunks 2 --models smollm2-135m --pipelines W16A16,W8A8_GGUF_HADAMARD
+    python benchmarks/accuracy.py --chunks 2 --models smollm2-135m --pipelines W16A16,W8A16_HADAMARD
 
 For SmolLM2-135M (Q4_1) and Gemma-3-270M (Q4_K_M) on lee_background (-c 512, 8 chunks, llama-perplexity's method:
 the second half of each chunk scored): perplexity, mean KL divergence against the model's dequantized float32 CPU
 reference ("cpu-ref" for every tensor), and top-1 agreement with it, for the CPU paths and for every pipeline with
 every linear weight of every block on the NPU (emulated RK3588). The output matmul stays on "cpu-ref" in the NPU
 rows, so they measure the pipelines alone. For SmolLM2 also: how many of 10 prompts give the same 32 greedy tokens
-as the CPU path with --npu-layers all (the output matmul on the NPU too) and the best W8A8 pipeline.
+as the CPU path with --npu-layers all (the output matmul on the NPU too) and the default pipeline for quantized
+types (pipelines.BEST_QUANTIZED). The plot puts each pipeline's accuracy against its predicted RK3588 speed.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ PROMPTS = [
     "Python is a programming language that",
     "The river flowed quietly through the",
 ]
-TARGETS = {  # ΔPPL vs the CPU path, mean KLD vs cpu-ref
+TARGETS = {  # ΔPPL and mean KLD vs the CPU path (W16A16: vs cpu-ref)
     "W16A16": "ΔPPL within ±0.05 % of the CPU reference",
-    "best W8A8": "ΔPPL <= +0.1 %, KLD <= 0.002",
+    "best 8-bit weights": "ΔPPL <= +0.1 %, KLD vs cpu <= 0.002",
     "best 4-bit weights": "ΔPPL <= +5 %",
     "best pure W4A4": "ΔPPL <= +30 %",
 }
@@ -156,7 +157,7 @@ def run_model(model: str, pipelines: list[str], n_chunks: int) -> tuple[list[Row
     del llm
     cpu_logits = lg
     d = divergence(ref, lg)
-    rows.append(Row("cpu", "cpu", "GGUF blocks in place, int8 x per 32 (llama.cpp's scheme)",
+    rows.append(Row("cpu", "cpu", "GGUF blocks in place, x int8 per 32 (llama.cpp's scheme; a16 for some roles)",
                     perplexity(lg, targets), d.mean_kl, d.top1_rate, secs))
     for name in pipelines:
         spec = P.PIPELINES[name]
@@ -199,7 +200,7 @@ def continuations(model: str, pipeline: str, n_tokens: int = 32) -> dict:
 
 def best(rows: list[Row], pred) -> Row | None:
     cands = [r for r in rows if pred(r)]
-    return min(cands, key=lambda r: r.kld) if cands else None
+    return min(cands, key=lambda r: r.kld_cpu) if cands else None
 
 
 def markdown(results: dict[str, tuple[list[Row], dict]], conts: dict, n_chunks: int, elapsed: float) -> str:
@@ -217,8 +218,8 @@ def markdown(results: dict[str, tuple[list[Row], dict]], conts: dict, n_chunks: 
            "of the same GGUF); the Δ vs cpu-ref column is relative to the float reference.", "",
            "Speed columns: `npulm plan`'s prediction for RK3588 (docs/cost-model.md; every block linear on the NPU, "
            "the output matmul on the CPU): NPU bytes per parameter incl. padding, decode rknn_matmul_run calls per "
-           "token, pp512 and tg128 in tok/s and against the CPU. docs/npu-speed.png plots accuracy against predicted "
-           "speed.", "",
+           "token, pp512 and tg128 in tok/s and against the CPU. The plot (accuracy.png) puts each pipeline's KLD "
+           "and ΔPPL against the CPU path next to its predicted pp512 and tg128 against the CPU's.", "",
            "Kinds: **anchor** = rk-llama.cpp's recipes (the prior art; its W16A16 is the plain fp16 path), **npulm** "
            "= pipelines of our own, variant = intermediate recipes. The dotted line in the plot is KLD 0.002.", ""]
     for model, (rows, meta) in results.items():
@@ -239,17 +240,19 @@ def markdown(results: dict[str, tuple[list[Row], dict]], conts: dict, n_chunks: 
                        f"{_kld(r.kld_cpu) if r.kind != 'cpu' else '-'} | {100 * r.top1:.1f} | {cols} | "
                        f"{r.seconds:.1f} |")
         npu_rows = [r for r in rows if r.kind != "cpu"]
-        w8 = best(npu_rows, lambda r: r.name.startswith("W8A8"))
+        w8 = best(npu_rows, lambda r: r.name.startswith("W8"))
         w4 = best(npu_rows, lambda r: r.name.startswith("W4"))
         a4 = best(npu_rows, lambda r: r.name.startswith("W4A4"))
         w16 = next((r for r in npu_rows if r.name == "W16A16"), None)
         out += ["", "Targets:", ""]
-        for label, r in (("W16A16", w16), ("best W8A8", w8), ("best 4-bit weights", w4), ("best pure W4A4", a4)):
+        for label, r in (("W16A16", w16), ("best 8-bit weights", w8), ("best 4-bit weights", w4),
+                         ("best pure W4A4", a4)):
             if r is None:
                 continue
             base = ref if label == "W16A16" else cpu
             out.append(f"- {label} ({TARGETS[label]}): **{r.name}** ΔPPL {100 * (r.ppl / base.ppl - 1):+.2f} % "
-                       f"vs {'cpu-ref' if label == 'W16A16' else 'cpu'}, KLD {_kld(r.kld)}")
+                       f"vs {'cpu-ref' if label == 'W16A16' else 'cpu'}, KLD {_kld(r.kld)} vs cpu-ref, "
+                       f"{_kld(r.kld_cpu)} vs cpu")
         out.append("")
         if model in conts:
             c = conts[model]
@@ -309,28 +312,41 @@ def _md(text: str) -> str:
 
 
 def plot(results: dict[str, tuple[list[Row], dict]], path: Path) -> None:
+    """Per model: KLD and ΔPPL against the CPU path (y) vs predicted RK3588 pp512 and tg128 against the CPU (x),
+    one point per pipeline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"cpu": "#777777", "anchor": "#d62728", "npulm": "#2ca02c", "variant": "#1f77b4"}
-    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 6), squeeze=False)
-    for ax, (model, (rows, _)) in zip(axes[0], results.items()):
-        rs = [r for r in rows if r.name != "cpu-ref"]
-        y = np.arange(len(rs))
-        ax.barh(y, [max(r.kld, 1e-6) for r in rs], color=[colors.get(r.kind, "#1f77b4") for r in rs])
-        ax.set_xscale("log")
-        ax.set_yticks(y, [f"{r.name}  ({100 * (r.ppl / rows[1].ppl - 1):+.1f} %)" for r in rs])
-        ax.invert_yaxis()
-        ax.axvline(0.002, color="k", ls=":", lw=1)
-        ax.set_xlabel("mean KLD vs cpu-ref (log scale)")
-        ax.set_title(f"{model}: KLD, and ΔPPL vs the CPU path")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in (colors["cpu"], colors["anchor"], colors["npulm"],
-                                                                colors["variant"])]
-    fig.legend(handles, ["CPU", "anchor (rk-llama.cpp)", "npulm", "variant"], loc="lower center", ncol=4)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
+    colors = {"anchor": "#d62728", "npulm": "#2ca02c", "variant": "#1f77b4"}
+    fig, axes = plt.subplots(len(results), 3, figsize=(18, 5.5 * len(results)), squeeze=False)
+    for row, (model, (rows, _)) in zip(axes, results.items()):
+        speed, cpu = predicted(model), rows[1]
+        pts = [(r, speed[r.name]) for r in rows if r.kind != "cpu" and r.name in speed]
+        for ax, (x_key, y_of, y_label) in zip(row, (
+                ("pp_vs_cpu", lambda r: max(r.kld_cpu, 1e-6), "mean KLD vs the CPU path (log)"),
+                ("tg_vs_cpu", lambda r: max(r.kld_cpu, 1e-6), "mean KLD vs the CPU path (log)"),
+                ("pp_vs_cpu", lambda r, c=cpu: 100 * (r.ppl / c.ppl - 1), "ΔPPL vs the CPU path, % (symlog)"))):
+            for r, sp in pts:
+                ax.scatter(sp[x_key], y_of(r), color=colors.get(r.kind, "#1f77b4"), s=40)
+                ax.annotate(r.name, (sp[x_key], y_of(r)), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.set_xscale("log")
+            if y_label.startswith("mean KLD"):
+                ax.set_yscale("log")
+                ax.axhline(0.002, color="k", ls=":", lw=1)
+            else:
+                ax.set_yscale("symlog", linthresh=0.1)
+                ax.axhline(0.1, color="k", ls=":", lw=1)
+            ax.axvline(1.0, color="#777777", ls="--", lw=1)
+            phase = "pp512" if x_key == "pp_vs_cpu" else "tg128"
+            ax.set_xlabel(f"predicted RK3588 {phase}, x the CPU's (log; dashed: the CPU)")
+            ax.set_ylabel(y_label)
+            ax.set_title(f"{model}: accuracy vs predicted {phase}")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c) for c in colors.values()]
+    fig.legend(handles, ["anchor (rk-llama.cpp)", "npulm", "variant"], loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         results[model] = run_model(model, pipelines, args.chunks)
         if model == assets.SMOLLM2 and not args.no_continuations:
             say(f"{model}: greedy continuations")
-            conts[model] = continuations(model, P.BEST_W8A8)
+            conts[model] = continuations(model, P.BEST_QUANTIZED)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.md").write_text(markdown(results, conts, args.chunks, time.perf_counter() - t0))

@@ -1,5 +1,5 @@
 """`npulm bench` rows for an RWKV-7 and a Qwen3-MoE test model (random weights, Q8_0, the tests' writers) on the CPU
-and with every matmul on the NPU (W16A16, W8A8), plus the matmul calls per token each placement makes.
+and with every matmul on the NPU (W16A16, W8A16), plus the matmul calls per token each placement makes.
 
     python benchmarks/families.py [-p 64] [-n 16] [-r 2] [--embd 256] [--layers 4]
 
@@ -27,7 +27,7 @@ from gguf_writers import write_rwkv_model, write_tiny_model  # noqa: E402
 from npulm import bench  # noqa: E402
 from npulm.linear import Linear  # noqa: E402
 
-PLACES = [bench.Placement(), bench.Placement("all", "W16A16"), bench.Placement("all", "W8A8_GGUF_HADAMARD")]
+PLACES = [bench.Placement(), bench.Placement("all", "W16A16"), bench.Placement("all", "W8A16_HADAMARD")]
 
 
 def count_calls(path: str, place: bench.Placement, n_prompt: int, n_gen: int) -> tuple[float, float, float, float]:

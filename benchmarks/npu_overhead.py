@@ -42,7 +42,7 @@ SHAPES = {  # (K, N): the square reference and the linears of SmolLM2-135M and G
     "smollm2": [(576, 576), (576, 192), (576, 1536), (1536, 576)],
     "gemma3": [(640, 1024), (640, 256), (1024, 640), (640, 2048), (2048, 640)],
 }
-DEFAULT = "W16A16,W8A8_CHANNEL,W8A8_HADAMARD,W8A8_GGUF_HADAMARD,W4A8_GGUF_BLOCK,W4A4_HADAMARD,W4A4_GGUF_HADAMARD"
+DEFAULT = "W16A16,W8A8_CHANNEL,W8A8_HADAMARD,W8A16_CHANNEL,W8A16_HADAMARD,W4A8_BLOCK,W4A4_HADAMARD"
 
 
 class NoopRuntime(EmulatorRuntime):
@@ -79,7 +79,7 @@ def timeit(fn, min_time: float = 0.2, min_reps: int = 20) -> float:
 
 def make_weight(k: int, n: int, pipeline: str) -> Weight:
     w = (np.random.default_rng(0).standard_normal((n, k)) * 0.05).astype(np.float32)
-    qtype = Q.Q4_0 if P.PIPELINES[pipeline].weights == "gguf" else Q.F16
+    qtype = Q.Q4_0 if P.PIPELINES[pipeline].weights != "fp16" else Q.F16
     raw = w.astype(np.float16) if qtype == Q.F16 else gguf.quants.quantize(w, qtype)
     return Weight(f"bench.{k}x{n}", qtype, n, k, raw)
 
@@ -99,16 +99,13 @@ def phases(pr: R.Prepared, x: np.ndarray) -> dict[str, float]:
             if m == 1:
                 return x / np.float32(2.0 ** (math.frexp(float(np.abs(x).max()))[1] - 14))
             return x / np.ldexp(np.float32(1), np.frexp(np.abs(x).max(axis=1, keepdims=True))[1] - 14)
-    elif isinstance(pr, R.GgufPrepared):
-        def quantize():
-            x64 = x.astype(np.float64)
-            xr = qm.rotate_groups(x64, pr.h) if pr.h > 1 else x64
-            return qm.quantize_rows(xr, pr.act_bits, pr.act_group)
     else:
         def quantize():
             x64 = x.astype(np.float64)
             if pr.rotation is not None:
                 x64 = qm.rotate_activation(x64, pr.rotation)
+            if pr.real.x_residual:
+                return qm.quantize_rows_residual(x64)
             q, _ = R.quantize_rows(x64, pr.act_bits)
             return R._split_rows(q.astype(np.int8)) if pr.real.a_split else q
     out["quantize"] = timeit(quantize)
@@ -173,7 +170,7 @@ def write_fit(samples: dict[str, list[tuple[int, float, float]]]) -> None:
     (decode: fixed costs dominate), per_elem = the median of the larger calls' (t - per_call) / elems (prefill)."""
     from npulm.npu.host_cost import HOST_COST
 
-    fits = dict(HOST_COST)  # pipelines not measured in this run keep their entries
+    fits = {n: v for n, v in HOST_COST.items() if n in P.PIPELINES}  # the others measured keep their entries
     for name, pts in samples.items():
         a = float(np.median([t for m, _, t in pts if m == 1]))
         b = float(np.median([max(0.0, t - a) / e for m, e, t in pts if m > 1]))

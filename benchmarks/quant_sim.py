@@ -36,12 +36,10 @@ from npulm.placement import Placement
 def prepare_shared(name: str, weight: Weight, cache: dict) -> S.PreparedWeight:
     """S.prepare, reusing the weight of another pipeline that quantizes it the same way (W4A4/W4A8_CHANNEL)."""
     r = P.PIPELINES[name]
-    if r.weights == "gguf":
-        return S.prepare(r, weight)
     key = (r.weights, r.weight_bits, r.rotation)
     if key not in cache:
         cache[key] = S.prepare(r, weight)
-    return dataclasses.replace(cache[key], pipeline=r, act_group=r.act_group)
+    return dataclasses.replace(cache[key], pipeline=r)
 
 
 class SimLinear(Linear):

@@ -53,7 +53,7 @@ class Linear:
     """y = x @ W.T for x of shape (M, n_in) float32 -> (M, n_out) float32.
 
     `requested` is the target placement asked for ("cpu", "npu:auto", ...; empty when built directly); `runs_on`
-    says where the matmul actually runs ("cpu:a16", "npu:W4A8_GGUF_BLOCK", a CPU path after an NPU fallback)."""
+    says where the matmul actually runs ("cpu:a16", "npu:W8A16_HADAMARD", a CPU path after an NPU fallback)."""
 
     runs_on = "abstract"
 

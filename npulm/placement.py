@@ -39,7 +39,7 @@ CPU_TARGETS = ("cpu", "cpu:a8", "cpu:a16", "cpu-ref")
 class MatmulSpec:
     """A parsed target: backend "cpu" (options: ("a8",) or ("a16",)), "cpu-ref", or "npu" with a pipeline name of
     the table or "auto", on the NPU from `min_m` token rows per call up. str() gives the canonical text ("cpu:a8",
-    "npu:W4A8_GGUF_BLOCK", "npu:W16A16@64")."""
+    "npu:W8A16_HADAMARD", "npu:W16A16@64")."""
 
     backend: str
     pipeline: str | None = None

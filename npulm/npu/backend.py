@@ -39,7 +39,7 @@ class NpuLinear(Linear):
         self._cpu_phase: Linear | None = None
         self._impl: Prepared | None = None
         try:
-            self._impl = prepare(self.pipeline, weight, device.arena, gguf_chunk=device.gguf_chunk)
+            self._impl = prepare(self.pipeline, weight, device.arena)
         except (RknnError, MemoryError) as e:
             self._fall_back(e)
             return

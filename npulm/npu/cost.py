@@ -292,7 +292,6 @@ def simple_geometry(k: int, n: int, dtype: str, layout: str, n_cores: int, max_k
     return Geometry(dtype, layout, chunk, n_chunks, n_cores, rows_per_token, int(bpp * kp * n), n, kp)
 
 
-_GGUF_GROUP = {"Q6_K": 16, "Q3_K": 16, "Q2_K": 16}  # the sub-block of the other exact types is 32 inputs
 _SCRATCH_ROW_BYTES = 256 << 20  # pipelines.SCRATCH_ROW_BYTES
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # planner.BUCKETS
 
@@ -321,21 +320,6 @@ def npulm_geometry(pipeline: str, k: int, n: int, qtype: str, chip) -> Geometry:
         kk = k
         chunk_k, _ = equal_chunks(kk, chip.max_k, chip.padded_align(t)[0])
         c_bytes = 4
-    elif spec.weights == "gguf":
-        gs = _GGUF_GROUP.get(qtype, 32)
-        if spec.act_group not in (None, "block"):
-            gs = min(int(spec.act_group), gs)
-        w_bits = 4 if qtype in ("Q4_0", "Q4_1", "Q4_K", "Q2_K", "Q3_K") and spec.rotation != "gguf" else 8
-        real = P.realize(chip, spec.act_bits, w_bits)
-        t = real.mm_type
-        unit = math.lcm(chip.padded_align(t)[0], gs)
-        chunk_k = min(unit, max(unit, chip.max_k // unit * unit))
-        passes = 2 if real.a_split else 1
-        rows = chunk_k // gs * passes
-        kk = k
-        if real.b_split:
-            b_rows = 2 * ceil_to(n, chip.tiles(t)[3])
-        c_bytes = (4 if t != INT4_MM_INT4_TO_INT16 else 2) + 8
     else:
         kk = qm.next_pow2(k) if spec.rotation == "pad" else k
         real = spec.realize(chip)
@@ -347,7 +331,7 @@ def npulm_geometry(pipeline: str, k: int, n: int, qtype: str, chip) -> Geometry:
             chunk_k, _ = equal_chunks(kk, min(cap, chip.max_k), k_al)
         else:
             chunk_k, _ = equal_chunks(kk, chip.max_k, k_al)
-        rows = 2 if real.a_split else 1
+        rows = real.rows_per_token
         if real.b_split:
             b_rows = 2 * n
         c_bytes = 4 if t != INT4_MM_INT4_TO_INT16 else 2

@@ -64,17 +64,16 @@ class NpuFallbackWarning(RuntimeWarning):
 
 class NpuDevice:
     """One model's NPU: its runtime (librknnrt, else the emulator) and chip, the arena its weights share (IOMMU
-    accounting, A/C scratch, the lock that serializes NPU calls, the core threads), the GGUF pipelines' K per call,
-    and the weights the NPU refused. Each model opens its own (`npulm.placement.Placement`): a second model with
-    another chip or runtime changes nothing for the first.
+    accounting, A/C scratch, the lock that serializes NPU calls, the core threads) and the weights the NPU refused.
+    Each model opens its own (`npulm.placement.Placement`): a second model with another chip or runtime changes
+    nothing for the first.
 
     chip: a Chip or name; default: $NPULM_CHIP, else the board's device tree, else rk3588 (for the emulator).
     runtime: a Runtime, or "auto" (default: librknnrt when found, else the emulator), "rknn", "emulator".
-    gguf_chunk: K per NPU call of the GGUF pipelines (None: the smallest aligned chunk; larger = fewer calls, more
-    rows). parallel: run the cores on threads (default: on librknnrt). The runtime in use is said once on stderr."""
+    parallel: run the cores on threads (default: on librknnrt). The runtime in use is said once on stderr."""
 
     def __init__(self, chip: Chip | str | None = None, runtime: Runtime | str | None = None, *,
-                 gguf_chunk: int | None = None, emulator_options: dict | None = None, parallel: bool | None = None):
+                 emulator_options: dict | None = None, parallel: bool | None = None):
         want = get_chip(chip) if isinstance(chip, str) else chip
         if isinstance(runtime, Runtime):
             if want is not None and want is not runtime.chip:
@@ -85,7 +84,6 @@ class NpuDevice:
         claim_board(rt)  # NpuBusy before anything is placed
         self.runtime, self.chip = rt, rt.chip
         self.arena = Arena(rt, parallel=parallel)
-        self.gguf_chunk = gguf_chunk
         self.fallbacks: list[str] = []
         self._lock = threading.Lock()
         where = "" if rt.kind == "rknn" else " (no librknnrt: results are the emulator's, not a board's)"

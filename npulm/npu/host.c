@@ -93,7 +93,10 @@ static PyObject *py_get_threads(PyObject *self, PyObject *noargs) { return PyLon
  * kind 1: x float64 (m, k), scale float64 (m,): dst int8 = rint(x / scale)   (int8 codes; |x / scale| <= 127)
  * kind 2: as kind 0, the scales computed here and written into scale: 2^(e - 14) for amax = f * 2^e, f in
  *         [0.5, 1) (W16A16's rows: amax lands in [2^13, 2^14), far from fp16's limits; numpy's frexp / ldexp)
- * dst (n_chunks, chunk_k / sub, rows, sub); rows m.. and K beyond k are zeroed. */
+ * kind 3: x float64 (m, k), scale float64 (2m,): ~16-bit x as two int8 rows (quant.quantize_rows_residual):
+ *         rows 0..m-1 q1 = rint(x / s1) with s1 = scale[r] given; rows m..2m-1 q2 = rint(res / s2) of the
+ *         residual res = x - q1 * s1, s2 = max|res| / 127 computed here into scale[m + r]
+ * dst (n_chunks, chunk_k / sub, rows, sub); rows m.. (2m.. for kind 3) and K beyond k are zeroed. */
 typedef struct {
     const void *x;
     void *scale, *dst;
@@ -101,9 +104,46 @@ typedef struct {
     int kind;
 } PackJob;
 
+/* x - rint(x / s) * s: the product rounded on its own (volatile: no fused multiply-add), as numpy computes it */
+static inline double residual(double x, double s) {
+    double q = nearbyint(x / (s == 0 ? 1.0 : s));
+    volatile double p = q * s;
+    return x - p;
+}
+
+static void pack_residual_rows(const PackJob *a) {
+    Py_ssize_t m = a->m, k = a->k, ck = a->ck, rows = a->rows, sub = a->sub, ksub = ck / sub;
+    double *scale = (double *)a->scale;
+    for (Py_ssize_t r = a->r0; r < a->r1 && r < 2 * m; r++) { /* this thread's residual rows: their scales first */
+        if (r < m) continue;
+        const double *x = (const double *)a->x + (r - m) * k;
+        double s1 = scale[r - m], amax = 0;
+        for (Py_ssize_t i = 0; i < k; i++) amax = fmax(amax, fabs(residual(x[i], s1)));
+        scale[r] = amax / 127.0;
+    }
+    for (Py_ssize_t j = 0; j < a->nch; j++) {
+        for (Py_ssize_t t = 0; t < ksub; t++) {
+            Py_ssize_t k0 = j * ck + t * sub, w = k - k0 < sub ? (k - k0 > 0 ? k - k0 : 0) : sub;
+            for (Py_ssize_t r = a->r0; r < a->r1; r++) {
+                int8_t *d = (int8_t *)a->dst + ((j * ksub + t) * rows + r) * sub;
+                if (r >= 2 * m) { memset(d, 0, sub); continue; }
+                const double *x = (const double *)a->x + (r < m ? r : r - m) * k + k0;
+                double s = scale[r], s1 = scale[r < m ? r : r - m], sd = s == 0 ? 1.0 : s;
+                for (Py_ssize_t i = 0; i < w; i++)
+                    d[i] = (int8_t)nearbyint((r < m ? x[i] : residual(x[i], s1)) / sd);
+                if (w < sub) memset(d + w, 0, sub - w);
+            }
+        }
+    }
+}
+
 static void pack_rows(const PackJob *a) {
     Py_ssize_t m = a->m, k = a->k, ck = a->ck, rows = a->rows, sub = a->sub, ksub = ck / sub;
     int kind = a->kind;
+    if (kind == 3) {
+        pack_residual_rows(a);
+        return;
+    }
     if (kind == 2) {
         for (Py_ssize_t r = a->r0; r < a->r1 && r < m; r++) {
             const float *x = (const float *)a->x + r * k;
@@ -150,19 +190,19 @@ static PyObject *py_pack_a(PyObject *self, PyObject *args) {
     Py_ssize_t m, k, nch, ck, rows, sub;
     int kind;
     if (!PyArg_ParseTuple(args, "OOOnnnnnni", &ox, &os, &od, &m, &k, &nch, &ck, &rows, &sub, &kind)) return NULL;
-    if (m > rows || nch * ck < k || ck % sub || kind < 0 || kind > 2) {
+    if ((kind == 3 ? 2 * m : m) > rows || nch * ck < k || ck % sub || kind < 0 || kind > 3) {
         PyErr_SetString(PyExc_ValueError, "pack_a: inconsistent shapes");
         return NULL;
     }
-    Py_ssize_t esz = kind == 1 ? 8 : 4, dsz = kind == 1 ? 1 : 2;
+    Py_ssize_t esz = kind == 1 || kind == 3 ? 8 : 4, dsz = kind == 1 || kind == 3 ? 1 : 2;
     Py_buffer bx, bs, bd;
     if (get_buf(ox, &bx, 0, m * k * esz, "x") < 0) return NULL;
-    if (get_buf(os, &bs, kind == 2, m * esz, "scale") < 0) { PyBuffer_Release(&bx); return NULL; }
+    if (get_buf(os, &bs, kind >= 2, (kind == 3 ? 2 : 1) * m * esz, "scale") < 0) { PyBuffer_Release(&bx); return NULL; }
     if (get_buf(od, &bd, 1, nch * ck * rows * dsz, "A") < 0) {
         PyBuffer_Release(&bx); PyBuffer_Release(&bs); return NULL;
     }
     PackJob jobs[MAX_THREADS];
-    int nt = split_threads(rows, m * (k + 1));
+    int nt = split_threads(rows, (kind == 3 ? 2 : 1) * m * (k + 1));
     for (int i = 0; i < nt; i++)
         jobs[i] = (PackJob){bx.buf, bs.buf, bd.buf, m, k, nch, ck, rows, sub, rows * i / nt, rows * (i + 1) / nt,
                             kind};
@@ -177,12 +217,14 @@ static PyObject *py_pack_a(PyObject *self, PyObject *args) {
  * kind 0: c float32: out[r, i] = (sum_j c[j, r, i]) * row_scale[r]                (float32, numpy's order)
  * kind 1: c int32:   out[r, i] = float((double(sum_j c) * row_scale[r]) * col_scale[i or 0])
  *         row_scale float64 (m,), col_scale float64 (n,) or (1,)
+ * kind 2: c int32 with 2m rows (kind 3's A): out[r, i] = float((double(sum_j c[r]) * row_scale[r]
+ *         + double(sum_j c[m + r]) * row_scale[m + r]) * col_scale[i or 0]), row_scale float64 (2m,)
  * c (n_chunks, n_pad / sub, rows, sub); out float32 (m, n). */
 typedef struct {
     const void *c;
     float *out;
     const void *row, *col;
-    Py_ssize_t n, nch, npad, rows, sub, ncol, r0, r1;
+    Py_ssize_t m, n, nch, npad, rows, sub, ncol, r0, r1;
     int kind;
 } UnpackJob;
 
@@ -202,7 +244,7 @@ static void unpack_rows(const UnpackJob *a) {
                     for (Py_ssize_t j = 1; j < nch; j++) acc += c[j * chunk + l];
                     o[l] = acc * s;
                 }
-            } else {
+            } else if (kind == 1) {
                 const int32_t *c = (const int32_t *)a->c + at;
                 const double *cs = (const double *)a->col;
                 double s = ((const double *)a->row)[r];
@@ -210,6 +252,16 @@ static void unpack_rows(const UnpackJob *a) {
                     int64_t acc = c[l];
                     for (Py_ssize_t j = 1; j < nch; j++) acc += c[j * chunk + l];
                     o[l] = (float)(((double)acc * s) * cs[ncol == 1 ? 0 : i0 + l]);
+                }
+            } else {
+                const int32_t *c = (const int32_t *)a->c + at, *c2 = c + a->m * sub; /* row m + r */
+                const double *cs = (const double *)a->col;
+                double s = ((const double *)a->row)[r], s2 = ((const double *)a->row)[a->m + r];
+                for (Py_ssize_t l = 0; l < w; l++) {
+                    int64_t acc = c[l], acc2 = c2[l];
+                    for (Py_ssize_t j = 1; j < nch; j++) acc += c[j * chunk + l], acc2 += c2[j * chunk + l];
+                    volatile double hi = (double)acc * s, lo = (double)acc2 * s2; /* no fused multiply-add */
+                    o[l] = (float)((hi + lo) * cs[ncol == 1 ? 0 : i0 + l]);
                 }
             }
         }
@@ -224,21 +276,21 @@ static PyObject *py_unpack_c(PyObject *self, PyObject *args) {
     int kind;
     if (!PyArg_ParseTuple(args, "OOOOnnnnnni", &oc, &oo, &orow, &ocol, &m, &n, &nch, &npad, &rows, &sub, &kind))
         return NULL;
-    if (m > rows || n > npad || npad % sub || (kind != 0 && kind != 1)) {
+    if ((kind == 2 ? 2 * m : m) > rows || n > npad || npad % sub || kind < 0 || kind > 2) {
         PyErr_SetString(PyExc_ValueError, "unpack_c: inconsistent shapes");
         return NULL;
     }
     Py_buffer bc, bo, br, bl;
     if (get_buf(oc, &bc, 0, nch * npad * rows * 4, "C") < 0) return NULL;
     if (get_buf(oo, &bo, 1, m * n * 4, "out") < 0) { PyBuffer_Release(&bc); return NULL; }
-    if (get_buf(orow, &br, 0, m * (kind == 0 ? 4 : 8), "row_scale") < 0) {
+    if (get_buf(orow, &br, 0, (kind == 2 ? 2 : 1) * m * (kind == 0 ? 4 : 8), "row_scale") < 0) {
         PyBuffer_Release(&bc); PyBuffer_Release(&bo); return NULL;
     }
     if (get_buf(ocol, &bl, 0, kind == 0 ? 0 : 8, "col_scale") < 0) {
         PyBuffer_Release(&bc); PyBuffer_Release(&bo); PyBuffer_Release(&br); return NULL;
     }
-    Py_ssize_t ncol = kind == 1 ? bl.len / 8 : 0;
-    if (kind == 1 && ncol != 1 && ncol < n) {
+    Py_ssize_t ncol = kind != 0 ? bl.len / 8 : 0;
+    if (kind != 0 && ncol != 1 && ncol < n) {
         PyErr_SetString(PyExc_ValueError, "unpack_c: col_scale must hold 1 or n values");
         PyBuffer_Release(&bc); PyBuffer_Release(&bo); PyBuffer_Release(&br); PyBuffer_Release(&bl);
         return NULL;
@@ -246,7 +298,7 @@ static PyObject *py_unpack_c(PyObject *self, PyObject *args) {
     UnpackJob jobs[MAX_THREADS];
     int nt = split_threads(m, m * n);
     for (int i = 0; i < nt; i++)
-        jobs[i] = (UnpackJob){bc.buf, bo.buf, br.buf, bl.buf, n, nch, npad, rows, sub, ncol, m * i / nt,
+        jobs[i] = (UnpackJob){bc.buf, bo.buf, br.buf, bl.buf, m, n, nch, npad, rows, sub, ncol, m * i / nt,
                               m * (i + 1) / nt, kind};
     Py_BEGIN_ALLOW_THREADS
     fan_out(unpack_thread, jobs, sizeof(UnpackJob), nt);

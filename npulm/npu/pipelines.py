@@ -9,37 +9,29 @@ tables (`table_markdown`). Adding a pipeline = one entry here + its tests.
 
 Vocabulary of the fields:
   weights     "fp16"; "tensor-absmax" / "tensor-kl" (one scale per tensor, absmax or KL-calibrated clip);
-              "channel-absmax" / "channel-mse" (one scale per output channel); "gguf" (the file's own integer codes,
-              exact, with the GGUF block scales and offsets applied on the CPU)
-  weight_bits bits of the weight values as stored in NPU memory (for "gguf": of 4-bit codes; 5-8-bit codes need 8)
-  act_bits    bits of x's codes per call; act_group: None = one scale per token row, "block" = per (row, GGUF
-              block), n = per (row, n inputs)
+              "channel-absmax" / "channel-mse" (one scale per output channel). Quantized GGUF weights are
+              dequantized and requantized so: the GGUF's own block scales would need one partial sum per 32-input
+              block, i.e. K/32 calls or row-expanded A per token (14,040 calls per SmolLM2 token), so no pipeline
+              keeps them.
+  weight_bits bits of the weight values as stored in NPU memory
+  act_bits    bits of x per call, one scale per token row; 16 with int8 weights = x's int8 codes plus the int8
+              codes of its residual x - q1 s1, two A rows of the same call (the CPU "a16" path's idea, per row)
   rotation    "none"; "block" = randomized block Hadamard on K, block = the largest power of two dividing K (at most
               512), no padding; "pad" = K zero-padded to the next power of two and one randomized Hadamard
-              (rk-llama.cpp's); "gguf" = the GGUF codes of each group of h inputs times the unnormalized Sylvester
-              H(h), h the largest power of two <= 16 for which the products still fit int8 (checked on the weight):
-              still integers, so still exact; x is rotated by the same H(h) and (x H)(H^T q) = h x q
+              (rk-llama.cpp's)
   origin      "rk-llama.cpp" (its recipes, the anchors), "npulm", or "" (variants)
 
+Every pipeline makes one NPU call per core per K-chunk, chunks as wide as the chip allows (chip.max_k; for
+INT4xINT4 the widest that keeps INT16 partials exact), so a linear costs ceil(K / max_k) x cores calls.
 How the CPU and NPU share the work:
-  * per-row pipelines: y = C * scale_x[row] * scale_w[col], C summed over the K-chunks (exact, int64).
-  * GGUF pipelines: W[n, k] = d[n, b] * q[n, k] + o[n, b] per GGUF block b (32 inputs; 16 for Q6_K), the integer
-    codes q kept exactly. The per-block integer sums P[m, b, n] = sum_{k in b} xq[m, k] q[n, k] come from K-chunks
-    of a few blocks each, with A rows expanded so that row (m, b) holds only block b of token m: one matmul per
-    chunk gives every block's partial sum. Then y = sum_b sx[m, b] d[n, b] P[m, b, n] + sum_b o[n, b] sum_{k in b}
-    x[m, k] (the offset term takes the float x: only the code part is quantized). A per-(row, block) activation
-    scale costs nothing more than a per-row one here and matches the CPU path (llama.cpp's int8 activation
-    blocks). The price is output volume: K/32 partial sums per output instead of one, and K/chunk calls per core.
-    One x scale per row on the same codes costs the same and is far less accurate, so it is not offered.
+  * y = C * scale_x[row] * scale_w[col], C summed over the K-chunks (exact, int64); with 16-bit x the two rows'
+    sums are scaled by their own scales and added.
   * 8-bit values on an INT4xINT4-only path are split exactly: v = 16*hi + lo + 8 with hi, lo in [-8, 7]; x halves
     become extra A rows, weight halves extra B columns, and the shift terms are small matmuls on the CPU.
   * INT4xINT4 -> INT16 partials cannot overflow: K-chunks are sized from the weights so that
-    max|x code| * sum_k |w code| <= 32767 for every column (`planner.int16_safe_chunk`); in the GGUF pipelines each
-    expanded row touches one block, so |partial| <= 8 * 8 * 32 by construction.
+    max|x code| * sum_k |w code| <= 32767 for every column (`planner.int16_safe_chunk`).
 
-Defaults ("npu:auto", `auto_pipeline`): F32/F16/BF16 -> W16A16; 4-bit GGUF types (Q4_0, Q4_1, Q4_K, Q2_K, Q3_K) ->
-BEST_4BIT; other types with exact codes (Q5_x, Q6_K, Q8_0, IQ4_*) -> BEST_W8A8; any other type -> W8A8_HADAMARD.
-A chip without INT4 (RK3566/68, RK3562) runs the 4-bit GGUF types with BEST_W8A8.
+Defaults ("npu:auto", `auto_pipeline`): F32/F16/BF16 -> W16A16; quantized types -> BEST_QUANTIZED.
 """
 
 from __future__ import annotations
@@ -49,7 +41,6 @@ from dataclasses import dataclass
 from gguf.constants import GGMLQuantizationType as Q
 
 from .chips import Chip
-from .quant import GGUF_EXACT_TYPES
 from .rknn import (
     FLOAT16_MM_FLOAT16_TO_FLOAT32,
     INT4_MM_INT4_TO_INT16,
@@ -69,15 +60,24 @@ class Realization:
     mm_type: int
     a_split: bool = False  # x codes -> 2 int4 passes (extra A rows)
     b_split: bool = False  # weight codes -> 2 int4 halves (extra B columns)
+    x_residual: bool = False  # 16-bit x as two int8 rows of the same call: the codes and the int8 residual's codes
 
     def describe(self) -> str:
-        splits = [s for s, on in (("x halves", self.a_split), ("W halves", self.b_split)) if on]
+        splits = [s for s, on in (("x halves", self.a_split), ("W halves", self.b_split),
+                                  ("x + residual rows", self.x_residual)) if on]
         return MM_NAMES[self.mm_type] + (f" ({', '.join(splits)})" if splits else "")
 
     def short(self) -> str:
-        """"INT8xINT8", "2 x INT4xINT4", ...: the docs' NPU column."""
+        """"INT8xINT8", "2 x INT4xINT4", "INT8xINT8, 2 rows/token", ...: the docs' NPU column."""
         name = MM_NAMES[self.mm_type].split("->")[0]
+        if self.x_residual:
+            return f"{name}, 2 rows/token"
         return f"{2 ** (self.a_split + self.b_split)} x {name}" if self.a_split or self.b_split else name
+
+    @property
+    def rows_per_token(self) -> int:
+        """NPU A rows per token row (x halves or residual rows): what a call's M is multiplied by."""
+        return 2 if self.a_split or self.x_residual else 1
 
 
 def realize(chip: Chip, act_bits: int, weight_bits: int) -> Realization:
@@ -85,8 +85,10 @@ def realize(chip: Chip, act_bits: int, weight_bits: int) -> Realization:
     or 4-bit weights under 8-bit x (two x passes, but int4 weights: half the NPU memory). 8-bit weights under 4-bit
     x would need weight halves, twice the MACs at twice the rate: no gain, so INT8xINT8 comes first there."""
     R = Realization
-    if act_bits == 16:
+    if act_bits == 16 and weight_bits == 16:
         cands = [R(FLOAT16_MM_FLOAT16_TO_FLOAT32)]
+    elif act_bits == 16:  # int8 weights under ~16-bit x: x's codes and its residual's codes, two rows of one call
+        cands = [R(INT8_MM_INT8_TO_INT32, x_residual=True)]
     elif act_bits <= 4 and weight_bits <= 4:
         cands = [R(INT4_MM_INT4_TO_INT16), R(INT8_MM_INT8_TO_INT32)]
     elif weight_bits <= 4:
@@ -110,7 +112,6 @@ class Pipeline:
     weights: str
     weight_bits: int
     act_bits: int
-    act_group: str | int | None
     rotation: str
     origin: str
     summary: str  # the docs line
@@ -122,46 +123,40 @@ class Pipeline:
 
     def activations_text(self) -> str:
         if self.act_bits == 16:
-            return "fp16"
-        group = {None: "token", "block": "(token, block)"}.get(self.act_group, f"(token, {self.act_group} inputs)")
-        return f"int{self.act_bits} per {group}"
+            return "fp16" if self.weights == "fp16" else "int8 + int8 residual per token"
+        return f"int{self.act_bits} per token"
 
 
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in [
-    Pipeline("W16A16", "fp16", 16, 16, None, "none", "rk-llama.cpp",
+    Pipeline("W16A16", "fp16", 16, 16, "none", "rk-llama.cpp",
              "fp16 weights and activations (rows scaled by 2^k), fp32 sums", 1e-3),
-    Pipeline("W8A8_STANDARD", "tensor-absmax", 8, 8, None, "none", "rk-llama.cpp",
+    Pipeline("W8A8_STANDARD", "tensor-absmax", 8, 8, "none", "rk-llama.cpp",
              "int8 W with one scale per tensor, int8 x per token (rk-llama.cpp's seed recipe)", 0.08),
-    Pipeline("W8A8_CHANNEL", "channel-absmax", 8, 8, None, "none", "",
+    Pipeline("W8A8_CHANNEL", "channel-absmax", 8, 8, "none", "",
              "int8 W per output channel, int8 x per token", 0.08),
-    Pipeline("W8A8_HADAMARD", "channel-absmax", 8, 8, None, "block", "",
+    Pipeline("W8A8_HADAMARD", "channel-absmax", 8, 8, "block", "",
              "block Hadamard on K (no padding), int8 W per channel, int8 x per token", 0.03),
-    Pipeline("W8A8_GGUF_HADAMARD", "gguf", 8, 8, "block", "gguf", "npulm",
-             "the GGUF's codes times an integer Hadamard (exact, int8), x rotated the same, int8 per (token, block)",
-             0.02),
-    Pipeline("W4A4_HADAMARD", "tensor-kl", 4, 4, None, "pad", "rk-llama.cpp",
+    Pipeline("W8A16_CHANNEL", "channel-absmax", 8, 16, "none", "npulm",
+             "int8 W per output channel (1 B/param), x as int8 codes plus the int8 codes of its residual (~16-bit) "
+             "per token, two rows of one call", 0.012),
+    Pipeline("W8A16_HADAMARD", "channel-absmax", 8, 16, "block", "npulm",
+             "block Hadamard on K (no padding), int8 W per output channel (1 B/param), x as int8 codes plus the int8 "
+             "codes of its residual (~16-bit) per token, two rows of one call", 0.01),
+    Pipeline("W4A4_HADAMARD", "tensor-kl", 4, 4, "pad", "rk-llama.cpp",
              "pad-to-2^n Hadamard, int4 W per tensor (KL clip), int4 x per token (rk-llama.cpp)", 0.3),
-    Pipeline("W4A4_CHANNEL", "channel-mse", 4, 4, None, "pad", "",
+    Pipeline("W4A4_CHANNEL", "channel-mse", 4, 4, "pad", "",
              "pad-to-2^n Hadamard, int4 W per channel (MSE clip), int4 x per token", 0.25),
-    Pipeline("W4A8_CHANNEL", "channel-mse", 4, 8, None, "pad", "",
+    Pipeline("W4A8_CHANNEL", "channel-mse", 4, 8, "pad", "",
              "pad-to-2^n Hadamard, int4 W per channel (MSE clip), int8 x per token", 0.15),
-    Pipeline("W4A8_BLOCK", "channel-mse", 4, 8, None, "block", "npulm",
+    Pipeline("W4A8_BLOCK", "channel-mse", 4, 8, "block", "npulm",
              "block Hadamard on K (no padding: 0.5 B/param in NPU memory), int4 W per channel (MSE clip), int8 x "
              "per token as two int4 passes", 0.15),
-    Pipeline("W4A8_GGUF_BLOCK", "gguf", 4, 8, "block", "none", "npulm",
-             "the GGUF's codes exactly, int8 x per (token, block), block scales on the CPU", 0.02),
-    Pipeline("W4A4_GGUF_BLOCK", "gguf", 4, 4, "block", "none", "npulm",
-             "the GGUF's codes exactly, int4 x per (token, block), block scales on the CPU", 0.25),
-    Pipeline("W4A4_GGUF_HADAMARD", "gguf", 8, 4, 16, "gguf", "npulm",
-             "the GGUF's codes times an integer Hadamard (exact, int8), x rotated the same, int4 per "
-             "(token, 16 inputs)", 0.12),
 ]}
 
-C_HOST = ("W16A16", "W8A8_STANDARD", "W8A8_CHANNEL")  # host work wholly in the C extension (threaded by rows)
+# host work wholly in the C extension (threaded by rows); the rotating ones rotate x in numpy first
+C_HOST = ("W16A16", "W8A8_STANDARD", "W8A8_CHANNEL", "W8A16_CHANNEL")
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
-BEST_W8A8 = "W8A8_GGUF_HADAMARD"  # the default for 8-bit-ish GGUF types (Q8_0, Q5_x, Q6_K, ...)
-BEST_4BIT = "W4A8_GGUF_BLOCK"  # the default for 4-bit GGUF types on chips with INT4
-GGUF_4BIT = (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q2_K, Q.Q3_K)
+BEST_QUANTIZED = "W8A16_HADAMARD"  # the default for quantized GGUF types (docs/accuracy.md)
 
 
 def pipeline_spec(name: str) -> Pipeline:
@@ -172,31 +167,16 @@ def pipeline_spec(name: str) -> Pipeline:
         raise ValueError(f"unknown NPU pipeline {name!r}; known: {', '.join(PIPELINES)}, auto") from None
 
 
-def has_int4(chip: Chip) -> bool:
-    return chip.supports(INT4_MM_INT4_TO_INT16) or chip.supports(INT8_MM_INT4_TO_INT32)
-
-
 def auto_pipeline(qtype: Q, chip: Chip) -> str:
     """The default pipeline for a GGUF tensor type on a chip ("npu:auto")."""
-    qtype = Q(qtype)
-    if qtype in FLOAT_TYPES:
-        return "W16A16"
-    if qtype in GGUF_4BIT and has_int4(chip):
-        return BEST_4BIT
-    if qtype in GGUF_EXACT_TYPES:
-        return BEST_W8A8
-    return "W8A8_HADAMARD"
+    return "W16A16" if Q(qtype) in FLOAT_TYPES else BEST_QUANTIZED
 
 
 def resolve(name: str, qtype: Q, chip: Chip) -> str:
-    """The pipeline a tensor of this type actually runs: "auto" resolved; a GGUF pipeline on a type without exact
-    integer codes (F16, IQ2_*, ...) takes the type's default instead (its weights cannot be kept as codes)."""
+    """The pipeline a tensor of this type actually runs: "auto" resolved, any other name checked."""
     if name.lower() == "auto":
         return auto_pipeline(qtype, chip)
-    spec = pipeline_spec(name)
-    if spec.weights == "gguf" and Q(qtype) not in GGUF_EXACT_TYPES:
-        return auto_pipeline(qtype, chip)
-    return spec.name
+    return pipeline_spec(name).name
 
 
 def table_markdown(chip: Chip) -> str:

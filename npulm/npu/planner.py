@@ -464,8 +464,9 @@ class NpuMatmul:
     def run_rows(self, x: np.ndarray, scale: np.ndarray, kind: int) -> tuple[np.ndarray, int]:
         """x (m, K) -> native C (n_chunks, N_pad / s, rows, s) and its row count, A packed by the C extension in
         one pass: kind 0: fp16(x / scale) from float32, kind 1: int8 rint(x / scale) from float64 (scale per row;
-        0 reads as 1), kind 2: as 0 with W16A16's power-of-two row scales computed into `scale`. Only for
-        row_factor 1 and fp16 / int8 A; callers check `_host`."""
+        0 reads as 1), kind 2: as 0 with W16A16's power-of-two row scales computed into `scale`, kind 3: int8 codes
+        and residual codes, 2m rows (row_factor 2; scale (2m,), the residuals' half computed). Only for fp16 /
+        int8 A; callers check `_host`."""
         m = x.shape[0]
         bk = self.bucket(m)
         _host.pack_a(x, scale, bk.a_arr, m, self.k, self.n_chunks, self.chunk_k, bk.rows, self.a_sub, kind)

@@ -301,6 +301,17 @@ def quantize_rows(x: np.ndarray, bits: int = 8, group: int | None = None) -> tup
     return quantize_with_scale(x, scale, bits), scale
 
 
+def quantize_rows_residual(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """~16-bit x as two int8 rows per token (the NPU's share of the CPU "a16" path): codes q1 with the per-row
+    absmax scale s1, then the residual x - q1 * s1 quantized the same way (q2, s2). x ≈ q1 s1 + q2 s2 with
+    |error| <= s2 / 2 <= s1 / 508. Returns (q1, s1, q2, s2): int8 (M, K) codes, float64 (M, 1) scales."""
+    x = np.asarray(x, np.float64)
+    q1, s1 = quantize_rows(x, 8)
+    r = x - q1 * s1  # one rounding per element: the C host path computes the same (no fused multiply-add)
+    q2, s2 = quantize_rows(r, 8)
+    return q1, s1, q2, s2
+
+
 INT8_SPLIT_SHIFT = 8  # x - 8 = 16*hi + lo covers [-136, 119] ⊇ [-128, 127]; without the shift 120..127 would not fit
 
 

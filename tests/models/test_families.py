@@ -108,8 +108,8 @@ def test_expert_weights_are_views_of_the_file(tmp_path):
     np.testing.assert_array_equal(experts[3].dequantize(), g.dequantize("blk.1.ffn_down_exps.weight")[3])
 
 
-@pytest.mark.parametrize("qtype, pipeline", [(T.F16, "W16A16"), (T.Q8_0, "W8A8_GGUF_HADAMARD"),
-                                             (T.Q4_0, "W4A8_GGUF_BLOCK")])
+@pytest.mark.parametrize("qtype, pipeline", [(T.F16, "W16A16"), (T.Q8_0, "W8A16_HADAMARD"),
+                                             (T.Q4_0, "W8A16_CHANNEL")])
 def test_experts_on_the_npu_equal_the_cpu_path(tmp_path, qtype, pipeline):
     """Experts on the emulated NPU, router and the rest on the CPU: the MoE output differs from the float path by
     less than the pipeline's stated per-matmul bound (tests/npu/test_pipelines.py)."""

@@ -35,8 +35,8 @@ def test_doctor_chip_without_int4(capsys):
     rc, out, err = run(capsys, "--runtime", "emulator", "--chip", "rk3568")
     assert rc == 0, err
     assert "type 10 int4xint4->int16" in out and "INT4 probes" in out
-    assert "W4A8_GGUF_BLOCK" in out and "INT8xINT8->INT32" in out
-    assert "Q4_0 -> W8A8" in out
+    assert "W4A8_BLOCK" in out and "INT8xINT8->INT32" in out
+    assert f"Q4_0 -> {P.BEST_QUANTIZED}" in out
 
 
 def test_doctor_without_librknnrt(capsys, monkeypatch):
