@@ -3,7 +3,7 @@
     python benchmarks/npu_overhead.py                 # K = N = 2048 and the two models' shapes, M = 1 and 128
     python benchmarks/npu_overhead.py --pipelines W8A8_CHANNEL,W16A16 --m 1
     python benchmarks/npu_overhead.py --pipelines W16A16,W8A8_CHANNEL --m 128,512 --clock wall --threads 2
-                                                      # the C host work split over 2 threads (scaling)
+    python benchmarks/npu_overhead.py --scaling 1,2   # a whole layer's C host work, 1 vs 2 threads (host_threads)
     python benchmarks/npu_overhead.py --fit           # also fit per-call / per-element host cost per pipeline and
                                                       # write npulm/npu/host_cost.py (the cost model's host term)
 
@@ -123,9 +123,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="cpu: this thread's CPU time (default; robust on a shared machine), wall: elapsed time")
     ap.add_argument("--threads", type=int, default=1, help="threads of the C host work (pipelines.C_HOST) for large "
                                                             "calls; > 1 needs --clock wall")
+    ap.add_argument("--scaling", default=None, metavar="T1,T2",
+                    help="instead: the C host work of a whole layer (Gemma-3-270M, Qwen2.5-1.5B shapes, M=512) with "
+                         "T1 and then T2 threads, wall time, min over interleaved repeats, and the ratio")
     ap.add_argument("--fit", action="store_true", help="fit host = per_call + per_elem x (A + C values) per "
                                                        "pipeline and write npulm/npu/host_cost.py")
     args = ap.parse_args(argv)
+    if args.scaling:
+        return scaling([int(v) for v in args.scaling.split(",")], args.pipelines)
     samples: dict[str, list[tuple[int, int, float]]] = {}
     global CLOCK
     if R._host is not None:  # one thread: the CPU time of the calling thread is then the whole host work
@@ -162,6 +167,45 @@ def main(argv: list[str] | None = None) -> int:
     arena.close()
     if args.fit:
         write_fit(samples)
+    return 0
+
+
+LAYERS = {  # one block's linears (K, N) at the plans' prefill M
+    "gemma3-270m": [(640, 1024), (640, 256), (640, 256), (1024, 640), (640, 2048), (640, 2048), (2048, 640)],
+    "qwen2.5-1.5b": [(1536, 1536), (1536, 256), (1536, 256), (1536, 1536), (1536, 8960), (1536, 8960), (8960, 1536)],
+}
+
+
+def scaling(threads: list[int], pipelines: str, m: int = 512, reps: int = 25) -> int:
+    """How the C host work scales with threads: per layer, wall time of every linear's host work (no-op NPU run) with
+    each thread count, interleaved so that other load hits both alike; min over repeats."""
+    if R._host is None:
+        raise SystemExit("the C host extension is not built")
+    arena = Arena(NoopRuntime("rk3588"))
+    names = [p for p in pipelines.split(",") if p in P.C_HOST]
+    print(f"C host work per layer, M={m}, ms of wall time (min of {reps}, threads interleaved)\n")
+    print("| pipeline | layer | " + " | ".join(f"{t} thread(s)" for t in threads) + f" | x ({threads[-1]} / "
+          f"{threads[0]}) |")
+    print("|---|---|" + "---|" * (len(threads) + 1))
+    for name in names:
+        for layer, shapes in LAYERS.items():
+            tot = dict.fromkeys(threads, 0.0)
+            for k, n in shapes:
+                pr = R.prepare(name, make_weight(k, n, name), arena)
+                x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+                best = dict.fromkeys(threads, math.inf)
+                for _ in range(reps):
+                    for t in threads:
+                        R._host.set_threads(t)
+                        t0 = time.perf_counter()
+                        pr(x)
+                        best[t] = min(best[t], time.perf_counter() - t0)
+                pr.close()
+                for t in threads:
+                    tot[t] += best[t]
+            print(f"| {name} | {layer} | " + " | ".join(f"{tot[t] * 1e3:.2f}" for t in threads) +
+                  f" | {tot[threads[0]] / tot[threads[-1]]:.2f} |", flush=True)
+    arena.close()
     return 0
 
 

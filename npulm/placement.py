@@ -4,8 +4,12 @@ A target is parsed once into a `MatmulSpec` (backend, pipeline, options):
   "cpu"          the CPU kernels over the GGUF blocks, activation precision by the tensor's role (npulm.cpu);
                  "cpu:a8" / "cpu:a16" fix it
   "cpu-ref"      the weight dequantized once to float32, BLAS (the reference path)
-  "npu:<PIPE>"   an NPU pipeline of the table (npulm.npu.pipelines); "npu:auto" picks it from the GGUF type; a bare
-                 pipeline name means the same (as `-ot` and `--pipeline` take it)
+  "npu:<PIPE>"   an NPU pipeline of the table (npulm.npu.pipelines); a bare pipeline name means the same (as `-ot`
+                 and `--pipeline` take it)
+  "npu:auto"     the cost model's choice per weight and phase (npulm.plan.auto_choice): the fastest measured
+                 pipeline within the accuracy budget from the batch size where it is predicted faster than the CPU,
+                 the CPU path below it, or the CPU throughout when the NPU never is; also what `--npu-layers N`
+                 places when no pipeline is named
   "npu:<PIPE>@M" per-phase placement: the NPU from M token rows per call up, the CPU path below (one load; `-ngl auto`
                  writes these from the cost model's plan)
 
@@ -86,7 +90,17 @@ def make_linear(weight: Weight, spec: MatmulSpec | str = "cpu", npu: NpuDevice |
     else:
         if npu is None:
             raise ValueError(f"{weight.name}: target {spec} needs an NPU device (npulm.npu.device.NpuDevice)")
-        lin = NpuLinear(weight, spec.pipeline, npu, fallback=lambda: make_cpu_linear(weight), min_m=spec.min_m)
+        pipeline, min_m = spec.pipeline, spec.min_m
+        if pipeline == "auto":  # the cost model's choice for this weight, per phase (npulm.plan.auto_choice)
+            from .plan import auto_choice
+
+            choice = auto_choice(weight, npu.chip)
+            if choice.pipeline is None:  # the NPU is predicted slower at every batch size: the CPU path
+                lin = make_cpu_linear(weight)
+                lin.requested = str(spec)
+                return lin
+            pipeline, min_m = choice.pipeline, max(min_m, choice.min_m)
+        lin = NpuLinear(weight, pipeline, npu, fallback=lambda: make_cpu_linear(weight), min_m=min_m)
     lin.requested = str(spec)
     return lin
 

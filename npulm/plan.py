@@ -12,7 +12,9 @@ the CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 from dataclasses import dataclass
 
@@ -224,12 +226,27 @@ def auto_specs(gguf_path, chip=None, p: int = 512, n: int = 128, max_kld: float 
 
 
 def auto_choice(weight, chip, max_kld: float = DEFAULT_MAX_KLD) -> Choice:
-    """`npu:auto` for one weight: the fastest measured pipeline whose whole-model KLD is within max_kld, from its
-    crossover M; the CPU when no pipeline is ever predicted faster."""
-    li = C.LinearShape(weight.name.split(".")[2] if weight.name.startswith("blk.") else weight.name,
-                       weight.n_in, weight.n_out, weight.type.name)
+    """`npu:auto` (and the NPU layers of `-ngl N` without a pipeline) for one weight: the fastest measured pipeline
+    whose whole-model KLD is within max_kld, on the NPU from its crossover M (the CPU path below it: decode stays on
+    the CPU where the NPU is predicted slower); the CPU when no pipeline is ever predicted faster. The cost model's
+    constants are the chip's published ones or the board profile in $NPULM_COST_PROFILE; a chip without a cost
+    model gets the GGUF type's default pipeline (`pipelines.auto_pipeline`) for every M."""
+    if chip.name not in C.CONSTANTS:  # no cost model for this chip (RK3566/68, RK3562): the GGUF type's default
+        from .npu.pipelines import auto_pipeline
+
+        return Choice(auto_pipeline(weight.type, chip))
+    role = weight.name.split(".")[2] if weight.name.startswith("blk.") else weight.name
+    profile = os.environ.get("NPULM_COST_PROFILE") or None
+    stamp = os.path.getmtime(profile) if profile else None
+    return _auto_choice(role, weight.n_in, weight.n_out, weight.type.name, chip.name, max_kld, profile, stamp)
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_choice(role: str, k: int, n: int, qtype: str, chip_name: str, max_kld: float, profile: str | None,
+                 stamp: float | None) -> Choice:
+    li = C.LinearShape(role, k, n, qtype)
     shape = C.ModelShape("one weight", 1, (li,), C.LinearShape("output", 1, 1, "F16"), 1)
-    pl = Planner(shape, chip)
+    pl = Planner(shape, chip_for(chip_name), profile)
     best, best_t = Choice(), C.cpu_linear_time(pl.c, li, 512)
     for name in pipeline_names():
         acc = measured_accuracy(name)

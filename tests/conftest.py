@@ -25,3 +25,19 @@ def tiny_model_writer():
     """write_tiny_model for tests that need their own variants (a module's `from conftest import` may find another
     directory's conftest first)."""
     return write_tiny_model
+
+
+@pytest.fixture
+def npu_predicted_fast(tmp_path, monkeypatch) -> Path:
+    """A board profile (what `npulm doctor --calibrate` writes) under which the cost model predicts the NPU faster
+    than the CPU at every batch size, so `npu:auto` / `-ngl N` place the tiny test models' weights on the NPU from
+    M=1 (with the published constants the NPU's fixed costs lose on such small weights and auto keeps the CPU)."""
+    import json
+
+    fast = {"launch_s": 0.0, "npu_row_s": 0.0, "bw_core": 1e15, "bw_total": 1e15, "ops_int8_native": 1e18,
+            "ops_fp16_native": 1e18, "ops_fp16_native_k4096": 1e18, "ops_fp16_native_k8192": 1e18,
+            "ops_int4_native": 1e18, "host_a76_factor": 1e-9}
+    path = tmp_path / "fast-npu-profile.json"
+    path.write_text(json.dumps({"constants": fast}))
+    monkeypatch.setenv("NPULM_COST_PROFILE", str(path))
+    return path

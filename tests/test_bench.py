@@ -65,7 +65,7 @@ def test_zero_disables_a_test(tiny_models, capsys):
     assert "nothing to run" in capsys.readouterr().err
 
 
-def test_npu_rows_name_the_pipeline(tiny_models, capsys):
+def test_npu_rows_name_the_pipeline(tiny_models, npu_predicted_fast, capsys):
     rows = json.loads(bench(capsys, "-m", str(tiny_models["llama-q8_0"]), "-p", "8", "-n", "0", "-r", "1",
                             "-ngl", "0,all", "-o", "json"))
     assert [r["backends"] for r in rows][0] == "CPU"

@@ -163,7 +163,7 @@ def test_internal_errors_are_one_line_and_traceback_with_verbose(tiny_models, mo
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("npulm: error: RuntimeError: boom")
 
 
-def test_emulated_npu_is_said(tiny_models, capsys):
+def test_emulated_npu_is_said(tiny_models, npu_predicted_fast, capsys):
     code, out, err = _run(["run", "-m", str(tiny_models["llama"]), "-ngl", "1", "-n", "1", "-p", "the", "--no-perf",
                            "-c", "16"], capsys)
     assert code == 0 and "npulm: warning: no librknnrt here: the NPU matmuls run on the emulator" in err

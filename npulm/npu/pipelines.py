@@ -31,7 +31,9 @@ How the CPU and NPU share the work:
   * INT4xINT4 -> INT16 partials cannot overflow: K-chunks are sized from the weights so that
     max|x code| * sum_k |w code| <= 32767 for every column (`planner.int16_safe_chunk`).
 
-Defaults ("npu:auto", `auto_pipeline`): F32/F16/BF16 -> W16A16; quantized types -> BEST_QUANTIZED.
+Type defaults (`auto_pipeline`): F32/F16/BF16 -> W16A16; quantized types -> BEST_QUANTIZED. "npu:auto" itself is
+the cost model's choice per weight and phase (`npulm.plan.auto_choice`); the type default serves chips without a
+cost model and checks that need a pipeline whatever its speed (`npulm doctor`).
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def pipeline_spec(name: str) -> Pipeline:
 
 
 def auto_pipeline(qtype: Q, chip: Chip) -> str:
-    """The default pipeline for a GGUF tensor type on a chip ("npu:auto")."""
+    """The type's default pipeline on a chip, whatever its predicted speed (`resolve("auto")`; placement's
+    "npu:auto" asks the cost model first: `npulm.plan.auto_choice`)."""
     return "W16A16" if Q(qtype) in FLOAT_TYPES else BEST_QUANTIZED
 
 

@@ -129,7 +129,7 @@ def test_experts_on_the_npu_equal_the_cpu_path(tmp_path, qtype, pipeline):
     assert d.top1_rate >= 0.9
 
 
-def test_cpu_moe_override_keeps_experts_on_the_cpu(tmp_path):
+def test_cpu_moe_override_keeps_experts_on_the_cpu(tmp_path, npu_predicted_fast):
     g = GGUFFile(family_model(tmp_path, "qwen3moe", T.Q8_0, n_ctx=32))
     placement = Placement(n_layer=2, npu_layers="all", overrides=parse_overrides(["blk.*.ffn_*_exps.*=cpu"]))
     model = load_model(g, 32, placement)
@@ -156,7 +156,7 @@ def test_cost_model_prices_experts_at_their_real_m(tmp_path):
     assert t1 < C.token_times(c, dense, cpu, 1)[0]  # decode pays for 2 of 8 experts, not all 8
 
 
-def test_info_placement_shows_experts_once_with_their_split(tmp_path, capsys):
+def test_info_placement_shows_experts_once_with_their_split(tmp_path, npu_predicted_fast, capsys):
     from npulm.cli import main
 
     path = family_model(tmp_path, "qwen3moe", T.Q8_0, n_ctx=32)

@@ -24,6 +24,9 @@ from npulm.npu.emulator import EmulatorRuntime
 from npulm.npu.rknn import RknnTimeout
 from npulm.placement import MatmulSpec, Placement, make_linear, parse_overrides, parse_spec, table
 
+# the NPU mechanics of auto-placed weights: under a profile where the NPU is predicted faster (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("npu_predicted_fast")
+
 
 class FlakyRuntime(EmulatorRuntime):
     """The emulator, with rknn_matmul_run failing (as a timed-out NPU would) once `fail` is set."""
