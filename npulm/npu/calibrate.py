@@ -133,6 +133,13 @@ def _host_factor(arena: Arena, reps: int, size: int = 2048) -> tuple[float, floa
 
 
 def write_profile(profile: dict, path: str) -> None:
+    """Write the profile; what `npulm doctor --profile` put there besides the constants (the nibble order) stays."""
+    import os
+
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        profile = {**{k: v for k, v in old.items() if k not in profile}, **profile}
     with open(path, "w") as f:
         json.dump(profile, f, indent=1)
         f.write("\n")

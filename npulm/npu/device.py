@@ -12,6 +12,7 @@ import warnings
 from . import owner
 from .chips import Chip, chip_from_env_or_board, get_chip
 from .emulator import EmulatorRuntime
+from .layout import nibble_setting
 from .librknnrt import RknnRuntime
 from .planner import Arena
 from .rknn import RknnLoadError, find_library
@@ -27,20 +28,21 @@ def open_runtime(kind: str | None = None, chip: Chip | str | None = None, lib_pa
     """librknnrt when `kind` is "rknn", or "auto" (default, or $NPULM_NPU_RUNTIME) and the library is found; the
     emulator otherwise. The choice is logged and visible as `runtime.kind` / `runtime.describe()`."""
     kind = (kind or os.environ.get(RUNTIME_ENV) or "auto").lower()
+    nibbles = emulator_options.pop("nibbles", None) or nibble_setting()  # int4 packing order (layout.nibble_setting)
     if kind not in ("auto", "rknn", "emulator"):
         raise ValueError(f"runtime kind must be auto, rknn or emulator, not {kind!r}")
     if kind in ("auto", "rknn"):
         path = lib_path or find_library()
         if path or kind == "rknn":
             try:
-                rt: Runtime = RknnRuntime(path, chip)
+                rt: Runtime = RknnRuntime(path, chip, nibbles)
                 log.info("NPU: %s (%s)", rt.describe(), rt.lib.path)
                 return rt
             except RknnLoadError as e:
                 if kind == "rknn":
                     raise
                 log.warning("NPU: %s; falling back to the emulator", e)
-    rt = EmulatorRuntime(chip, **emulator_options)
+    rt = EmulatorRuntime(chip, nibbles=nibbles, **emulator_options)
     log.info("NPU: %s", rt.describe())
     return rt
 

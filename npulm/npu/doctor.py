@@ -21,6 +21,7 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from ..linear import Weight
 from . import chips
+from . import layout as L
 from . import pipelines as P
 from . import quant as qm
 from .context import MatmulContext
@@ -55,6 +56,9 @@ def add_parser(sub) -> None:
     p.add_argument("--calibrate", metavar="PROFILE", default=None,
                    help="time this board's NPU and write the cost model's profile (JSON) for `npulm plan --profile` "
                         "and $NPULM_COST_PROFILE (refused on the emulator)")
+    p.add_argument("--profile", metavar="PROFILE", default=None,
+                   help="write what the probes find that npulm must follow (the INT4 nibble order, when it differs "
+                        "from npulm's) into this board profile (JSON; $NPULM_COST_PROFILE reads it)")
     p.set_defaults(func=cmd_doctor)
 
 
@@ -115,7 +119,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
              + ("" if enough else f": raise to >= {NOFILE_ADVICE} (ulimit -n) for big models"),
              None if emulated else enough)
     accepted = _matmul_types(rt, rep)
-    _probes(rt, rep, accepted)
+    _probes(rt, rep, accepted, getattr(args, "profile", None))
     _pipelines(rt, rep)
     rep.section("verdict")
     where = "the emulator (not hardware)" if emulated else f"{rt.chip.name} hardware"
@@ -211,7 +215,21 @@ def _operand(rng, dtype: str, shape) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------- probes
 
 
-def _probes(rt, rep: Report, accepted: set[int]) -> None:
+def write_nibbles(path: str, order: L.NibbleOrder) -> None:
+    """Merge {"nibbles": {...}} into the board profile at path (created when absent; its constants kept)."""
+    import json
+
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data["nibbles"] = {"normal": order.normal, "a_native": order.a_native, "b_native": order.b_native}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+
+
+def _probes(rt, rep: Report, accepted: set[int], profile: str | None = None) -> None:
 
     rep.section("probes (what the documentation leaves open)")
     rep.line("types rknn_matmul_create accepts", ", ".join(map(str, sorted(accepted))) or "none",
@@ -231,9 +249,17 @@ def _probes(rt, rep: Report, accepted: set[int]) -> None:
         order = {(3, 5): "low", (5, 3): "high"}.get(tuple(int(v) for v in c))
         rep.line("INT4 A nibble order (even element)", f"{order} nibble" if order else f"unexpected C {c}",
                  order is not None)
-        if order and order != rt.nibbles.a_native:
-            rep.line("", f"npulm packs A with the {rt.nibbles.a_native} nibble first: set NibbleOrder(a_native="
-                         f"'{order}')", False)
+        setting = L.nibble_setting(profile)
+        if order and order != setting.a_native:
+            board = L.NibbleOrder(setting.normal, order, setting.b_native)
+            if profile:
+                write_nibbles(profile, board)
+                rep.line("", f"npulm packs A with the {setting.a_native} nibble first: wrote \"nibbles\" "
+                             f"({board.text()}) into {profile}; use it with NPULM_COST_PROFILE={profile}")
+            else:
+                rep.line("", f"npulm packs A with the {setting.a_native} nibble first: set "
+                             f"{L.NIBBLES_ENV}=a_native={order}, or run `npulm doctor --profile PROFILE` to write it",
+                         False)
         k = 1024  # 1024 * 7 * 7 = 50176 > 32767
         with _context(rt, 1, k, n, t10) as mm:
             mm.set_B(np.full((k, n), 7, np.int8))

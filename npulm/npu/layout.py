@@ -40,10 +40,52 @@ class NibbleOrder:
             if v not in ("low", "high"):
                 raise ValueError(f"nibble order must be 'low' or 'high', not {v!r}")
 
+    @classmethod
+    def parse(cls, text: str) -> NibbleOrder:
+        """"a_native=high", "normal=low,a_native=high,b_native=high" (unnamed kinds keep their default) ->
+        NibbleOrder; ValueError naming what is wrong."""
+        fields: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or key.strip() not in ("normal", "a_native", "b_native"):
+                raise ValueError(f"int4 nibble order {text!r}: expected KIND=low|high with KIND normal, a_native or "
+                                 "b_native (comma-separated)")
+            fields[key.strip()] = value.strip().lower()
+        return cls(**fields)
+
+    def text(self) -> str:
+        return f"normal={self.normal},a_native={self.a_native},b_native={self.b_native}"
+
     def for_tensor(self, which: str, layout: int) -> str:
         if layout == LAYOUT_NATIVE:
             return self.a_native if which == "A" else self.b_native
         return self.normal
+
+
+NIBBLES_ENV = "NPULM_INT4_NIBBLES"  # e.g. "a_native=high": the board's order where it differs from the default
+
+
+def nibble_setting(profile: str | None = None) -> NibbleOrder:
+    """The int4 nibble order npulm packs with: $NPULM_INT4_NIBBLES, else the "nibbles" of the board profile
+    (`profile`, or $NPULM_COST_PROFILE; `npulm doctor --profile` writes it when the board differs), else the
+    default (Rockchip's demo)."""
+    import json
+    import os
+
+    env = os.environ.get(NIBBLES_ENV)
+    if env:
+        return NibbleOrder.parse(env)
+    profile = profile or os.environ.get("NPULM_COST_PROFILE")
+    if profile and os.path.exists(profile):
+        with open(profile) as f:
+            nib = json.load(f).get("nibbles")
+        if nib:
+            try:
+                return NibbleOrder(**nib)
+            except TypeError:
+                raise ValueError(f"{profile}: \"nibbles\" takes normal / a_native / b_native, not {sorted(nib)}") \
+                    from None
+    return NibbleOrder()
 
 
 # ----------------------------------------------------------------------------------------------------- int4 nibbles

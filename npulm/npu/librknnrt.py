@@ -23,6 +23,7 @@ from .rknn import (
     RknnMatmulShape,
     RknnQuantParams,
     check,
+    parse_version,
     rknn_context,
 )
 from .runtime import IoAttr, MatmulInfo, Mem, QuantParams, Runtime, TensorAttr
@@ -39,6 +40,15 @@ class RknnRuntime(Runtime):
                  nibbles: L.NibbleOrder | None = None):
         self.lib = RknnLib(lib_path)
         self.sdk_version, self.driver_version = self.lib.sdk_version, self.lib.driver_version
+        v = parse_version(self.sdk_version)
+        # rknn_B_normal_layout_to_native_layout: SDK 2.0.x takes (B_in, B_out, K, N, subN, subK, type); 2.1 changed it
+        # to (B_in, B_out, K, N, rknn_matmul_info *) [rknn-matmul-api.md 1, headers TK2@77b7109 / @deaba85]
+        self._b_layout_2_0 = v is not None and v[:2] < (2, 1) and \
+            self.lib.rknn_B_normal_layout_to_native_layout is not None
+        if self._b_layout_2_0:
+            self.lib.rknn_B_normal_layout_to_native_layout.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                                                       ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                                                       ctypes.c_int]
         if isinstance(chip, str):
             chip = get_chip(chip)
         if chip is None:
@@ -154,13 +164,18 @@ class RknnRuntime(Runtime):
         size = L.nbytes(b_dt, L.b_native_count(k, n, sn, sk, self.chip.b_split_k))
         if out is None:
             out = np.zeros(size, np.uint8)
-        if self.lib.rknn_B_normal_layout_to_native_layout is None:  # SDK 2.0: pack in Python with the chip's tiles
+        if self.lib.rknn_B_normal_layout_to_native_layout is None:  # no helper: pack in Python with the chip's tiles
             raw = L.to_bytes(L.b_to_native(b, sn, sk, self.chip.b_split_k), b_dt, self.nibbles.b_native)
             out[: raw.size] = raw
             return out
         if out.dtype != np.uint8 or not out.flags.c_contiguous:
             raise ValueError("out must be a contiguous uint8 buffer")
         src = np.ascontiguousarray(L.to_bytes(b, b_dt, self.nibbles.normal))
+        if self._b_layout_2_0:  # the tiles npulm packs with, passed explicitly (the 2.1+ form takes them from info)
+            check(self.lib.rknn_B_normal_layout_to_native_layout(src.ctypes.data, out.ctypes.data, k, n, sn, sk,
+                                                                 info.type),
+                  "rknn_B_normal_layout_to_native_layout", f"SDK {self.sdk_version} form, subN={sn} subK={sk}")
+            return out
         c_info = info.to_c()
         c_info.B_layout = LAYOUT_NATIVE
         check(self.lib.rknn_B_normal_layout_to_native_layout(src.ctypes.data, out.ctypes.data, k, n,

@@ -38,3 +38,9 @@ def double_lib_v16(tmp_path_factory) -> str:
 def double_lib_query_only(tmp_path_factory) -> str:
     """A double without the embedded version string: the version comes from rknn_query only."""
     return _build(tmp_path_factory.mktemp("rknnrt") / "noversion", "-DDOUBLE_NO_VERSION_STRING")
+
+
+@pytest.fixture(scope="session")
+def double_lib_v20(tmp_path_factory) -> str:
+    """A double reporting SDK 2.0.0b0, with that version's 7-argument rknn_B_normal_layout_to_native_layout."""
+    return _build(tmp_path_factory.mktemp("rknnrt") / "v20", "-DDOUBLE_SDK_2_0")

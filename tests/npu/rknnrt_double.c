@@ -10,6 +10,8 @@
  * Build: cc -shared -fPIC -O1 -o librknnrt.so rknnrt_double.c
  *   -DDOUBLE_SDK_1_6             report SDK 1.6.0 (for the version refusal test)
  *   -DDOUBLE_NO_VERSION_STRING   leave the version string out of the binary (version only via rknn_query)
+ *   -DDOUBLE_SDK_2_0             report SDK 2.0.0b0, with its rknn_B_normal_layout_to_native_layout(B_in, B_out, K, N,
+ *                                subN, subK, type) (2.1 replaced the last three by a rknn_matmul_info *)
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -18,6 +20,8 @@
 
 #ifdef DOUBLE_SDK_1_6
 #define SDK_VERSION "1.6.0"
+#elif defined(DOUBLE_SDK_2_0)
+#define SDK_VERSION "2.0.0b0"
 #else
 #define SDK_VERSION "2.3.2"
 #endif
@@ -415,7 +419,24 @@ int rknn_matmul_run(rknn_context h) {
     return 0;
 }
 
+#ifdef DOUBLE_SDK_2_0
+static int b_to_native(void *B_in, void *B_out, int K, int N, const rknn_matmul_info *info);
+
+int rknn_B_normal_layout_to_native_layout(void *B_in, void *B_out, int K, int N, int subN, int subK, int type) {
+    const chip_t *c = current_chip();
+    int kind = a_kind(type);
+    if (type != 1 && type != 2 && type != 4 && type != 10) return -5; /* RKNN_ERR_PARAM_INVALID */
+    if (subN != c->b_tile_n[kind] || subK != c->b_tile_k[kind]) return -5;
+    rknn_matmul_info info;
+    memset(&info, 0, sizeof info);
+    info.type = type;
+    return b_to_native(B_in, B_out, K, N, &info);
+}
+
+static int b_to_native(void *B_in, void *B_out, int K, int N, const rknn_matmul_info *info) {
+#else
 int rknn_B_normal_layout_to_native_layout(void *B_in, void *B_out, int K, int N, rknn_matmul_info *info) {
+#endif
     const chip_t *c = current_chip();
     rknn_matmul_info i2 = *info;
     rknn_matmul_io_attr io;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import pickle
 
+import numpy as np
 import pytest
 
 from npulm.npu import rknn as R
@@ -106,3 +107,37 @@ def test_open_runtime_selection(monkeypatch, double_lib):
     assert open_runtime(chip="rk3588").kind == "emulator"
     with pytest.raises(ValueError):
         open_runtime("gpu")
+
+
+@pytest.mark.parametrize("mm_type,k,n", [(1, 64, 48), (2, 96, 64), (10, 128, 256), (2, 8256, 32)])
+def test_sdk_2_0_b_layout_helper_takes_its_own_signature(double_lib_v20, double_lib, mm_type, k, n):
+    """SDK 2.0.x's rknn_B_normal_layout_to_native_layout(B_in, B_out, K, N, subN, subK, type): bound with that
+    signature (the 2.1 form would pass a pointer where it reads subN), packing what 2.3.2's form packs."""
+    from npulm.npu.runtime import MatmulInfo
+
+    old, new = RknnRuntime(double_lib_v20, chip="rk3588"), RknnRuntime(double_lib, chip="rk3588")
+    assert old.sdk_version.startswith("2.0") and old._b_layout_2_0 and not new._b_layout_2_0
+    lim = 7 if mm_type == 10 else 100
+    rng = np.random.default_rng(mm_type)
+    b = rng.integers(-lim, lim + 1, (k, n)).astype(np.float16 if mm_type == 1 else np.int8)
+    info = MatmulInfo(M=1, K=k, N=n, type=mm_type, B_layout=1, AC_layout=1)
+    assert np.array_equal(old.B_normal_to_native(b, info), new.B_normal_to_native(b, info))
+
+
+def test_sdk_2_0_runs_a_pipeline_like_the_emulator(double_lib_v20, tiny_models):
+    from npulm.gguf import GGUFFile
+    from npulm.linear import Weight
+    from npulm.npu.emulator import EmulatorRuntime
+    from npulm.npu.planner import Arena
+    from npulm.npu.prepared import prepare
+
+    w = Weight.from_gguf(GGUFFile(tiny_models["llama-q4_0"]), "blk.0.ffn_up.weight")
+    x = np.random.default_rng(0).standard_normal((3, w.n_in)).astype(np.float32)
+    ys = []
+    for rt in (RknnRuntime(double_lib_v20, chip="rk3588"), EmulatorRuntime("rk3588")):
+        arena = Arena(rt)
+        pr = prepare("W4A8_BLOCK", w, arena)  # int4 B through the helper
+        ys.append(pr(x))
+        pr.close()
+        arena.close()
+    assert np.array_equal(ys[0], ys[1])
