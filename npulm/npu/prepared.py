@@ -167,11 +167,21 @@ class RowScaledPrepared(Prepared):
     def _npu(self) -> str:
         return self.real.describe()
 
+    def _rotate(self, x64: np.ndarray) -> np.ndarray:
+        """x R (quant.rotate_activation), in C when the extension is there (the same values up to float64
+        rounding: a butterfly instead of numpy's Kronecker products)."""
+        rot = self.rotation
+        if _host is None:
+            return qm.rotate_activation(x64, rot)
+        out = np.empty((x64.shape[0], rot.k_pad))
+        _host.rotate(np.ascontiguousarray(x64), rot.signs, out, x64.shape[0], rot.k, rot.k_pad, rot.block)
+        return out
+
     def _call(self, x: np.ndarray) -> np.ndarray:
         m, op, real = x.shape[0], self.op, self.real
         x64 = x.astype(np.float64)
         if self.rotation is not None:
-            x64 = qm.rotate_activation(x64, self.rotation)
+            x64 = self._rotate(x64)
         if real.x_residual and _host is not None:  # the numpy lines below, in C
             sx = np.empty(2 * m)
             sx[:m] = np.abs(x64).max(axis=1) / qm.qmax(8)  # s1; the residual's s2 are computed by the packing

@@ -18,7 +18,8 @@ def _weight(k: int, n: int) -> Weight:
     return Weight(f"blk.0.t.{k}x{n}", T.F16, n, k, w)
 
 
-@pytest.mark.parametrize("pipeline", ["W16A16", "W8A8_STANDARD", "W8A8_CHANNEL", "W8A8_HADAMARD"])
+@pytest.mark.parametrize("pipeline", ["W16A16", "W8A8_STANDARD", "W8A8_CHANNEL", "W8A8_HADAMARD", "W8A16_CHANNEL",
+                                      "W8A16_HADAMARD"])
 @pytest.mark.parametrize("k,n", [(576, 192), (640, 1024), (8960, 96)])
 def test_c_host_path_is_bit_identical(pipeline, k, n, monkeypatch):
     arena = Arena(EmulatorRuntime("rk3588"))
@@ -33,6 +34,24 @@ def test_c_host_path_is_bit_identical(pipeline, k, n, monkeypatch):
         with monkeypatch.context() as mp:
             mp.setattr(P, "_host", None)
             ref = pr(x)
-        assert fast.dtype == np.float32 and np.array_equal(fast, ref), (pipeline, m)
+        assert fast.dtype == np.float32, pipeline
+        if "HADAMARD" in pipeline:  # the C rotation's butterfly rounds apart from numpy's products (~1e-16)
+            assert np.abs(fast - ref).max() < 1e-6 * np.abs(ref).max(), (pipeline, m)
+        else:
+            assert np.array_equal(fast, ref), (pipeline, m)
     pr.close()
     arena.close()
+
+
+@pytest.mark.parametrize("k,pad", [(576, False), (1536, False), (576, True)])
+def test_rotate_equals_numpy(k, pad):
+    from npulm.npu import quant as qm
+
+    rot = qm.padded_hadamard_rotation(k, seed=3) if pad else qm.block_hadamard_rotation(k, seed=3)
+    x = np.random.default_rng(k).standard_normal((70, k))
+    out = np.empty((70, rot.k_pad))
+    planner._host.rotate(x, rot.signs, out, 70, k, rot.k_pad, rot.block)
+    ref = qm.rotate_activation(x, rot)
+    assert np.abs(out - ref).max() < 1e-14 * np.abs(ref).max()  # a butterfly vs numpy's Kronecker products
+    with pytest.raises(ValueError, match="rotate"):
+        planner._host.rotate(x, rot.signs, out, 70, k, rot.k_pad, 48)
