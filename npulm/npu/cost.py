@@ -80,9 +80,12 @@ CONSTANTS: dict[str, dict[str, Const]] = {
                                           "closed runtime's CPU work per layer and token)"),
         "host_a76_factor": Const(1.5, "", "[I] npulm's host work is numpy memory passes: a 2.35 GHz A76 with "
                                           "~23 GB/s DRAM vs this x86 VM core (~2x the single-core bandwidth)"),
-        "host_threads": Const(3.0, "", "[I] the C host work (pipelines.C_HOST) splits rows over the 4 A76 "
-                                       "cores: ~75 % parallel efficiency for memory-bound passes (measured "
-                                       "single-threaded here; doctor --calibrate measures the board's)"),
+        "host_threads": Const(1.72, "", "measured: `benchmarks/npu_overhead.py --scaling 1,2` on the 2-core dev VM "
+                                        "(shared): a whole layer's C host work at M=512 ran 1.46x faster on 2 threads "
+                                        "(Gemma-3-270M layer, load 2.6; 1.0-1.1x for the 1.5B layer and under load "
+                                        "4-5, numpy copy 1.72x); parallel fraction 2(1 - 1/1.46) = 0.63 -> 3 of the 4 "
+                                        "A76 cores [I] Amdahl 1/(0.37 + 0.63/3) = 1.72 (doctor --calibrate measures "
+                                        "the board's)"),
     },
     "rk3576": {
         "npu_cores": Const(2, "", f"{_A}: RK3576 2 NPU cores"),
@@ -108,7 +111,7 @@ CONSTANTS: dict[str, dict[str, Const]] = {
         "ggml_host_elem_s": Const(0.8e-9, "s", "[I] as RK3588"),
         "rkllm_layer_s": Const(0.05e-3, "s", "[I] as RK3588"),
         "host_a76_factor": Const(2.0, "", "[I] A72 slower than A76"),
-        "host_threads": Const(3.0, "", "[I] as RK3588 (4 big cores)"),
+        "host_threads": Const(1.72, "", "[I] as RK3588 (4 big cores)"),
     },
 }
 
