@@ -5,6 +5,7 @@ Measured with the planner's own contexts (native layouts, one context per core, 
 timed is what npulm runs:
   launch_s            the smallest legal INT8 matmul, one core
   bw_core / bw_total  INT8 M=1 over a B of 8+ MB (bandwidth-bound): one core, then every core in parallel
+  npu_row_s           the cost per A row beyond the MACs: INT8 K=N=1024 timed at M=128 and 512, one core
   ops_<type>_native   M=512 x K x N per matmul type (fp16 at K=2048, 4096, 8192: the fp16 collapse), one core
   overlap             time of all cores in parallel / time of one core (1.0: the cores overlap fully)
   host_a76_factor     npulm's host work for W16A16 per call timed here / the same work in npulm.npu.host_cost
@@ -78,8 +79,20 @@ def calibrate(rt, reps: int = 20, quick: bool = False) -> dict:
         consts["bw_core"] = core_bytes / max(t_one - consts["launch_s"], 1e-9)
         consts["bw_total"] = op.b_bytes / max(t_all - consts["launch_s"], 1e-9)
         measured["overlap"] = t_all / t_one
-        # throughput per type at M=512, one core
+        # the cost per A row of a call: INT8 K=N=1024 at M=128 and 512 on one core; what grows with M beyond the MACs
+        # at the throughput measured next is npu_row_s (wtwver's M=128 rows put it at 0.68 us)
         m, wide = (4, 64) if quick else (512, 1024)
+        op = _matmul(arena, 256 if quick else 1024, wide * n_cores, INT8_MM_INT8_TO_INT32)
+        ops.append(op)
+        n_core = op.slices[0][1] - op.slices[0][0]
+        t_m = {}
+        for mm in (m // 4, m):
+            bk = op.bucket(mm)
+            t_m[mm] = (bk.rows, _median_time(lambda b=bk: arena.run_cores([b.ctxs[0]]), max(3, reps // 4)))
+        (r1, t1), (r2, t2) = t_m[m // 4], t_m[m]
+        # t = launch + rows x (row_s + 2 K N_core / ops): the slope per row, split with the ops measured at K=2048
+        slope = max(t2 - t1, 1e-12) / max(r2 - r1, 1)
+        # throughput per type at M=512, one core
         for name, mm_type, kk in (("ops_int8_native", INT8_MM_INT8_TO_INT32, 2048),
                                   ("ops_fp16_native", FLOAT16_MM_FLOAT16_TO_FLOAT32, 2048),
                                   ("ops_fp16_native_k4096", FLOAT16_MM_FLOAT16_TO_FLOAT32, 4096),
@@ -91,8 +104,14 @@ def calibrate(rt, reps: int = 20, quick: bool = False) -> dict:
             ops.append(op)
             bk = op.bucket(m)
             t = _median_time(lambda b=bk: arena.run_cores([b.ctxs[0]]), max(3, reps // 4))
-            n_core = op.slices[0][1] - op.slices[0][0]
-            consts[name] = 2.0 * bk.rows * op.chunk_k * op.n_chunks * n_core / max(t - consts["launch_s"], 1e-9)
+            n_c = op.slices[0][1] - op.slices[0][0]
+            row_s = consts.get("npu_row_s", 0.0)
+            consts[name] = 2.0 * bk.rows * op.chunk_k * op.n_chunks * n_c / max(
+                t - consts["launch_s"] - bk.rows * row_s, 1e-9)
+            if name == "ops_int8_native":  # the row cost: the K=1024 slope less its MACs at this rate, then re-solve
+                consts["npu_row_s"] = max(slope - 2.0 * (256 if quick else 1024) * n_core / consts[name], 0.0)
+                consts[name] = 2.0 * bk.rows * op.chunk_k * op.n_chunks * n_c / max(
+                    t - consts["launch_s"] - bk.rows * consts["npu_row_s"], 1e-9)
         consts["host_a76_factor"], consts["host_threads"] = _host_factor(arena, reps, 256 if quick else 2048)
     finally:
         for op in ops:

@@ -158,7 +158,7 @@ def test_calibrate_writes_a_profile_the_cost_model_loads(double_lib, tmp_path):
 
     prof = calibrate(RknnRuntime(double_lib, chip="rk3588"), reps=3, quick=True)
     assert prof["chip"] == "rk3588" and prof["constants"]["launch_s"] > 0
-    assert {"bw_core", "bw_total", "ops_int8_native", "ops_fp16_native", "host_a76_factor",
+    assert {"bw_core", "bw_total", "ops_int8_native", "ops_fp16_native", "npu_row_s", "host_a76_factor",
             "host_threads"} <= set(prof["constants"])
     path = tmp_path / "board.json"
     write_profile(prof, str(path))
