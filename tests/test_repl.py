@@ -102,6 +102,7 @@ def test_chat_line_editing_ctrl_c_and_history(chat):
 def test_ctrl_c_twice_at_the_prompt_leaves(chat):
     t, _ = chat
     t.expect("> ")
+    time.sleep(0.5)  # as a person would: on a loaded machine the prompt can show before readline takes the terminal
     t.send("\x03")
     t.expect("Ctrl-C again or Ctrl-D to leave")
     t.send("\x03")
