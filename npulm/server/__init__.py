@@ -31,6 +31,10 @@ def add_parser(sub, add_model: Callable, add_runtime: Callable) -> None:
                    help="let decode batches of 8+ rows use the CPU gemm kernel (faster; greedy replies may then "
                         "differ from a lone run's at near-ties)")
     p.add_argument("--max-body", type=int, default=4 << 20, help="largest request body in bytes (413 beyond)")
+    p.add_argument("--spec", choices=("lookup",), default=None,
+                   help="speculative decoding in every slot: 'lookup' drafts by n-gram lookup in the prompt and the "
+                        "reply so far, verified with the other slots' rows in one pass (replies unchanged)")
+    p.add_argument("--draft-max", type=int, default=16, help="most draft tokens a slot verifies in a step")
     add_runtime(p, 16384)  # -c: the total over the slots, as llama-server's (4 slots of 4096 by default)
     p.set_defaults(batch_size=128, func=cmd_serve)  # -b: prompt tokens per step, the longest stall of the others
 
@@ -67,8 +71,14 @@ def build(args: argparse.Namespace):
     llm = Llama(args.model, n_ctx=slot_context(args.model, args.ctx_size, args.parallel), n_batch=args.batch_size,
                 n_threads=args.threads, n_npu_layers=layers, pipeline=args.pipeline,
                 tensor_overrides=args.override_tensor, chip=args.chip, verbose=True)
+    speculator = None
+    if getattr(args, "spec", None) == "lookup":
+        from ..speculative import PromptLookup, Speculator
+
+        def speculator() -> Speculator:
+            return Speculator(PromptLookup(), draft_max=getattr(args, "draft_max", 16))
     engine = Engine(llm.model, llm.tokenizer, args.parallel, args.batch_size, args.max_queue, args.prefix_cache,
-                    exact_decode=getattr(args, "exact_batching", True))
+                    exact_decode=getattr(args, "exact_batching", True), speculator=speculator)
     state = ServerState(llm, engine, args.alias or served_name(args.model, llm.model_path), api_key=args.api_key,
                         max_body=args.max_body)
     return create_app(state)

@@ -95,8 +95,10 @@ class GenRequest:
 
 
 class Slot:
-    def __init__(self, index: int, model: Model):
-        self.index = index
+    """One sequence of the batch. It has what a `Speculator` needs of a session (model, cache, tokens, n_ctx)."""
+
+    def __init__(self, index: int, model: Model, speculator: Any = None):
+        self.index, self.model, self.speculator = index, model, speculator
         self.cache = model.make_cache()
         self.tokens: list[int] = []  # exactly what the cache holds
         self.req: GenRequest | None = None
@@ -107,6 +109,10 @@ class Slot:
         self.n_gen = self.n_cached = 0
         self.t_admit = self.t_first = 0.0
         self.last_used = 0.0
+
+    @property
+    def n_ctx(self) -> int:
+        return self.model.n_ctx
 
     def truncate(self, n: int) -> None:
         for layer in self.cache:
@@ -149,9 +155,11 @@ class Engine:
 
     def __init__(self, model: Model, tokenizer: Tokenizer, n_slots: int = 1, n_chunk: int = 128,
                  max_queue: int = 64, prefix_cache: bool = True, same_rows_below: int | None = None,
-                 exact_decode: bool = True):
+                 exact_decode: bool = True, speculator: Callable[[], Any] | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.slots = [Slot(i, model) for i in range(max(1, n_slots))]
+        # speculator: makes each slot's npulm.speculative.Speculator (prompt lookup): a decoding slot's row then
+        # carries its drafts, verified in the same pass as the other slots' rows
+        self.slots = [Slot(i, model, speculator() if speculator else None) for i in range(max(1, n_slots))]
         self.n_chunk, self.max_queue, self.prefix_cache = max(1, n_chunk), max_queue, prefix_cache
         # passes of fewer rows than this compute each row as it is computed alone (the CPU kernels' rows algorithm);
         # a prompt chunk joins the decode rows only below it, so greedy replies are the same batched or alone
@@ -301,20 +309,24 @@ class Engine:
                 decode.append(slot)
             elif prefill is None:  # one prompt chunk per step: the others wait at most one chunk
                 prefill = slot
-        rows = [[s.next_token] for s in decode]
+        drafts = {s.index: s.speculator.propose(s, s.next_token, s.req.sampler) for s in decode if s.speculator}
+        rows = [[s.next_token, *(drafts[s.index].tokens if s.index in drafts else ())] for s in decode]
+        n_rows = sum(map(len, rows))
         chunk = prefill.pending[:self.n_chunk] if prefill is not None else []
-        if chunk and len(rows) + len(chunk) < self.same_rows_below:
+        if chunk and n_rows + len(chunk) < self.same_rows_below and n_rows == len(rows):
             self._pass([*decode, prefill], [*rows, chunk])
         else:  # a row's result must not depend on the rows beside it: kernels that switch algorithm at some M
             if decode:
-                with rows_kernel(len(rows)) if self.exact_decode else contextlib.nullcontext():
-                    self._pass(decode, rows)
+                with rows_kernel(n_rows) if self.exact_decode else contextlib.nullcontext():
+                    self._pass(decode, rows, drafts)
             if chunk:
                 self._pass([prefill], [chunk])
 
-    def _pass(self, batch: list[Slot], rows: list[list[int]]) -> None:
-        try:
-            outs = self.model.forward_batch(rows, [s.cache for s in batch])
+    def _pass(self, batch: list[Slot], rows: list[list[int]], drafts: dict | None = None) -> None:
+        drafted = any(d.tokens for d in (drafts or {}).values())
+        t0 = time.perf_counter()
+        try:  # with drafts, every row's logits (a decode pass: each slot's rows are its token and its drafts)
+            outs = self.model.forward_batch(rows, [s.cache for s in batch], 0 if drafted else -1)
         except Exception as e:  # a failing pass (e.g. the NPU refused a call) fails this batch's requests only
             log.exception("forward pass failed")
             for slot in batch:
@@ -322,6 +334,7 @@ class Engine:
                 slot.truncate(0)  # some layers may hold the rows: start this slot over
                 slot.release()
             return
+        seconds, n_rows = time.perf_counter() - t0, sum(map(len, rows))
         n_gen = 0
         for slot, row, logits in zip(batch, rows, outs):
             slot.tokens.extend(row)
@@ -330,16 +343,47 @@ class Engine:
                 del slot.pending[:len(row)]
                 if slot.pending:
                     continue
-            n_gen += self._sample(slot, logits[-1])
+            draft = drafts.get(slot.index) if drafts else None
+            if draft is None or not draft.tokens:
+                if draft is not None:  # a lookup step without a draft: its pass time still teaches the controller
+                    slot.speculator.length.observe(1, seconds / n_rows, 0, 0, 0.0, draft.key)
+                n_gen += self._sample(slot, logits[-1])
+                continue
+            n_gen += self._verify(slot, row, logits, draft, seconds * len(row) / n_rows)
         self.n_generated += n_gen
         now = time.monotonic()
         self.recent.append((now, n_gen))
         while self.recent and self.recent[0][0] < now - 60:
             self.recent.popleft()
 
+    def _verify(self, slot: Slot, row: list[int], logits: np.ndarray, draft: Any, seconds: float) -> int:
+        """A slot's token and drafts went through the pass: keep the agreed drafts (the target sampler's own draws,
+        as npulm.speculative.verify), roll the cache back past the rest, emit each kept token in order. The pass time
+        is charged to the slot by its share of the rows (on the CPU, rows cost about alike)."""
+        from ..speculative import accept
+
+        n0 = len(slot.tokens) - len(row)  # row[0] (the last emitted token) sits at n0
+        out = accept(logits, draft, slot.req.sampler, slot.tokens[:n0 + 1])
+        slot.truncate(n0 + len(out))  # the token and the accepted drafts; the last emitted is not in the cache
+        spec = slot.speculator
+        spec.length.observe(len(row), seconds, len(draft.tokens), len(out) - 1, 0.0, draft.key)
+        st = spec.stats
+        st.steps, st.proposed, st.accepted, st.emitted = st.steps + 1, st.proposed + len(draft.tokens), \
+            st.accepted + len(out) - 1, st.emitted + len(out)
+        n = 0
+        for i, token in enumerate(out):
+            n += self._emit(slot, token, logits[i], n0 + 1 + i)
+            if slot.req is None:  # finished (end of generation, stop string, max_tokens, context): the rest is dropped
+                break
+        return n
+
     def _sample(self, slot: Slot, logits: np.ndarray) -> int:
+        return self._emit(slot, slot.req.sampler(logits, slot.tokens), logits)
+
+    def _emit(self, slot: Slot, token: int, logits: np.ndarray, held: int | None = None) -> int:
+        """A sampled token to the client (or the end of the reply); 1 if it counts as generated. held: the tokens
+        the sequence holds before this one (a verified draft's position; default: what the cache holds)."""
         req = slot.req
-        token = req.sampler(logits, slot.tokens)
         if slot.t_first == 0.0:
             slot.t_first = time.monotonic()
         if token in self.tokenizer.eog_ids and not req.ignore_eos:
@@ -356,7 +400,7 @@ class Engine:
             self._finish(slot, "stop", flush=False)
         elif req.max_tokens is not None and slot.n_gen >= req.max_tokens:
             self._finish(slot, "length")
-        elif len(slot.tokens) >= self.n_ctx:
+        elif (len(slot.tokens) if held is None else held) >= self.n_ctx:
             self._finish(slot, "length")
         else:
             slot.next_token = token

@@ -95,3 +95,30 @@ def test_rows_kernel_is_scoped_to_a_pass():
     with rows_kernel(default + 4):
         assert _kernels.get_gemm_min_m() == default + 5
     assert _kernels.get_gemm_min_m() == default
+
+
+def test_prompt_lookup_in_the_slots_changes_no_reply(tiny_models):
+    """Slots that speculate (prompt lookup, drafts verified with the other slots' rows in one pass) give every
+    request the tokens it gets without speculation, greedy and seeded; drafts were verified and kept."""
+    from npulm.speculative import PromptLookup, Speculator
+
+    llm = Llama(str(tiny_models["llama-q8_0"]), n_ctx=256, verbose=False)  # C kernels: row-exact passes
+    prompts = [llm.tokenize(t) for t in ("the cat in the hat", "in the cat the hat the", "a b c a b c a b", "the")]
+
+    def requests():
+        return [greedy(p, 30) for p in prompts] + [GenRequest(prompts[0], make_sampler(0.9, seed=5), max_tokens=30)]
+
+    plain = run(Engine(llm.model, llm.tokenizer, n_slots=3), requests())
+    speculators = []
+
+    def make():
+        speculators.append(Speculator(PromptLookup(), draft_max=6))
+        return speculators[-1]
+
+    model = Recorded(llm.model)
+    spec = run(Engine(model, llm.tokenizer, n_slots=3, speculator=make), requests())
+    tokens = [[e.token for e in out if isinstance(e, TokenEvent)] for out in plain]
+    assert [[e.token for e in out if isinstance(e, TokenEvent)] for out in spec] == tokens
+    assert [out[-1].reason for out in spec] == [out[-1].reason for out in plain]
+    assert sum(s.stats.accepted for s in speculators) > 0  # drafts were kept, not only proposed
+    assert any(rows > 1 for p in model.passes for rows in p)  # a slot's row carried drafts
