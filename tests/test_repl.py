@@ -102,11 +102,19 @@ def test_chat_line_editing_ctrl_c_and_history(chat):
 def test_ctrl_c_twice_at_the_prompt_leaves(chat):
     t, _ = chat
     t.expect("> ")
-    time.sleep(0.5)  # as a person would: on a loaded machine the prompt can show before readline takes the terminal
-    t.send("\x03")
-    t.expect("Ctrl-C again or Ctrl-D to leave")
-    t.send("\x03")
+    for _ in range(3):  # under a loaded test run a press has been seen to get lost: a person presses again
+        time.sleep(0.5)
+        t.send("\x03")
+        try:
+            t.expect("Ctrl-C again or Ctrl-D to leave", timeout=10)
+            break
+        except AssertionError:
+            if t.proc.poll() is not None:
+                raise
+    if t.proc.poll() is None:
+        t.send("\x03")
     assert t.close() == 0
+    assert "Ctrl-C again or Ctrl-D to leave" in t.screen and "Traceback" not in t.screen
 
 
 def test_no_template_warning(tiny_models, tmp_path):
