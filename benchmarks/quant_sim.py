@@ -3,6 +3,7 @@
     python benchmarks/quant_sim.py                    # matmul errors on real + synthetic activations (~2 min)
     python benchmarks/quant_sim.py --wht              # also time the Walsh-Hadamard transform variants
     python benchmarks/quant_sim.py --ppl-chunks 2     # also perplexity / KL vs float per recipe (slow: ~1 min/chunk)
+    python benchmarks/quant_sim.py --weight-error     # also the weights' requantization error, int8 / int4 grids
 
 Sections:
   1. GGUF-exact codes: every linear weight's codes dequantized vs gguf.quants.dequantize (equal float32 values),
@@ -10,7 +11,10 @@ Sections:
   2. Matmul relative error ||y - x W^T|| / ||x W^T|| per recipe, W = the GGUF weight dequantized, x = the real
      inputs of every linear captured from a forward pass over lee_background, and synthetic N(0, 1) rows with a few
      outlier channels.
-  3. (--ppl-chunks) the model run with every block linear replaced by the recipe's simulation: PPL (llama-perplexity
+  3. (--weight-error) ||W_q - W|| / ||W|| over the block linears when the GGUF weight is requantized: int8 / int4,
+     per channel (absmax or MSE clip) or per group of g inputs (which needs one partial sum per group: g-wide
+     K-chunks or row-expanded A), without rotation, after the block Hadamard, after the padded one.
+  4. (--ppl-chunks) the model run with every block linear replaced by the recipe's simulation: PPL (llama-perplexity
      method, -c 512), mean KL(float || recipe) and top-1 agreement over the scored tokens.
 """
 
@@ -264,6 +268,31 @@ def section_wht() -> None:
                       + " | ".join(f"{v:.3f}" for v in row) + " |")
 
 
+def section_weight_error(weights: list[Weight]) -> None:
+    print("\n## 3. Requantization error of the weights, ||W_q - W|| / ||W|| (root mean square over tensors)\n")
+    cols = [("per channel, absmax", "chan", "absmax"), ("per channel, MSE clip", "chan", "mse")] + [
+        (f"per {g} inputs, MSE clip", g, "mse") for g in (32, 64, 192)]
+    print("| bits | rotation | " + " | ".join(c[0] for c in cols) + " |")
+    print("|---" * (len(cols) + 2) + "|")
+    for bits in (8, 4):
+        for rot in ("none", "block", "pad"):
+            errs: dict[str, list[float]] = defaultdict(list)
+            for w in weights:
+                f = w.dequantize().astype(np.float64)
+                k = f.shape[1]
+                r = {"none": None, "block": qm.block_hadamard_rotation(k), "pad": qm.padded_hadamard_rotation(k)}[rot]
+                fr = f if r is None else qm.rotate_weight(f, r)
+                for label, group, clip in cols:
+                    if group != "chan" and (fr.shape[1] % group or rot == "pad"):
+                        continue
+                    codes, scale = (qm.quantize_per_channel(fr, bits, clip) if group == "chan"
+                                    else qm.quantize_groupwise(fr, group, bits, clip))
+                    err = np.linalg.norm(qm.dequantize_codes(codes, scale) - fr) / np.linalg.norm(f)
+                    errs[label].append(float(err))
+            cells = [f"{np.sqrt(np.mean(np.square(errs[c[0]]))):.4f}" if errs.get(c[0]) else "-" for c in cols]
+            print(f"| int{bits} | {rot} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=assets.SMOLLM2, help="known model name or GGUF path")
@@ -272,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", default=",".join(P.PIPELINES), help="comma-separated recipe names")
     ap.add_argument("--ppl-chunks", type=int, default=0, help="also run perplexity/KLD on this many 512-token chunks")
     ap.add_argument("--wht", action="store_true", help="also time the Walsh-Hadamard transform variants")
+    ap.add_argument("--weight-error", action="store_true", help="also the weights' requantization error")
     args = ap.parse_args(argv)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     t0 = time.perf_counter()
@@ -279,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# Quantization recipes on {g.kv.get('general.name', args.model)}")
     section_gguf_exact(linear_weights(g))
     section_matmul(linear_weights(g, args.layer_step), capture_activations(g, args.tokens), recipes)
+    if args.weight_error:
+        section_weight_error(linear_weights(g, args.layer_step))
     if args.ppl_chunks:
         section_ppl(g, recipes, args.ppl_chunks)
     if args.wht:
