@@ -2,6 +2,8 @@
 
     python benchmarks/accuracy.py                  # both models, every pipeline, 8 chunks (about half an hour)
     python benchmarks/accuracy.py --chunks 2 --models smollm2-135m --pipelines W16A16,W8A16_HADAMARD
+    python benchmarks/accuracy.py --render         # docs/accuracy.md and .png again from the measurements kept in
+                                                   # docs/accuracy.json, speed columns from today's cost model
 
 For SmolLM2-135M (Q4_1) and Gemma-3-270M (Q4_K_M) on lee_background (-c 512, 8 chunks, llama-perplexity's method:
 the second half of each chunk scored): perplexity, mean KL divergence against the model's dequantized float32 CPU
@@ -20,11 +22,12 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -58,7 +61,7 @@ TARGETS = {  # ΔPPL and mean KLD vs the CPU path (W16A16: vs cpu-ref)
 }
 
 
-@dataclass
+@dataclasses.dataclass
 class Row:
     name: str
     kind: str  # "cpu" | "anchor" | "npulm" | "variant"
@@ -349,6 +352,22 @@ def plot(results: dict[str, tuple[list[Row], dict]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def save_results(path: Path, results: dict[str, tuple[list[Row], dict]], conts: dict, n_chunks: int,
+                 elapsed: float) -> None:
+    """The measurements (not the predictions) as JSON, so that the doc can be rendered again (`--render`)."""
+    data = {"date": datetime.date.today().isoformat(), "n_chunks": n_chunks, "minutes": elapsed / 60,
+            "models": {m: {"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}
+                       for m, (rows, meta) in results.items()},
+            "continuations": conts}
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+def load_results(path: Path) -> tuple[dict[str, tuple[list[Row], dict]], dict, int, float]:
+    data = json.loads(path.read_text())
+    results = {m: ([Row(**r) for r in v["rows"]], v["meta"]) for m, v in data["models"].items()}
+    return results, data["continuations"], data["n_chunks"], data["minutes"] * 60
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -358,18 +377,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(DOCS), help="directory for accuracy.md and accuracy.png")
     ap.add_argument("--table", action="store_true", help="also rewrite npulm/npu/accuracy_measured.py (the plan's "
                                                          "accuracy table)")
+    ap.add_argument("--render", action="store_true", help="no measuring: accuracy.md / .png from the measurements "
+                                                          "in accuracy.json (the speed columns are recomputed)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    pipelines = [P.pipeline_spec(p).name for p in args.pipelines.split(",") if p]
-    results, conts = {}, {}
-    for model in args.models.split(","):
-        results[model] = run_model(model, pipelines, args.chunks)
-        if model == assets.SMOLLM2 and not args.no_continuations:
-            say(f"{model}: greedy continuations")
-            conts[model] = continuations(model, P.BEST_QUANTIZED)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.md").write_text(markdown(results, conts, args.chunks, time.perf_counter() - t0))
+    if args.render:
+        results, conts, n_chunks, elapsed = load_results(out / "accuracy.json")
+    else:
+        pipelines = [P.pipeline_spec(p).name for p in args.pipelines.split(",") if p]
+        results, conts = {}, {}
+        for model in args.models.split(","):
+            results[model] = run_model(model, pipelines, args.chunks)
+            if model == assets.SMOLLM2 and not args.no_continuations:
+                say(f"{model}: greedy continuations")
+                conts[model] = continuations(model, P.BEST_QUANTIZED)
+        n_chunks, elapsed = args.chunks, time.perf_counter() - t0
+        out.mkdir(parents=True, exist_ok=True)
+        save_results(out / "accuracy.json", results, conts, n_chunks, elapsed)
+    (out / "accuracy.md").write_text(markdown(results, conts, n_chunks, elapsed))
     if args.table:
         write_table(results)
     plot(results, out / "accuracy.png")

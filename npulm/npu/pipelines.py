@@ -158,8 +158,9 @@ PIPELINES: dict[str, Pipeline] = {p.name: p for p in [
 # host work wholly in the C extension (rotation, packing, epilogue; threaded by rows)
 C_HOST = ("W16A16", "W8A8_STANDARD", "W8A8_CHANNEL", "W8A8_HADAMARD", "W8A16_CHANNEL", "W8A16_HADAMARD")
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
-# The default for quantized GGUF types: the one pipeline within ΔPPL +0.1 % / KLD 0.002 of the CPU path, and the
-# fastest predicted prefill (docs/accuracy.md). W8A16_* halve the NPU memory at KLD ~0.003-0.004.
+# The default for quantized GGUF types: the one pipeline within the accuracy bar (ΔPPL +0.1 %, KLD 0.002 against
+# the CPU path), and the fastest predicted prefill of the accurate ones (docs/accuracy.md). W8A16_* halve the NPU
+# memory and miss the KLD bar (int8 weights per channel: docs/accuracy.md, benchmarks/quant_sim.py --weight-error).
 BEST_QUANTIZED = "W16A16"
 
 
