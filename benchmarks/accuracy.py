@@ -224,7 +224,15 @@ def markdown(results: dict[str, tuple[list[Row], dict]], conts: dict, n_chunks: 
            "token, pp512 and tg128 in tok/s and against the CPU. The plot (accuracy.png) puts each pipeline's KLD "
            "and ΔPPL against the CPU path next to its predicted pp512 and tg128 against the CPU's.", "",
            "Kinds: **anchor** = rk-llama.cpp's recipes (the prior art; its W16A16 is the plain fp16 path), **npulm** "
-           "= pipelines of our own, variant = intermediate recipes. The dotted line in the plot is KLD 0.002.", ""]
+           "= pipelines of our own, variant = intermediate recipes. The dotted line in the plot is KLD 0.002.", "",
+           "Every pipeline makes one NPU call per core per K-chunk, chunks as wide as the chip allows. With ~16-bit x "
+           "(W8A16_*: x's int8 codes and its residual's int8 codes, two rows of one call) what is left of the error "
+           "is the weights' requantization to int8 per output channel; `python benchmarks/quant_sim.py "
+           "--weight-error` prints it per channel and per group, with and without rotation. Finer weight scales, "
+           "and the GGUF's own exact codes with their scale per 32 inputs, need one partial sum per group: more "
+           "calls, or A rows expanded per group (the four GGUF-block pipelines this table had made 6,480-14,040 "
+           "calls per SmolLM2 token). 4-bit weights requantized from the GGUF stay near 10 % weight error even "
+           "per 32 inputs, hence the W4 rows.", ""]
     for model, (rows, meta) in results.items():
         cpu, ref = rows[1], rows[0]
         speed = predicted(model)
