@@ -41,3 +41,14 @@ def npu_predicted_fast(tmp_path, monkeypatch) -> Path:
     path.write_text(json.dumps({"constants": fast}))
     monkeypatch.setenv("NPULM_COST_PROFILE", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def weather_tools() -> list[dict]:
+    """Two OpenAI tool definitions (an enum argument, a bounded integer) for the tool-call tests."""
+    return [{"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+                                              "parameters": {"type": "object", "properties": {
+                                                  "city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}}},
+            {"type": "function", "function": {"name": "add", "parameters": {
+                "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["a"], "additionalProperties": False}}}]

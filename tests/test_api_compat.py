@@ -121,35 +121,28 @@ def test_response_format_and_grammar_constrain_a_random_model(llm):
                                    response_format={"type": "json_object"})
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
-                                           "parameters": {"type": "object", "properties": {
-                                               "city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}}},
-         {"type": "function", "function": {"name": "add", "parameters": {
-             "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
-             "required": ["a"], "additionalProperties": False}}}]
-
-
-def test_tool_choice_named_and_required_give_openai_tool_calls(tiny_models):
+def test_tool_choice_named_and_required_give_openai_tool_calls(tiny_models, weather_tools):
     llm = Llama(str(tiny_models["llama"]), n_ctx=2048, seed=1, verbose=False)  # the tool prompt, letter by letter
     msgs = [{"role": "user", "content": "weather in Paris?"}]
-    out = llm.create_chat_completion(msgs, tools=TOOLS, max_tokens=200, temperature=0.7, seed=3,
+    out = llm.create_chat_completion(msgs, tools=weather_tools, max_tokens=200, temperature=0.7, seed=3,
                                      tool_choice={"type": "function", "function": {"name": "get_weather"}})
     choice = out["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     call = choice["message"]["tool_calls"][0]
     assert call["type"] == "function" and call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Oslo")
-    out = llm.create_chat_completion(msgs, tools=TOOLS, tool_choice="required", max_tokens=200, temperature=0.7,
+    out = llm.create_chat_completion(msgs, tools=weather_tools, tool_choice="required", max_tokens=200, temperature=0.7,
                                      seed=4)
     assert out["choices"][0]["message"]["tool_calls"][0]["function"]["name"] in ("get_weather", "add")
-    chunks = list(llm.create_chat_completion(msgs, tools=TOOLS, tool_choice="required", max_tokens=200,
+    chunks = list(llm.create_chat_completion(msgs, tools=weather_tools, tool_choice="required", max_tokens=200,
                                              temperature=0.7, seed=4, stream=True))
     calls = [c["choices"][0]["delta"]["tool_calls"] for c in chunks if "tool_calls" in c["choices"][0]["delta"]]
     assert calls and calls[0][0]["index"] == 0 and chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     follow = msgs + [out["choices"][0]["message"], {"role": "tool", "tool_call_id": "x", "content": "22 C"}]
-    assert llm.create_chat_completion(follow, tools=TOOLS, max_tokens=3)["choices"][0]["message"]["role"]
+    assert llm.create_chat_completion(follow, tools=weather_tools, max_tokens=3)["choices"][0]["message"]["role"]
     with pytest.raises(ValueError, match="not among the tools"):
-        llm.create_chat_completion(msgs, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
+        llm.create_chat_completion(msgs, tools=weather_tools,
+                                   tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
 def test_embeddings_pool_as_asked_and_normalize(llm):

@@ -63,6 +63,14 @@ def keyed_server(tiny_models):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def tool_server(tiny_models):
+    """A server with room for a tool prompt (the tiny model's vocabulary spells it letter by letter)."""
+    s = RunningServer(str(tiny_models["llama"]), ctx_size=2048, parallel=1)
+    yield s
+    s.stop()
+
+
 @pytest.fixture(scope="session")
 def start_server():
     """RunningServer itself, for tests that need other options (call .stop() when done)."""

@@ -105,18 +105,7 @@ def test_auth(keyed_server):
     assert c.generate(model="tiny", prompt="the", options=OPTIONS, stream=False).done
 
 
-TOOLS = [{"type": "function", "function": {"name": "add", "description": "add numbers", "parameters": {
-    "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]
-
-
-@pytest.fixture(scope="module")
-def tool_server(tiny_models, start_server):
-    s = start_server(str(tiny_models["llama"]), ctx_size=2048, parallel=1)  # the tool prompt, letter by letter
-    yield s
-    s.stop()
-
-
-def test_chat_with_tools(tool_server):
+def test_chat_with_tools(tool_server, weather_tools):
     """`tools` reach the model through the prompt; the reply comes whole (streamed or not), with Ollama's
     tool_calls (arguments as objects) when the text holds a call, and a call goes back into the history."""
     from npulm.server.ollama_routes import ollama_message
@@ -125,16 +114,16 @@ def test_chat_with_tools(tool_server):
     c = client(tool_server)
     messages = [{"role": "user", "content": "add one"}]
     plain = c.chat(model="tiny", messages=messages, options=OPTIONS, stream=False)
-    r = c.chat(model="tiny", messages=messages, tools=TOOLS, options=OPTIONS, stream=False)
+    r = c.chat(model="tiny", messages=messages, tools=weather_tools, options=OPTIONS, stream=False)
     assert r.done and r.message.role == "assistant" and r.prompt_eval_count > plain.prompt_eval_count
-    parts = list(c.chat(model="tiny", messages=messages, tools=TOOLS, options=OPTIONS, stream=True))
+    parts = list(c.chat(model="tiny", messages=messages, tools=weather_tools, options=OPTIONS, stream=True))
     assert len(parts) == 1 and parts[0].done and parts[0].message.content == r.message.content
 
-    use = ToolUse(messages, TOOLS, None, tool_server.state.llm.chat_template.source)
+    use = ToolUse(messages, weather_tools, None, tool_server.state.llm.chat_template.source)
     msg = ollama_message(use, '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>', "stop")
     assert msg["tool_calls"] == [{"function": {"name": "add", "arguments": {"a": 1}}}]
     assert ollama.Message(**msg).tool_calls[0].function.arguments == {"a": 1}  # the client's own model
     follow = messages + [msg, {"role": "tool", "content": "2"}]
-    assert c.chat(model="tiny", messages=follow, tools=TOOLS, options=OPTIONS, stream=False).done
+    assert c.chat(model="tiny", messages=follow, tools=weather_tools, options=OPTIONS, stream=False).done
     with pytest.raises(ollama.ResponseError):
         c.chat(model="tiny", messages=messages, tools=[{"type": "function"}], stream=False)

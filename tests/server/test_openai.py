@@ -206,22 +206,7 @@ def test_response_format_json_schema(server):
                                                response_format={"type": "xml"})
 
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
-                                           "parameters": {"type": "object", "properties": {
-                                               "city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}}},
-         {"type": "function", "function": {"name": "add", "parameters": {
-             "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
-             "required": ["a"], "additionalProperties": False}}}]
-
-
-@pytest.fixture(scope="module")
-def tool_server(tiny_models, start_server):
-    s = start_server(str(tiny_models["llama"]), ctx_size=2048, parallel=1)  # the tool prompt, letter by letter
-    yield s
-    s.stop()
-
-
-def test_tool_calls(tool_server):
+def test_tool_calls(tool_server, weather_tools):
     """tools / tool_choice through the model's template, OpenAI tool_calls back (plain and streamed), the same
     reply as the Python API's for a greedy request."""
     import json
@@ -231,17 +216,17 @@ def test_tool_calls(tool_server):
     c = client(tool_server)
     msgs = [{"role": "user", "content": "weather in Paris?"}]
     named = {"type": "function", "function": {"name": "get_weather"}}
-    r = c.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, tool_choice=named, max_tokens=200,
+    r = c.chat.completions.create(model="tiny", messages=msgs, tools=weather_tools, tool_choice=named, max_tokens=200,
                                   temperature=0)
     assert r.choices[0].finish_reason == "tool_calls"
     call = r.choices[0].message.tool_calls[0]
     assert call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo")
     alone = Llama(tool_server.state.llm.model_path, n_ctx=2048, verbose=False).create_chat_completion(
-        msgs, tools=TOOLS, tool_choice=named, max_tokens=200, temperature=0)["choices"][0]["message"]
+        msgs, tools=weather_tools, tool_choice=named, max_tokens=200, temperature=0)["choices"][0]["message"]
     assert alone["tool_calls"][0]["function"] == {"name": call.function.name, "arguments": call.function.arguments}
 
-    stream = c.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, tool_choice="required",
+    stream = c.chat.completions.create(model="tiny", messages=msgs, tools=weather_tools, tool_choice="required",
                                        max_tokens=200, temperature=0.7, seed=4, stream=True)
     chunks = list(stream)
     calls = [d.tool_calls for d in (ch.choices[0].delta for ch in chunks if ch.choices) if d.tool_calls]
@@ -250,7 +235,8 @@ def test_tool_calls(tool_server):
     # the call goes back into the history with the tool's answer
     follow = msgs + [r.choices[0].message.model_dump(exclude_none=True),
                      {"role": "tool", "tool_call_id": call.id, "content": "22 C"}]
-    assert c.chat.completions.create(model="tiny", messages=follow, tools=TOOLS, max_tokens=3).choices[0].message
+    reply = c.chat.completions.create(model="tiny", messages=follow, tools=weather_tools, max_tokens=3)
+    assert reply.choices[0].message
     with pytest.raises(openai.BadRequestError, match="not among the tools"):
-        c.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS,
+        c.chat.completions.create(model="tiny", messages=msgs, tools=weather_tools,
                                   tool_choice={"type": "function", "function": {"name": "nope"}})
