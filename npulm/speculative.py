@@ -331,11 +331,11 @@ class DraftLength:
             r = self.rate(k, key)
             if r > best_rate:
                 best, best_rate = k, r
-        if 0 < best < top:  # now and then one draft more: a longer pass timed once when the machine was busy
-            n = self.longer_steps.get(key, 0) + 1  # would otherwise never be chosen (and re-timed) again
-            self.longer_steps[key] = 0 if n >= self.probe_every else n
-            if n >= self.probe_every:
-                return best + 1
+        if 0 < best < top:  # now and then the longest draft: a pass cost need not grow in step with M (on the CPU
+            n = self.longer_steps.get(key, 0) + 1  # kernels it jumps and then flattens), and an M never chosen
+            self.longer_steps[key] = 0 if n >= self.probe_every else n  # is never timed; sizes between two timed
+            if n >= self.probe_every:  # ones are interpolated
+                return top
         if best == 0 and top >= max(self.k_min, 1):
             n = self.plain_steps.get(key, 0) + 1
             # the first probes come early while only single-token passes have been timed

@@ -227,10 +227,10 @@ def test_draft_length_timing_probes_and_backoff():
     assert waits == [4, 8, 16]
     c.observe(2, 2.0, 1, 1, key=1)  # (a drafted step, not a probe: the wait stays)
     assert c.probe_wait[1] == 32
-    # with a good kind, one draft more now and then re-times a longer pass
+    # with a good kind, the longest draft now and then times the far end of the pass cost
     c = DraftLength(k_max=6, pass_cost=lambda m: 1.0 if m <= 2 else 9.0, probe_every=4)
     c.counts[3] = [9.0, 10.0]
-    assert [c.choose(6, key=3) for _ in range(4)] == [1, 1, 1, 2]
+    assert [c.choose(6, key=3) for _ in range(4)] == [1, 1, 1, 6]
 
 
 def test_vocab_check_and_llama_hooks(tiny_model_writer, tmp_path):
