@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -37,12 +38,27 @@ from . import layout as L
 from .rknn import CORE_0, CORE_1, CORE_2, LAYOUT_NATIVE, MATMUL_TYPES, SYNC_FROM_DEVICE, SYNC_TO_DEVICE
 from .runtime import MatmulInfo, Mem, Runtime
 
+HOST_FUNCTIONS = ("pack_a", "unpack_c", "rotate", "set_threads")
+
+
+def usable_host(module):
+    """The C host module if it has every function this code calls, else None after one warning: a module built
+    from older sources (an editable install not rebuilt after an update) would fail mid-call."""
+    if module is not None and not all(hasattr(module, f) for f in HOST_FUNCTIONS):
+        warnings.warn("npulm: the C host module (npulm.npu._host) was built from older sources; NPU host work runs "
+                      "in numpy. Rebuild it: pip install -e . (or python setup.py build_ext --inplace)",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return module
+
+
 try:  # the host work in C (A packing, C epilogue); the numpy path otherwise
     from . import _host
-
-    _host.set_threads(min(4, os.cpu_count() or 1))  # rows split over the CPU's cores for large calls
 except ImportError:  # pragma: no cover - the extension is optional
     _host = None
+_host = usable_host(_host)
+if _host is not None:
+    _host.set_threads(min(4, os.cpu_count() or 1))  # rows split over the CPU's cores for large calls
 
 log = logging.getLogger("npulm.npu")
 

@@ -55,3 +55,17 @@ def test_rotate_equals_numpy(k, pad):
     assert np.abs(out - ref).max() < 1e-14 * np.abs(ref).max()  # a butterfly vs numpy's Kronecker products
     with pytest.raises(ValueError, match="rotate"):
         planner._host.rotate(x, rot.signs, out, 70, k, rot.k_pad, 48)
+
+
+def test_a_host_module_built_from_older_sources_is_not_used():
+    """An extension missing a function the code calls (built before an update) falls back to numpy, with a warning
+    saying how to rebuild, instead of failing mid-call."""
+    import types
+
+    from npulm.npu.planner import HOST_FUNCTIONS, usable_host
+
+    stale = types.SimpleNamespace(**{f: None for f in HOST_FUNCTIONS if f != "rotate"})
+    with pytest.warns(RuntimeWarning, match="built from older sources"):
+        assert usable_host(stale) is None
+    fresh = types.SimpleNamespace(**{f: None for f in HOST_FUNCTIONS})
+    assert usable_host(fresh) is fresh and usable_host(None) is None
