@@ -7,12 +7,15 @@
  * with code an unsigned byte, d16 a float scale per 16 values, bias32 per 32 values and off a per-type constant
  * (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q8_0: 128 with code = q + 128, others 0).
  *
- * Two algorithms:
+ * Three algorithms:
  *   rows  (decode, small M): stream each weight row once, unpack a block into SIMD registers, dot it with the M
  *         quantized activation rows. Memory-bound at M = 1; threads split the output rows.
  *   gemm  (prefill, M >= gemm_min_m): each thread unpacks a panel of 16 (x86) / 8 (NEON) weight rows into a small
  *         scratch with rows interleaved per 4 codes, then a register-tiled kernel multiplies every activation row
  *         with it: one int8 dot instruction covers 16 (or 4) output columns, so per-block scaling costs little.
+ *
+ *   packed (AVX512-VNNI builds, every M): the weight repacked once at load into the gemm's panel layout, 4-bit codes
+ *         kept as nibbles; no per-call packing, so it serves decode too, and M = 8 costs far less than 8 x M = 1.
  *
  * ISA paths are chosen at compile time: x86 AVX2+FMA+F16C (VNNI dot if AVX512-VNNI+VL or AVX-VNNI), x86
  * AVX512BW+VNNI for the gemm, aarch64 NEON (dotprod if __ARM_FEATURE_DOTPROD) for both, and a scalar fallback.
@@ -1525,6 +1528,224 @@ static void gemm_task(void *ctx, int64_t t, int tid) {
 #define HAVE_GEMM 1
 #endif
 
+/* ------------------------------------------------------------------------------------------------------------ */
+/* packed: the weight repacked once at load into 16-row panels, so that one VNNI instruction multiplies 4 inputs   */
+/* of 16 output rows by one activation row. The rows kernel spends ~4 instructions per (32-block, output, row of   */
+/* x) and the gemm repacks on every call; here a pass of M = 8 costs little more than M = 1 (the point of         */
+/* batched decode and speculative verification). Per (panel, 32-block): codes as [group of 4][row][4] bytes         */
+/* (4-bit types: two groups per byte, low nibbles the even group), f32 scales [half][row], f32 bias [row]; 4-bit    */
+/* types keep their size within ~20 %, the others grow to ~1.1-1.25 bytes per weight.                             */
+
+#if defined(NL_X86_GEMM)
+#define PK_NIB(T) ((T) == NL_Q4_0 || (T) == NL_Q4_1 || (T) == NL_Q4_K)
+#define HAVE_PACKED 1
+
+static int64_t pk_block_bytes(int type) {
+    const type_info *ti = tinfo(type);
+    return (PK_NIB(type) ? 256 : 512) + 64 * ti->halves + (ti->bias ? 64 : 0);
+}
+
+typedef struct {
+    const nl_mat *w;
+    uint8_t *out;
+    int64_t panels_per_task;
+    atomic_int failed;
+} pk_pack_ctx;
+
+static void pk_pack_task(void *ctx, int64_t t, int tid) {
+    (void)tid;
+    pk_pack_ctx *c = ctx;
+    const nl_mat *w = c->w;
+    const int64_t k = w->k, kb = k / 32, bb = pk_block_bytes(w->type), np = (w->n + 15) / 16;
+    const type_info *ti = tinfo(w->type);
+    const int nib = PK_NIB(w->type), cb = nib ? 256 : 512, H = ti->halves;
+    uint8_t *codes = malloc((size_t)(16 * k + 64));
+    float *d16 = malloc((size_t)(16 * 2 * kb) * 4), *bias = malloc((size_t)(16 * kb) * 4);
+    if (!codes || !d16 || !bias) atomic_store(&c->failed, 1);
+    for (int64_t p = t * c->panels_per_task; codes && d16 && bias && p < np && p < (t + 1) * c->panels_per_task; p++) {
+        for (int r = 0; r < 16; r++) {
+            const int64_t n = 16 * p + r;
+            if (n < w->n) unpack_row_fast(w->type, w->data + n * w->row_bytes, k, codes + r * k, d16 + r * 2 * kb,
+                                          bias + r * kb);
+            else { /* padding rows: zero scales, so they add nothing */
+                memset(codes + r * k, 0, (size_t)k);
+                memset(d16 + r * 2 * kb, 0, (size_t)(2 * kb) * 4);
+                memset(bias + r * kb, 0, (size_t)kb * 4);
+            }
+        }
+        for (int64_t b = 0; b < kb; b++) {
+            uint8_t *pb = c->out + (p * kb + b) * bb;
+            float *ps = (float *)(pb + cb);
+            for (int r = 0; r < 16; r++) {
+                const uint8_t *src = codes + r * k + 32 * b;
+                for (int g = 0; g < 8; g++)
+                    for (int i = 0; i < 4; i++) {
+                        if (!nib) pb[64 * g + 4 * r + i] = src[4 * g + i];
+                        else if (g % 2 == 0) pb[64 * (g / 2) + 4 * r + i] = src[4 * g + i];
+                        else pb[64 * (g / 2) + 4 * r + i] |= (uint8_t)(src[4 * g + i] << 4);
+                    }
+                for (int h = 0; h < H; h++) ps[16 * h + r] = d16[r * 2 * kb + 2 * b + h];
+                if (ti->bias) ps[16 * H + r] = bias[r * kb + b];
+            }
+        }
+    }
+    free(codes);
+    free(d16);
+    free(bias);
+}
+
+/* MR activation rows x NP panels (2, or 1 at the tail) of the packed weight, from panel address `panel` on. */
+INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, const int MR, const int NP,
+                    const uint8_t *panel, int64_t pstride, const acts *A, int64_t m0, int64_t kb, float *y,
+                    int64_t ldy, int64_t n0, int nvalid) {
+    const int cb = NIB ? 256 : 512, bb = cb + 64 * H + 64 * BIAS;
+    const __m512i m4 = _mm512_set1_epi8(15);
+    __m512 facc[4][2]; /* fixed sizes (MR <= 4, NP <= 2): the accumulators stay in registers */
+    const int8_t *aq[4];
+    const float *ad[4], *as[4];
+    const int32_t *ac[4];
+    for (int m = 0; m < MR; m++) {
+        aq[m] = A->q + (m0 + m) * A->k;
+        ad[m] = A->d + (m0 + m) * kb;
+        as[m] = A->s + (m0 + m) * kb;
+        ac[m] = H == 2 ? A->c16 + (m0 + m) * 2 * kb : A->c32 + (m0 + m) * kb;
+        for (int p = 0; p < NP; p++) facc[m][p] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < kb; b++) {
+        const uint8_t *pb = panel + b * bb;
+        for (int h = 0; h < H; h++) {
+            __m512i iacc[4][2];
+            for (int m = 0; m < MR; m++) {
+                const __m512i start = OFF ? _mm512_set1_epi32(ac[m][H * b + h]) : _mm512_setzero_si512();
+                for (int p = 0; p < NP; p++) iacc[m][p] = start;
+            }
+#pragma GCC unroll 8
+            for (int g = h * (8 / H); g < (h + 1) * (8 / H); g++) {
+                __m512i wv[2];
+                for (int p = 0; p < NP; p++) {
+                    if (!NIB) wv[p] = _mm512_load_si512((const void *)(pb + p * pstride + 64 * g));
+                    else {
+                        const __m512i raw = _mm512_load_si512((const void *)(pb + p * pstride + 64 * (g / 2)));
+                        wv[p] = _mm512_and_si512(g % 2 ? _mm512_srli_epi16(raw, 4) : raw, m4);
+                    }
+                }
+                for (int m = 0; m < MR; m++) {
+                    int32_t a4;
+                    memcpy(&a4, aq[m] + 32 * b + 4 * g, 4);
+                    const __m512i av = _mm512_set1_epi32(a4);
+                    for (int p = 0; p < NP; p++) iacc[m][p] = _mm512_dpbusd_epi32(iacc[m][p], wv[p], av);
+                }
+            }
+            __m512 dw[2];
+            for (int p = 0; p < NP; p++) dw[p] = _mm512_load_ps((const float *)(pb + p * pstride + cb + 64 * h));
+            for (int m = 0; m < MR; m++) {
+                const __m512 dx = _mm512_set1_ps(ad[m][b]);
+                for (int p = 0; p < NP; p++)
+                    facc[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m][p]), _mm512_mul_ps(dw[p], dx), facc[m][p]);
+            }
+        }
+        if (BIAS) {
+            __m512 bw[2];
+            for (int p = 0; p < NP; p++) bw[p] = _mm512_load_ps((const float *)(pb + p * pstride + cb + 64 * H));
+            for (int m = 0; m < MR; m++) {
+                const __m512 sx = _mm512_set1_ps(as[m][b]);
+                for (int p = 0; p < NP; p++) facc[m][p] = _mm512_fmadd_ps(bw[p], sx, facc[m][p]);
+            }
+        }
+    }
+    for (int p = 0; p < NP; p++) {
+        const int v = nvalid - 16 * p;
+        const __mmask16 mask = v >= 16 ? 0xffff : (__mmask16)((1u << (v > 0 ? v : 0)) - 1);
+        for (int m = 0; m < MR; m++) _mm512_mask_storeu_ps(y + (m0 + m) * ldy + n0 + 16 * p, mask, facc[m][p]);
+    }
+}
+
+/* Panels p0 .. p1 against all m activation rows: pairs of panels, 4 rows of x at a time, the rest 1-3 at once.  */
+#define PK_TILES(NIB, OFF, BIAS, H, NP)                                                                         \
+    {                                                                                                           \
+        int64_t m0 = 0;                                                                                         \
+        for (; m0 + 4 <= m; m0 += 4) pk_tile(NIB, OFF, BIAS, H, 4, NP, pp, ps, A, m0, kb, y, ldy, n0, nv);      \
+        switch (m - m0) {                                                                                       \
+        case 3: pk_tile(NIB, OFF, BIAS, H, 3, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;                    \
+        case 2: pk_tile(NIB, OFF, BIAS, H, 2, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;                    \
+        case 1: pk_tile(NIB, OFF, BIAS, H, 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;                    \
+        }                                                                                                       \
+    }
+#define PK_VARIANT(NAME, NIB, OFF, BIAS, H)                                                                     \
+    static void NAME(const nl_mat *w, const acts *A, int64_t m, int64_t p0, int64_t p1, float *y) {           \
+        const int64_t kb = w->k / 32, ps = kb * pk_block_bytes(w->type), ldy = w->n;                          \
+        for (int64_t p = p0; p < p1; p += 2) {                                                                  \
+            const uint8_t *pp = w->packed + p * ps;                                                             \
+            const int64_t n0 = 16 * p;                                                                          \
+            const int nv = (int)(w->n - n0 < 32 ? w->n - n0 : 32);                                              \
+            if (p + 1 < p1) PK_TILES(NIB, OFF, BIAS, H, 2) else PK_TILES(NIB, OFF, BIAS, H, 1)                  \
+        }                                                                                                       \
+    }
+PK_VARIANT(pk_nib_off, 1, 1, 0, 1)  /* Q4_0 */
+PK_VARIANT(pk_nib_bias, 1, 0, 1, 1) /* Q4_1, Q4_K */
+PK_VARIANT(pk_off, 0, 1, 0, 1)      /* Q5_0, Q8_0 */
+PK_VARIANT(pk_bias, 0, 0, 1, 1)     /* Q5_1, Q5_K */
+PK_VARIANT(pk_off_h2, 0, 1, 0, 2)   /* Q6_K */
+
+typedef struct {
+    const nl_mat *w;
+    const acts *a;
+    float *y;
+    int64_t m, panels_per_task;
+    float *yout; /* as in rows_ctx */
+    int64_t m_out;
+} pk_ctx;
+
+static void pk_task(void *ctx, int64_t t, int tid) {
+    (void)tid;
+    const pk_ctx *c = ctx;
+    const nl_mat *w = c->w;
+    const int64_t np = (w->n + 15) / 16, p0 = t * c->panels_per_task;
+    const int64_t p1 = p0 + c->panels_per_task < np ? p0 + c->panels_per_task : np;
+    const type_info *ti = tinfo(w->type);
+    void (*f)(const nl_mat *, const acts *, int64_t, int64_t, int64_t, float *) =
+        ti->halves == 2 ? pk_off_h2 : PK_NIB(w->type) ? (ti->bias ? pk_nib_bias : pk_nib_off)
+                                                      : (ti->bias ? pk_bias : pk_off);
+    f(w, c->a, c->m, p0, p1, c->y);
+    if (c->yout) fold_residual(c->y, c->yout, c->m_out, w->n, 16 * p0, 16 * p1 < w->n ? 16 * p1 : w->n);
+}
+#endif
+
+int nl_pack_available(int type) {
+#ifdef HAVE_PACKED
+    return tinfo(type) != NULL && type != NL_F16;
+#else
+    (void)type;
+    return 0;
+#endif
+}
+
+int64_t nl_packed_bytes(int type, int64_t n, int64_t k) {
+#ifdef HAVE_PACKED
+    if (!nl_pack_available(type) || nl_row_bytes(type, k) < 0 || n <= 0) return -1;
+    return (n + 15) / 16 * (k / 32) * pk_block_bytes(type);
+#else
+    (void)type, (void)n, (void)k;
+    return -1;
+#endif
+}
+
+int nl_pack(const nl_mat *w, uint8_t *out) {
+#ifdef HAVE_PACKED
+    if (nl_packed_bytes(w->type, w->n, w->k) < 0 || ((uintptr_t)out & 63)) return -1;
+    CALL_LOCK();
+    ensure_pool();
+    const int64_t np = (w->n + 15) / 16;
+    pk_pack_ctx c = {w, out, 16, 0};
+    parallel(pk_pack_task, &c, (np + c.panels_per_task - 1) / c.panels_per_task);
+    CALL_UNLOCK();
+    return atomic_load(&c.failed) ? -1 : 0;
+#else
+    (void)w, (void)out;
+    return -1;
+#endif
+}
+
 int nl_gemm_available(int type) {
 #ifdef HAVE_GEMM
     return tinfo(type) != NULL && type != NL_F16;
@@ -1581,6 +1802,18 @@ int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path) {
             goto out;
         }
     }
+#ifdef HAVE_PACKED
+    /* packed weights: every M (an output row's sum does not depend on the other rows of x, nor on the threads) */
+    if (w->packed && (path == NL_PATH_AUTO || path == NL_PATH_PACKED)) {
+        const int64_t np = (w->n + 15) / 16;
+        const int nt = w->n * k * (mk < 4 ? mk : 4) < 65536 ? 1 : g_threads;
+        int64_t per = (np + 8 * nt - 1) / (8 * nt);
+        per = nt == 1 ? np : per < 2 ? 2 : (per + 1) & ~(int64_t)1; /* whole pairs of panels */
+        pk_ctx c = {w, &A, yk, mk, per, yout, m};
+        parallel(pk_task, &c, (np + per - 1) / per);
+        goto out;
+    }
+#endif
 #ifdef HAVE_GEMM
     /* the algorithm depends on M, the type and the path argument only, never on the thread count */
     if (w->type != NL_F16 && (path == NL_PATH_GEMM || (path == NL_PATH_AUTO && m >= g_gemm_min_m))) {

@@ -12,7 +12,7 @@ enum {
 };
 
 /* Which algorithm nl_matmul uses; AUTO picks by M. */
-enum { NL_PATH_AUTO = 0, NL_PATH_ROWS = 1, NL_PATH_GEMM = 2 };
+enum { NL_PATH_AUTO = 0, NL_PATH_ROWS = 1, NL_PATH_GEMM = 2, NL_PATH_PACKED = 3 };
 
 typedef struct {
     const uint8_t *data; /* n rows of row_bytes, GGUF block layout */
@@ -21,6 +21,8 @@ typedef struct {
     /* 1: each activation row goes in as two int8 rows, x's blocks and their quantization residual, and the two
      * products are summed: ~16-bit activations for twice the integer work (no effect on F16 weights) */
     int act16;
+    /* NULL, or the rows repacked by nl_pack (64-byte aligned, nl_packed_bytes long): then AUTO uses them for every M */
+    const uint8_t *packed;
 } nl_mat;
 
 /* float16 bits -> float without F16C / fp16 hardware (subnormals, inf and nan kept); used by kernels.c and ops.c */
@@ -46,6 +48,12 @@ int64_t nl_row_bytes(int type, int64_t k);
 int nl_type_supported(int type);
 /* 1 if the packed integer GEMM (fast prefill) exists for this type on this build. */
 int nl_gemm_available(int type);
+
+/* 1 if this build has the packed small-M kernel for the type; bytes nl_pack writes for an n x k weight, or -1 */
+int nl_pack_available(int type);
+int64_t nl_packed_bytes(int type, int64_t n, int64_t k);
+/* Repack W's rows into out (nl_packed_bytes, 64-byte aligned); 0, or -1. Set w->packed = out to use it. */
+int nl_pack(const nl_mat *w, uint8_t *out);
 
 /* y (m, n) = x (m, k) @ W.T; x and y C-contiguous float32. Returns 0, or -1 on a bad argument / no memory. */
 int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path);

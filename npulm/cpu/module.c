@@ -14,6 +14,7 @@
 typedef struct {
     Py_buffer view; /* keeps the weight memory (an mmap) alive */
     nl_mat mat;
+    void *packed;   /* owned: the repacked rows, or NULL */
 } weight_handle;
 
 static const char *CAPSULE = "npulm.cpu.weight";
@@ -22,18 +23,20 @@ static void handle_free(PyObject *cap) {
     weight_handle *h = PyCapsule_GetPointer(cap, CAPSULE);
     if (h) {
         PyBuffer_Release(&h->view);
+        free(h->packed);
         PyMem_Free(h);
     }
 }
 
-/* weight(buffer, type, n, k, act16=0) -> handle */
+/* weight(buffer, type, n, k, act16=0, pack=0) -> handle; pack: also keep the rows repacked for the packed kernel
+ * (where this build has it for the type) */
 static PyObject *py_weight(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *obj;
     int type;
     long long n, k;
-    int act16 = 0;
-    if (!PyArg_ParseTuple(args, "OiLL|p", &obj, &type, &n, &k, &act16)) return NULL;
+    int act16 = 0, pack = 0;
+    if (!PyArg_ParseTuple(args, "OiLL|pp", &obj, &type, &n, &k, &act16, &pack)) return NULL;
     const int64_t rb = nl_row_bytes(type, k);
     if (rb < 0 || n <= 0) {
         PyErr_Format(PyExc_ValueError, "unsupported weight: type %d with %lld x %lld values", type, n, k);
@@ -58,6 +61,21 @@ static PyObject *py_weight(PyObject *self, PyObject *args) {
     h->mat.k = k;
     h->mat.row_bytes = rb;
     h->mat.act16 = act16;
+    const int64_t pbytes = pack ? nl_packed_bytes(type, n, k) : -1;
+    if (pbytes > 0) {
+        int rc = -1;
+        Py_BEGIN_ALLOW_THREADS
+        if (posix_memalign(&h->packed, 64, (size_t)pbytes)) h->packed = NULL;
+        rc = h->packed ? nl_pack(&h->mat, h->packed) : -1;
+        Py_END_ALLOW_THREADS
+        if (rc) {
+            free(h->packed);
+            PyBuffer_Release(&h->view);
+            PyMem_Free(h);
+            return PyErr_NoMemory();
+        }
+        h->mat.packed = h->packed;
+    }
     PyObject *cap = PyCapsule_New(h, CAPSULE, handle_free);
     if (!cap) {
         PyBuffer_Release(&h->view);
@@ -202,6 +220,20 @@ static PyObject *py_gemm_available(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(nl_gemm_available((int)t));
 }
 
+static PyObject *py_pack_available(PyObject *self, PyObject *arg) {
+    (void)self;
+    long t = PyLong_AsLong(arg);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(nl_pack_available((int)t));
+}
+
+static PyObject *py_packed(PyObject *self, PyObject *arg) {
+    (void)self;
+    weight_handle *h = PyCapsule_GetPointer(arg, CAPSULE);
+    if (!h) return NULL;
+    return PyLong_FromLongLong(h->packed ? nl_packed_bytes(h->mat.type, h->mat.n, h->mat.k) : 0);
+}
+
 static PyObject *py_row_bytes(PyObject *self, PyObject *args) {
     (void)self;
     int type;
@@ -217,9 +249,10 @@ static PyObject *py_isa(PyObject *self, PyObject *unused) {
 }
 
 static PyMethodDef methods[] = {
-    {"weight", py_weight, METH_VARARGS, "weight(buffer, type, n, k) -> handle over GGUF rows (kept alive)"},
+    {"weight", py_weight, METH_VARARGS,
+     "weight(buffer, type, n, k, act16=False, pack=False) -> handle over GGUF rows (kept alive), pack: also repacked"},
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL,
-     "matmul(handle, x, out, path=0): out = x @ W.T (path 0 auto, 1 rows kernel, 2 packed gemm)"},
+     "matmul(handle, x, out, path=0): out = x @ W.T (path 0 auto, 1 rows kernel, 2 gemm, 3 the repacked rows)"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(handle, r0, r1, out): rows r0..r1 as float32"},
     {"set_num_threads", py_set_num_threads, METH_O, "threads for the kernels (< 1: CPU count)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "threads used by the kernels"},
@@ -229,6 +262,8 @@ static PyMethodDef methods[] = {
     {"get_gemm_min_m", py_get_gemm_min_m, METH_NOARGS, "smallest M that uses the packed gemm"},
     {"supported", py_supported, METH_O, "whether matmul handles a GGML type id"},
     {"gemm_available", py_gemm_available, METH_O, "whether the packed int8 gemm exists for a type on this build"},
+    {"pack_available", py_pack_available, METH_O, "whether weight(..., pack=True) repacks a type on this build"},
+    {"packed_bytes", py_packed, METH_O, "bytes of a handle's repacked rows (0: not repacked)"},
     {"row_bytes", py_row_bytes, METH_VARARGS, "row_bytes(type, k): bytes per row, -1 if unsupported"},
     {"isa", py_isa, METH_NOARGS, "instruction set the kernels were built for"},
     {NULL, NULL, 0, NULL},

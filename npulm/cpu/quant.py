@@ -1,7 +1,10 @@
 """QuantLinear: y = x @ W.T computed straight from the GGUF blocks (the zero-copy mmap view), no float32 copy.
 
-Small M (decode) streams the blocks once against int8-quantized activations (the "rows" kernel); M >= the gemm
-threshold uses a packed int8 GEMM where this build has one (AVX512-VNNI, NEON dotprod). Builds without it keep the
+Where this build has the packed kernel (AVX512-VNNI), the weight is also repacked once at load into 16-row panels
+and every M multiplies those: one int8 dot instruction covers 16 outputs, so a pass of M = 8 rows (a batched decode
+step, a speculative verify) costs little more than M = 1, and an output row does not depend on the other rows.
+Otherwise small M (decode) streams the blocks once against int8-quantized activations (the "rows" kernel); M >= the
+gemm threshold uses a packed int8 GEMM where this build has one (NEON dotprod). Builds without it keep the
 rows kernel for every M: each task re-reads its rows from L2 for every 4 activation rows, and on an AVX2 build it
 measured as fast as dequantizing tiles for OpenBLAS at M = 512 (and far steadier when other threads share the
 cores). F16 weights, with no integer kernel, go through dequantized tiles + BLAS at large M. Quantizing x per
@@ -28,7 +31,7 @@ try:
 except ImportError:  # reported once by npulm.cpu
     _kernels = None
 
-PATH_AUTO, PATH_ROWS, PATH_GEMM = 0, 1, 2
+PATH_AUTO, PATH_ROWS, PATH_GEMM, PATH_PACKED = 0, 1, 2, 3
 TILE_BYTES = 4 << 20  # dequantized tile for the BLAS fallback: few dequantize/BLAS alternations
 _scratch = threading.local()
 _F32 = np.float32
@@ -49,7 +52,7 @@ class QuantLinear(Linear):
     def supports(weight: Weight) -> bool:
         return _kernels is not None and _kernels.row_bytes(int(weight.type), weight.n_in) > 0
 
-    def __init__(self, weight: Weight, act16: bool = False):
+    def __init__(self, weight: Weight, act16: bool = False, pack: bool | None = None):
         super().__init__(weight)
         if not self.supports(weight):
             raise ValueError(f"{weight.name}: no CPU kernel for {weight.type.name} with {weight.n_in} inputs")
@@ -57,13 +60,17 @@ class QuantLinear(Linear):
             raise ValueError(f"{weight.name}: weight data must be C-contiguous")
         self.act16 = act16
         self.runs_on = "cpu:a16" if act16 else "cpu:a8"
-        self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in, act16)
+        if pack is None:  # a module built before the packed kernel has no pack_available
+            pack = getattr(_kernels, "pack_available", lambda _: False)(int(weight.type))
+        self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in, act16, pack)
+        self.packed = bool(pack) and _kernels.packed_bytes(self._h) > 0
         # F16 has no integer kernel: large M goes through dequantized tiles + BLAS
         self._tiled = weight.type == GGMLQuantizationType.F16
         self._tile_rows = max(16, TILE_BYTES // (4 * weight.n_in))
 
     def __call__(self, x: np.ndarray, path: int = PATH_AUTO) -> np.ndarray:
-        """x (..., n_in) -> (..., n_out) float32; path forces the rows kernel (1) or the gemm (2), for tests."""
+        """x (..., n_in) -> (..., n_out) float32; path forces the rows kernel (1), the gemm (2) or the repacked rows (3),
+        for tests."""
         # fast path: what the forward passes, 2-D C-contiguous float32 (anything else goes through _general)
         if (type(x) is np.ndarray and x.dtype is _F32_DTYPE and x.ndim == 2 and x.flags.c_contiguous
                 and x.shape[1] == self.n_in):

@@ -83,7 +83,7 @@ def check(y: np.ndarray, x: np.ndarray, w: np.ndarray, quantized: bool = True, a
     assert np.all(tight <= 1e-5 * (np.abs(xq) @ np.abs(w64).T) + 1e-30), "differs from exact int8 emulation"
 
 
-PATHS = [cpu.PATH_AUTO, cpu.PATH_ROWS, cpu.PATH_GEMM]
+PATHS = [cpu.PATH_AUTO, cpu.PATH_ROWS, cpu.PATH_GEMM, cpu.PATH_PACKED]
 
 
 CASES = [(t, n, k) for t in SIMPLE + KQUANT for n, k in [(37, 512), (67, 768)]]
@@ -120,6 +120,25 @@ def test_act16(t: T) -> None:
             y = lin16(x, path=path)
             check(y, x, w, act16=True)
             assert np.abs(y - ref).max() < np.abs(lin8(x, path=path) - ref).max() / 30
+
+
+@pytest.mark.skipif(not cpu.available() or not cpu.quant._kernels.pack_available(int(T.Q4_0)),
+                    reason="no packed kernel on this build")
+@pytest.mark.parametrize("t", SIMPLE + KQUANT, ids=lambda t: t.name)
+def test_packed_rows_do_not_depend_on_the_batch(t: T) -> None:
+    """The repacked weight: a row of x gets the same bits alone as in a batch of 8 or 37 (batched decode and
+    speculative verification then give exactly a lone run's logits), and the same as the rows kernel within the
+    quantization bound."""
+    n, k = 45, 512
+    data = random_weight(t, n, k)
+    lin = cpu.QuantLinear(as_weight(data, t, n, k))
+    assert lin.packed and cpu.quant._kernels.packed_bytes(lin._h) > 0
+    x = RNG.standard_normal((37, k)).astype(np.float32)
+    batch = lin(x)
+    for m in (1, 8):
+        assert np.array_equal(lin(x[:m]), batch[:m])
+    check(batch, x, quants.dequantize(data, t))
+    assert not cpu.QuantLinear(as_weight(data, t, n, k), pack=False).packed
 
 
 def test_default_spec_picks_activation_precision_by_role() -> None:

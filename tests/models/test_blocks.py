@@ -77,6 +77,32 @@ def test_attention_long_context_slices(monkeypatch, window, m):
         cpu.set_num_threads(before)
 
 
+@pytest.mark.parametrize("window", [0, 4])
+@pytest.mark.parametrize("n_head_kv", [1, 3])
+def test_attention_row_is_the_same_alone_or_batched(window, n_head_kv):
+    """Rows sharing a cache (a verify pass, a batched step) are chunked to share key conversions; each row's output
+    is still bit for bit what that row gets alone, so batching and speculation cannot flip a greedy token."""
+    shape = blocks.AttentionShape(n_head=3 * n_head_kv, n_head_kv=n_head_kv, head_dim_k=64, head_dim_v=64,
+                                  scale=0.125, window=window)
+    cached = rng.standard_normal((n_head_kv, 40, 64)), rng.standard_normal((n_head_kv, 40, 64))
+    m = 7
+    q = rng.standard_normal((m, shape.n_head, 64)).astype(np.float32)
+    k = rng.standard_normal((m, n_head_kv, 64)).astype(np.float32)
+    v = rng.standard_normal((m, n_head_kv, 64)).astype(np.float32)
+
+    def cache_after(n: int) -> KVCache:
+        cache = KVCache(n_head_kv, 64, 64, 64)
+        cache.set_state(*cached)
+        if n:
+            blocks.attention(q[:n], k[:n], v[:n], cache, shape)
+        return cache
+
+    batched = blocks.attention(q, k, v, cache_after(0), shape)
+    for i in range(m):
+        alone = blocks.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], cache_after(i), shape)
+        np.testing.assert_array_equal(alone[0], batched[i])
+
+
 def test_attention_reads_float16_edge_values(monkeypatch):
     """Head sizes off the 8-lane conversion (so the scalar float16 decoder runs too) and cached values that are
     subnormal, zero, negative zero or near float16's largest: the C path decodes them as numpy does."""
