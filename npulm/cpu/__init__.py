@@ -20,7 +20,17 @@ import warnings
 from gguf.constants import GGMLQuantizationType
 
 from ..linear import Linear, Weight
-from .quant import PATH_AUTO, PATH_GEMM, PATH_PACKED, PATH_ROWS, DenseLinear, F32Linear, QuantLinear, RowReader, _kernels
+from .quant import (
+    PATH_AUTO,
+    PATH_GEMM,
+    PATH_PACKED,
+    PATH_ROWS,
+    DenseLinear,
+    F32Linear,
+    QuantLinear,
+    RowReader,
+    _kernels,
+)
 
 __all__ = ["QuantLinear", "F32Linear", "DenseLinear", "RowReader", "row_reader", "make_cpu_linear", "available", "isa",
            "set_num_threads", "get_num_threads", "set_spin_us", "PATH_AUTO", "PATH_ROWS", "PATH_GEMM",

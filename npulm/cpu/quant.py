@@ -69,8 +69,8 @@ class QuantLinear(Linear):
         self._tile_rows = max(16, TILE_BYTES // (4 * weight.n_in))
 
     def __call__(self, x: np.ndarray, path: int = PATH_AUTO) -> np.ndarray:
-        """x (..., n_in) -> (..., n_out) float32; path forces the rows kernel (1), the gemm (2) or the repacked rows (3),
-        for tests."""
+        """x (..., n_in) -> (..., n_out) float32; path forces the rows kernel (1), the gemm (2) or the repacked
+        rows (3), for tests."""
         # fast path: what the forward passes, 2-D C-contiguous float32 (anything else goes through _general)
         if (type(x) is np.ndarray and x.dtype is _F32_DTYPE and x.ndim == 2 and x.flags.c_contiguous
                 and x.shape[1] == self.n_in):
