@@ -53,9 +53,12 @@ class Linear:
     """y = x @ W.T for x of shape (M, n_in) float32 -> (M, n_out) float32.
 
     `requested` is the target placement asked for ("cpu", "npu:auto", ...; empty when built directly); `runs_on`
-    says where the matmul actually runs ("cpu:a16", "npu:W8A16_HADAMARD", a CPU path after an NPU fallback)."""
+    says where the matmul actually runs ("cpu:a16", "npu:W8A16_HADAMARD", a CPU path after an NPU fallback).
+    `row_exact`: an output row is the same bits whatever other rows x holds, for every M (then batching sequences or
+    prompt chunks together cannot change any of them)."""
 
     runs_on = "abstract"
+    row_exact = False
 
     def __init__(self, weight: Weight):
         self.name, self.n_in, self.n_out, self.type = weight.name, weight.n_in, weight.n_out, weight.type

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .generate import Session
+from .generate import Session, plain_step
 from .models import Model
 from .models.cache import KVCache
 from .placement import Placement
@@ -258,9 +258,14 @@ def verify(session: Session, token: int, draft: Draft, sampler: Sampler) -> list
     """One pass over [token, *drafts] (token: the last emitted, not yet in the cache), then the cache rolled back to
     hold token and the accepted drafts. Returns the emitted tokens (the last of them is not in the cache yet)."""
     n0 = len(session.tokens)
-    logits = session.eval([token, *draft.tokens], logits_from=0)
+    return settle(session, n0, session.eval([token, *draft.tokens], logits_from=0), draft, sampler)
+
+
+def settle(session: Any, n0: int, logits: np.ndarray, draft: Draft, sampler: Sampler) -> list[int]:
+    """After a pass over [token, *drafts] with token at position n0 (a Session, a server slot: anything with
+    `tokens` and `truncate`): the emitted tokens, and the cache rolled back to token + the accepted drafts."""
     out = accept(logits, draft, sampler, session.tokens[:n0 + 1])
-    session.truncate(n0 + len(out))  # token + the len(out) - 1 accepted drafts
+    session.truncate(n0 + len(out))
     return out
 
 
@@ -430,18 +435,20 @@ class Speculator:
         t0 = time.perf_counter()
         draft = self.propose(session, token, sampler)
         t1 = time.perf_counter()
-        if draft.tokens:
-            out = verify(session, token, draft, sampler)
-        else:  # plain decode, as plain_step does it (no verification or rollback to pay for)
-            out = [sampler(session.eval([token])[-1], session.tokens)]
-        t2 = time.perf_counter()
-        k = len(draft.tokens)
-        self.length.observe(k + 1, t2 - t1, k, len(out) - 1, t1 - t0, draft.key)
-        s = self.stats
-        s.steps, s.proposed, s.accepted, s.emitted = s.steps + 1, s.proposed + k, s.accepted + len(out) - 1, \
-            s.emitted + len(out)
-        s.passes[k + 1] = s.passes.get(k + 1, 0) + 1
+        # no draft: plain decode (no verification or rollback to pay for)
+        out = verify(session, token, draft, sampler) if draft.tokens else plain_step(session, token, sampler)
+        self.record(draft, len(out), time.perf_counter() - t1, t1 - t0)
         return out
+
+    def record(self, draft: Draft, emitted: int, seconds: float, draft_seconds: float = 0.0) -> None:
+        """A verified pass of the token and `draft` that emitted `emitted` tokens in `seconds` (the pass's, or a
+        slot's share of a batched pass): teaches the draft-length controller and counts the statistics."""
+        k = len(draft.tokens)
+        self.length.observe(k + 1, seconds, k, emitted - 1, draft_seconds, draft.key)
+        s = self.stats
+        s.steps, s.proposed, s.accepted, s.emitted = s.steps + 1, s.proposed + k, s.accepted + emitted - 1, \
+            s.emitted + emitted
+        s.passes[k + 1] = s.passes.get(k + 1, 0) + 1
 
 
 

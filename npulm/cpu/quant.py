@@ -63,7 +63,7 @@ class QuantLinear(Linear):
         if pack is None:  # a module built before the packed kernel has no pack_available
             pack = getattr(_kernels, "pack_available", lambda _: False)(int(weight.type))
         self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in, act16, pack)
-        self.packed = bool(pack) and _kernels.packed_bytes(self._h) > 0
+        self.packed = self.row_exact = bool(pack) and _kernels.packed_bytes(self._h) > 0
         # F16 has no integer kernel: large M goes through dequantized tiles + BLAS
         self._tiled = weight.type == GGMLQuantizationType.F16
         self._tile_rows = max(16, TILE_BYTES // (4 * weight.n_in))

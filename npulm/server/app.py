@@ -112,6 +112,19 @@ class ServerState:
     def token_text(self, token: int) -> str:
         return self.llm.tokenizer.token_to_bytes(token).decode("utf-8", errors="replace")
 
+    def tool_use(self, body: dict, messages: list[dict]) -> ToolUse:
+        """The request's tools / tool_choice (OpenAI's legacy functions / function_call too; Ollama sends tools
+        only), checked: a 400 naming the field."""
+        for key in ("tools", "functions"):
+            if body.get(key) is not None and not isinstance(body[key], list):
+                raise ApiError(400, f"'{key}' must be a list of tool definitions", key)
+        try:
+            return ToolUse(messages, body.get("tools"), body.get("tool_choice"),
+                           self.llm.chat_template.source, body.get("functions"), body.get("function_call"))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            field = "tool_choice" if "tool_choice" in str(e) else "tools"
+            raise ApiError(400, f"bad tools: {e}", field) from None
+
     def chat_prompt(self, messages: list[dict], tools: ToolUse | None = None) -> list[int]:
         try:
             return tools.prompt(self.llm.apply_chat_template) if tools else self.llm.apply_chat_template(messages)

@@ -163,7 +163,10 @@ class Engine:
         self.n_chunk, self.max_queue, self.prefix_cache = max(1, n_chunk), max_queue, prefix_cache
         # passes of fewer rows than this compute each row as it is computed alone (the CPU kernels' rows algorithm);
         # a prompt chunk joins the decode rows only below it, so greedy replies are the same batched or alone
-        self.same_rows_below = same_rows_below if same_rows_below is not None else cpu_rows_kernel_bound()
+        if same_rows_below is None:  # row-exact Linears (the packed CPU kernels): a prompt chunk may always join
+            same_rows_below = model.n_ctx + 1 if all(lin.row_exact for lin in model.linears) else \
+                cpu_rows_kernel_bound()
+        self.same_rows_below = same_rows_below
         self.exact_decode = exact_decode  # decode passes on the rows kernel whatever their M (see rows_kernel)
         self.queue: collections.deque[GenRequest] = collections.deque()
         self.jobs: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -344,12 +347,10 @@ class Engine:
                 if slot.pending:
                     continue
             draft = drafts.get(slot.index) if drafts else None
-            if draft is None or not draft.tokens:
-                if draft is not None:  # a lookup step without a draft: its pass time still teaches the controller
-                    slot.speculator.length.observe(1, seconds / n_rows, 0, 0, 0.0, draft.key)
+            if draft is None:
                 n_gen += self._sample(slot, logits[-1])
-                continue
-            n_gen += self._verify(slot, row, logits, draft, seconds * len(row) / n_rows)
+            else:  # a speculating slot, with or without drafts this step; its share of the pass by its rows
+                n_gen += self._verify(slot, row, logits, draft, seconds * len(row) / n_rows)
         self.n_generated += n_gen
         now = time.monotonic()
         self.recent.append((now, n_gen))
@@ -360,16 +361,11 @@ class Engine:
         """A slot's token and drafts went through the pass: keep the agreed drafts (the target sampler's own draws,
         as npulm.speculative.verify), roll the cache back past the rest, emit each kept token in order. The pass time
         is charged to the slot by its share of the rows (on the CPU, rows cost about alike)."""
-        from ..speculative import accept
+        from ..speculative import settle
 
         n0 = len(slot.tokens) - len(row)  # row[0] (the last emitted token) sits at n0
-        out = accept(logits, draft, slot.req.sampler, slot.tokens[:n0 + 1])
-        slot.truncate(n0 + len(out))  # the token and the accepted drafts; the last emitted is not in the cache
-        spec = slot.speculator
-        spec.length.observe(len(row), seconds, len(draft.tokens), len(out) - 1, 0.0, draft.key)
-        st = spec.stats
-        st.steps, st.proposed, st.accepted, st.emitted = st.steps + 1, st.proposed + len(draft.tokens), \
-            st.accepted + len(out) - 1, st.emitted + len(out)
+        out = settle(slot, n0, logits, draft, slot.req.sampler)  # the last emitted is not in the cache
+        slot.speculator.record(draft, len(out), seconds)
         n = 0
         for i, token in enumerate(out):
             n += self._emit(slot, token, logits[i], n0 + 1 + i)

@@ -171,13 +171,7 @@ def ollama_message(use: ToolUse, text: str, reason: str) -> dict:
 async def api_chat(request: Request, state: ServerState) -> Response:
     body = await _body(request, state)
     messages = message_list(body.get("messages"))
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise ApiError(400, "'tools' must be a list of tool definitions", "tools")
-    try:
-        use = ToolUse(messages, tools or None, None, state.llm.chat_template.source)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ApiError(400, f"bad tools: {e}", "tools") from None
+    use = state.tool_use(body, messages)
     req = await _request(state, body, state.chat_prompt(messages, use))
     if use.calling:  # as Ollama: a reply that may hold tool calls comes whole, in one message (streamed or not)
         events = await collect(request, state, req)

@@ -211,25 +211,12 @@ def _chat_logprob(state: ServerState, e: TokenEvent) -> dict:
     return {**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top or []]}
 
 
-def tool_use(state: ServerState, body: dict, messages: list[dict]) -> tools.ToolUse:
-    """The request's tools / tool_choice (or legacy functions / function_call), checked (a 400 naming the field)."""
-    for key in ("tools", "functions"):
-        if body.get(key) is not None and not isinstance(body[key], list):
-            raise ApiError(400, f"'{key}' must be a list of tool definitions", key)
-    try:
-        return tools.ToolUse(messages, body.get("tools"), body.get("tool_choice"), state.llm.chat_template.source,
-                             body.get("functions"), body.get("function_call"))
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        field = "tool_choice" if "tool_choice" in str(e) else "tools"
-        raise ApiError(400, f"bad tools: {e}", field) from None
-
-
 @handles(openai_error)
 async def chat_completions(request: Request, state: ServerState) -> Response:
     body = await read_json(request, state.max_body)
     state.check_model(body.get("model"))
     messages = message_list(body.get("messages"))
-    use = tool_use(state, body, messages)
+    use = state.tool_use(body, messages)
     want_logprobs = field_of(body, "logprobs", bool, False)
     top = field_of(body, "top_logprobs", int, None, lo=0, hi=20)
     if top is not None and not want_logprobs:
