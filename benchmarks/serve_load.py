@@ -136,8 +136,9 @@ async def chat_ttft(url: str, turns: int, max_tokens: int) -> list[float]:
 
 
 def decode_steps(model_name: str, ctx: int, slots: int, reps: int = 10) -> list[tuple[int, str, float]]:
-    """One batched decode step (each sequence at its own position) at M = 1 and M = slots, with the CPU kernels'
-    rows algorithm (what serve uses: rows computed as alone) and their gemm: (M, kernel, ms) medians."""
+    """One batched decode step (each sequence at its own position) at M = 1 and M = slots: (M, kernel, ms) medians.
+    With weights repacked for the packed kernel (AVX-512 builds) that kernel serves every M; otherwise the CPU
+    kernels' rows algorithm (what serve uses: rows computed as alone) and, at M = slots, their gemm."""
     from npulm.api import Llama
     from npulm.cpu import _kernels
 
@@ -147,9 +148,11 @@ def decode_steps(model_name: str, ctx: int, slots: int, reps: int = 10) -> list[
     for cache, prompt in zip(caches, PROMPTS * slots):
         model.forward(llm.tokenize(prompt), cache)
     default, out = _kernels.get_gemm_min_m(), []
+    packed = all(getattr(lin, "packed", False) for lin in model.linears)
+    kernels = (("packed", 1),) if packed else (("rows", slots + 1), ("gemm", 1))
     try:
         for m in (1, slots):
-            for kernel, min_m in (("rows", slots + 1), ("gemm", 1)):
+            for kernel, min_m in kernels:
                 if m == 1 and kernel == "gemm":
                     continue
                 _kernels.set_gemm_min_m(min_m)
