@@ -141,6 +141,25 @@ def test_packed_rows_do_not_depend_on_the_batch(t: T) -> None:
     assert not cpu.QuantLinear(as_weight(data, t, n, k), pack=False).packed
 
 
+def test_packed_weight_from_a_file_mapping_reads_the_same_after_its_pages_are_dropped(tmp_path) -> None:
+    """A repacked weight's GGUF pages are dropped from RSS (drop_file_pages); the rows kernel and the dequantizer
+    still read the same bytes, brought back from the file."""
+    import mmap
+
+    t, n, k = T.Q4_0, 40, 512
+    data = random_weight(t, n, k)
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\0" * 100 + data.tobytes())  # an offset inside the mapping, not page-aligned
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped = np.frombuffer(mm, np.uint8, data.nbytes, 100).reshape(data.shape)
+    lin = cpu.QuantLinear(as_weight(mapped, t, n, k))
+    ref = cpu.QuantLinear(as_weight(data.copy(), t, n, k))
+    x = RNG.standard_normal((3, k)).astype(np.float32)
+    for path_ in PATHS:
+        assert np.array_equal(lin(x, path=path_), ref(x, path=path_))
+
+
 def test_default_spec_picks_activation_precision_by_role() -> None:
     data = random_weight(T.Q4_0, 32, 64)
     for name, act16 in [("blk.3.ffn_down.weight", True), ("blk.0.attn_v.weight", True), ("token_embd.weight", True),
