@@ -1536,7 +1536,7 @@ static void gemm_task(void *ctx, int64_t t, int tid) {
 /* (4-bit types: two groups per byte, low nibbles the even group), f32 scales [half][row], f32 bias [row]; 4-bit    */
 /* types keep their size within ~20 %, the others grow to ~1.1-1.25 bytes per weight.                             */
 
-#if defined(NL_X86_GEMM)
+#if defined(NL_X86_GEMM) || defined(NL_NEON_GEMM)
 #define PK_NIB(T) ((T) == NL_Q4_0 || (T) == NL_Q4_1 || (T) == NL_Q4_K)
 #define HAVE_PACKED 1
 
@@ -1580,9 +1580,11 @@ static void pk_pack_task(void *ctx, int64_t t, int tid) {
                 const uint8_t *src = codes + r * k + 32 * b;
                 for (int g = 0; g < 8; g++)
                     for (int i = 0; i < 4; i++) {
-                        if (!nib) pb[64 * g + 4 * r + i] = src[4 * g + i];
-                        else if (g % 2 == 0) pb[64 * (g / 2) + 4 * r + i] = src[4 * g + i];
-                        else pb[64 * (g / 2) + 4 * r + i] |= (uint8_t)(src[4 * g + i] << 4);
+                        /* NEON's sdot multiplies signed bytes: codes minus their offset (4-bit two's complement) */
+                        const uint8_t v = (uint8_t)(src[4 * g + i] - (SIGNED_CODES ? ti->off : 0)) & (nib ? 15 : 255);
+                        if (!nib) pb[64 * g + 4 * r + i] = v;
+                        else if (g % 2 == 0) pb[64 * (g / 2) + 4 * r + i] = v;
+                        else pb[64 * (g / 2) + 4 * r + i] |= (uint8_t)(v << 4);
                     }
                 for (int h = 0; h < H; h++) ps[16 * h + r] = d16[r * 2 * kb + 2 * b + h];
                 if (ti->bias) ps[16 * H + r] = bias[r * kb + b];
@@ -1595,6 +1597,8 @@ static void pk_pack_task(void *ctx, int64_t t, int tid) {
 }
 
 /* MR activation rows x NP panels (2, or 1 at the tail) of the packed weight, from panel address `panel` on. */
+#if defined(NL_X86_GEMM)
+#define PK_MR 4
 INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, const int MR, const int NP,
                     const uint8_t *panel, int64_t pstride, const acts *A, int64_t m0, int64_t kb, float *y,
                     int64_t ldy, int64_t n0, int nvalid) {
@@ -1660,14 +1664,76 @@ INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, c
     }
 }
 
-/* Panels p0 .. p1 against all m activation rows: pairs of panels, 4 rows of x at a time, the rest 1-3 at once.  */
+#else /* NEON dotprod: a panel's 16 rows as 4 int32x4; codes signed (SIGNED_CODES), so no offset terms */
+#define PK_MR 2 /* 2 rows of x: 16 int32x4 + 16 float32x4 accumulators stay within the 32 registers with the codes */
+INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, const int MR, const int NP,
+                    const uint8_t *panel, int64_t pstride, const acts *A, int64_t m0, int64_t kb, float *y,
+                    int64_t ldy, int64_t n0, int nvalid) {
+    const int cb = NIB ? 256 : 512, bb = cb + 64 * H + 64 * BIAS;
+    for (int p = 0; p < NP; p++) {
+        float32x4_t facc[2][4]; /* fixed sizes (MR <= 2) */
+        for (int m = 0; m < MR; m++)
+            for (int r = 0; r < 4; r++) facc[m][r] = vdupq_n_f32(0);
+        for (int64_t b = 0; b < kb; b++) {
+            const uint8_t *pb = panel + p * pstride + b * bb;
+            int8x16_t av[2][2];
+            for (int m = 0; m < MR; m++) {
+                av[m][0] = vld1q_s8(A->q + (m0 + m) * A->k + 32 * b);
+                av[m][1] = vld1q_s8(A->q + (m0 + m) * A->k + 32 * b + 16);
+            }
+            for (int h = 0; h < H; h++) {
+                int32x4_t iacc[2][4];
+                for (int m = 0; m < MR; m++)
+                    for (int r = 0; r < 4; r++) iacc[m][r] = vdupq_n_s32(0);
+#define PK_GROUP(G)                                                                                             \
+    if ((G) / (8 / H) == h) {                                                                                   \
+        for (int r = 0; r < 4; r++) {                                                                           \
+            int8x16_t wv;                                                                                       \
+            if (!NIB) wv = vld1q_s8((const int8_t *)pb + 64 * (G) + 16 * r);                                    \
+            else {                                                                                              \
+                const int8x16_t raw = vld1q_s8((const int8_t *)pb + 64 * ((G) / 2) + 16 * r);                   \
+                if (OFF) wv = (G) % 2 ? vshrq_n_s8(raw, 4) : vshrq_n_s8(vshlq_n_s8(raw, 4), 4);                 \
+                else wv = (G) % 2 ? vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(raw), 4))               \
+                                  : vandq_s8(raw, vdupq_n_s8(15));                                              \
+            }                                                                                                   \
+            for (int m = 0; m < MR; m++) iacc[m][r] = vdotq_laneq_s32(iacc[m][r], wv, av[m][(G) / 4], (G) % 4); \
+        }                                                                                                       \
+    }
+                PK_GROUP(0) PK_GROUP(1) PK_GROUP(2) PK_GROUP(3) PK_GROUP(4) PK_GROUP(5) PK_GROUP(6) PK_GROUP(7)
+#undef PK_GROUP
+                for (int r = 0; r < 4; r++) {
+                    const float32x4_t dw = vld1q_f32((const float *)(pb + cb + 64 * h) + 4 * r);
+                    for (int m = 0; m < MR; m++)
+                        facc[m][r] = vfmaq_f32(facc[m][r], vcvtq_f32_s32(iacc[m][r]),
+                                               vmulq_n_f32(dw, A->d[(m0 + m) * kb + b]));
+                }
+            }
+            if (BIAS)
+                for (int r = 0; r < 4; r++) {
+                    const float32x4_t bw = vld1q_f32((const float *)(pb + cb + 64 * H) + 4 * r);
+                    for (int m = 0; m < MR; m++) facc[m][r] = vfmaq_n_f32(facc[m][r], bw, A->s[(m0 + m) * kb + b]);
+                }
+        }
+        for (int m = 0; m < MR; m++)
+            for (int r = 0; r < 4; r++) {
+                float out[4];
+                vst1q_f32(out, facc[m][r]);
+                for (int i = 0; i < 4; i++)
+                    if (16 * p + 4 * r + i < nvalid) y[(m0 + m) * ldy + n0 + 16 * p + 4 * r + i] = out[i];
+            }
+    }
+}
+#endif
+
+/* Panels p0 .. p1 against all m activation rows: pairs of panels, PK_MR rows of x at a time, then the rest.      */
 #define PK_TILES(NIB, OFF, BIAS, H, NP)                                                                         \
     {                                                                                                           \
         int64_t m0 = 0;                                                                                         \
-        for (; m0 + 4 <= m; m0 += 4) pk_tile(NIB, OFF, BIAS, H, 4, NP, pp, ps, A, m0, kb, y, ldy, n0, nv);      \
+        for (; m0 + PK_MR <= m; m0 += PK_MR)                                                                    \
+            pk_tile(NIB, OFF, BIAS, H, PK_MR, NP, pp, ps, A, m0, kb, y, ldy, n0, nv);                           \
         switch (m - m0) {                                                                                       \
-        case 3: pk_tile(NIB, OFF, BIAS, H, 3, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;                    \
-        case 2: pk_tile(NIB, OFF, BIAS, H, 2, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;                    \
+        case 3: pk_tile(NIB, OFF, BIAS, H, PK_MR > 3 ? 3 : 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;    \
+        case 2: pk_tile(NIB, OFF, BIAS, H, PK_MR > 2 ? 2 : 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;    \
         case 1: pk_tile(NIB, OFF, BIAS, H, 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;                    \
         }                                                                                                       \
     }

@@ -2,6 +2,7 @@
  * aarch64 NEON under qemu) than the installed extension uses.
  * Input file: cases of  int64 [type, n, k, m, path, threads, act16, nbytes], weight bytes, x (m * k float32).
  * Output file: for each case y (m * n float32). Prints nl_isa() to stdout. */
+#define _POSIX_C_SOURCE 200112L /* posix_memalign */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,8 +22,15 @@ int main(int argc, char **argv) {
             fread(x, 4, (size_t)(h[3] * h[2]), in) != (size_t)(h[3] * h[2]))
             return 3;
         nl_set_threads((int)h[5]);
-        nl_mat mat = {w, (int)h[0], h[1], h[2], nl_row_bytes((int)h[0], h[2]), (int)h[6]};
+        nl_mat mat = {w, (int)h[0], h[1], h[2], nl_row_bytes((int)h[0], h[2]), (int)h[6], NULL};
+        void *packed = NULL; /* path 3: the weight repacked first, where this build has the packed kernel */
+        const int64_t pbytes = h[4] == 3 ? nl_packed_bytes((int)h[0], h[1], h[2]) : -1;
+        if (pbytes > 0) {
+            if (posix_memalign(&packed, 64, (size_t)pbytes) || nl_pack(&mat, packed)) return 5;
+            mat.packed = packed;
+        }
         if (nl_matmul(&mat, x, h[3], y, (int)h[4])) return 4;
+        free(packed);
         fwrite(y, 4, (size_t)(h[3] * h[1]), out);
         free(w);
         free(x);

@@ -4,8 +4,8 @@ The installed extension runs only the paths of this machine (-march=native). Her
 C driver for: portable scalar C, x86 AVX2 without VNNI (if this CPU has AVX2), and aarch64 NEON with and without
 dotprod run under qemu-aarch64 (if aarch64-linux-gnu-gcc and qemu-aarch64 are installed; Debian packages
 gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user). Each must match the exact int8 emulation (see
-test_kernels.py) for every type, path, activation precision (a8, a16) and a few M, with identical results on 1 and 3
-threads.
+test_kernels.py) for every type, path (rows, gemm, packed), activation precision (a8, a16) and a few M, with
+identical results on 1 and 3 threads.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_isa_variant(variant: tuple[str, list[str], list[str], str], tmp_path: P
             for m, act16 in ((1, 0), (6, 0), (13, 0), (1, 1), (6, 1)):
                 x = rng.standard_normal((m, k)).astype(np.float32)
                 xq = x.astype(np.float64) if t == T.F16 else quantize_like_kernels(x, bool(act16))
-                for path in (1, 2):
+                for path in (1, 2, 3):  # rows, gemm, packed (where the build has them)
                     for threads in (1, 3):
                         f.write(np.array([int(t), n, k, m, path, threads, act16, data.nbytes], np.int64).tobytes())
                         f.write(data.tobytes())
