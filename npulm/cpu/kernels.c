@@ -1533,16 +1533,30 @@ static void gemm_task(void *ctx, int64_t t, int tid) {
 /* of 16 output rows by one activation row. The rows kernel spends ~4 instructions per (32-block, output, row of   */
 /* x) and the gemm repacks on every call; here a pass of M = 8 costs little more than M = 1 (the point of         */
 /* batched decode and speculative verification). Per (panel, 32-block): codes as [group of 4][row][4] bytes         */
-/* (4-bit types: two groups per byte, low nibbles the even group), f32 scales [half][row], f32 bias [row]; 4-bit    */
-/* types keep their size within ~20 %, the others grow to ~1.1-1.25 bytes per weight.                             */
+/* (4-bit types: two groups per byte, low nibbles the even group), scales [half][row], bias [row] (see PK_F16).     */
+/* Q4_0, Q4_1 and Q8_0 keep their GGUF size; Q4_K grows by a third, 5- and 6-bit types to ~1.1-1.25 bytes/weight.  */
 
 #if defined(NL_X86_GEMM) || defined(NL_NEON_GEMM)
 #define PK_NIB(T) ((T) == NL_Q4_0 || (T) == NL_Q4_1 || (T) == NL_Q4_K)
+/* scales (and bias) as float16 where the type stores them so (exact; then Q4_0, Q4_1 and Q8_0 keep their GGUF size),
+ * float32 where they are products (K-quants: d * a 6- or 8-bit scale) */
+#define PK_F16(T) ((T) == NL_Q4_0 || (T) == NL_Q4_1 || (T) == NL_Q5_0 || (T) == NL_Q5_1 || (T) == NL_Q8_0)
 #define HAVE_PACKED 1
 
 static int64_t pk_block_bytes(int type) {
     const type_info *ti = tinfo(type);
-    return (PK_NIB(type) ? 256 : 512) + 64 * ti->halves + (ti->bias ? 64 : 0);
+    return (PK_NIB(type) ? 256 : 512) + (PK_F16(type) ? 32 : 64) * (ti->halves + ti->bias);
+}
+
+INLINE uint16_t f2h(float x) { /* exact for the values PK_F16 stores: they were float16 */
+#if defined(__F16C__)
+    return _cvtss_sh(x, 0);
+#else
+    __fp16 h = (__fp16)x;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+#endif
 }
 
 typedef struct {
@@ -1576,6 +1590,8 @@ static void pk_pack_task(void *ctx, int64_t t, int tid) {
         for (int64_t b = 0; b < kb; b++) {
             uint8_t *pb = c->out + (p * kb + b) * bb;
             float *ps = (float *)(pb + cb);
+            uint16_t *ph = (uint16_t *)(pb + cb);
+            const int f16 = PK_F16(w->type);
             for (int r = 0; r < 16; r++) {
                 const uint8_t *src = codes + r * k + 32 * b;
                 for (int g = 0; g < 8; g++)
@@ -1586,8 +1602,12 @@ static void pk_pack_task(void *ctx, int64_t t, int tid) {
                         else if (g % 2 == 0) pb[64 * (g / 2) + 4 * r + i] = v;
                         else pb[64 * (g / 2) + 4 * r + i] |= (uint8_t)(v << 4);
                     }
-                for (int h = 0; h < H; h++) ps[16 * h + r] = d16[r * 2 * kb + 2 * b + h];
-                if (ti->bias) ps[16 * H + r] = bias[r * kb + b];
+                for (int h = 0; h < H; h++) {
+                    if (f16) ph[16 * h + r] = f2h(d16[r * 2 * kb + 2 * b + h]);
+                    else ps[16 * h + r] = d16[r * 2 * kb + 2 * b + h];
+                }
+                if (ti->bias && f16) ph[16 * H + r] = f2h(bias[r * kb + b]);
+                else if (ti->bias) ps[16 * H + r] = bias[r * kb + b];
             }
         }
     }
@@ -1599,10 +1619,14 @@ static void pk_pack_task(void *ctx, int64_t t, int tid) {
 /* MR activation rows x NP panels (2, or 1 at the tail) of the packed weight, from panel address `panel` on. */
 #if defined(NL_X86_GEMM)
 #define PK_MR 4
-INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, const int MR, const int NP,
+INLINE __m512 pk_scales(const int F16, const uint8_t *p) { /* 16 scales of a panel */
+    return F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
+}
+
+INLINE void pk_tile(const int NIB, const int F16, const int OFF, const int BIAS, const int H, const int MR, const int NP,
                     const uint8_t *panel, int64_t pstride, const acts *A, int64_t m0, int64_t kb, float *y,
                     int64_t ldy, int64_t n0, int nvalid) {
-    const int cb = NIB ? 256 : 512, bb = cb + 64 * H + 64 * BIAS;
+    const int cb = NIB ? 256 : 512, sb = F16 ? 32 : 64, bb = cb + sb * (H + BIAS);
     const __m512i m4 = _mm512_set1_epi8(15);
     __m512 facc[4][2]; /* fixed sizes (MR <= 4, NP <= 2): the accumulators stay in registers */
     const int8_t *aq[4];
@@ -1627,9 +1651,9 @@ INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, c
             for (int g = h * (8 / H); g < (h + 1) * (8 / H); g++) {
                 __m512i wv[2];
                 for (int p = 0; p < NP; p++) {
-                    if (!NIB) wv[p] = _mm512_load_si512((const void *)(pb + p * pstride + 64 * g));
+                    if (!NIB) wv[p] = _mm512_loadu_si512((const void *)(pb + p * pstride + 64 * g));
                     else {
-                        const __m512i raw = _mm512_load_si512((const void *)(pb + p * pstride + 64 * (g / 2)));
+                        const __m512i raw = _mm512_loadu_si512((const void *)(pb + p * pstride + 64 * (g / 2)));
                         wv[p] = _mm512_and_si512(g % 2 ? _mm512_srli_epi16(raw, 4) : raw, m4);
                     }
                 }
@@ -1641,7 +1665,7 @@ INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, c
                 }
             }
             __m512 dw[2];
-            for (int p = 0; p < NP; p++) dw[p] = _mm512_load_ps((const float *)(pb + p * pstride + cb + 64 * h));
+            for (int p = 0; p < NP; p++) dw[p] = pk_scales(F16, pb + p * pstride + cb + sb * h);
             for (int m = 0; m < MR; m++) {
                 const __m512 dx = _mm512_set1_ps(ad[m][b]);
                 for (int p = 0; p < NP; p++)
@@ -1650,7 +1674,7 @@ INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, c
         }
         if (BIAS) {
             __m512 bw[2];
-            for (int p = 0; p < NP; p++) bw[p] = _mm512_load_ps((const float *)(pb + p * pstride + cb + 64 * H));
+            for (int p = 0; p < NP; p++) bw[p] = pk_scales(F16, pb + p * pstride + cb + sb * H);
             for (int m = 0; m < MR; m++) {
                 const __m512 sx = _mm512_set1_ps(as[m][b]);
                 for (int p = 0; p < NP; p++) facc[m][p] = _mm512_fmadd_ps(bw[p], sx, facc[m][p]);
@@ -1666,10 +1690,14 @@ INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, c
 
 #else /* NEON dotprod: a panel's 16 rows as 4 int32x4; codes signed (SIGNED_CODES), so no offset terms */
 #define PK_MR 2 /* 2 rows of x: 16 int32x4 + 16 float32x4 accumulators stay within the 32 registers with the codes */
-INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, const int MR, const int NP,
+INLINE float32x4_t pk_scales4(const int F16, const uint8_t *p, int r) { /* scales of rows 4r .. 4r+3 */
+    return F16 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)p + 4 * r)))
+               : vld1q_f32((const float *)p + 4 * r);
+}
+INLINE void pk_tile(const int NIB, const int F16, const int OFF, const int BIAS, const int H, const int MR, const int NP,
                     const uint8_t *panel, int64_t pstride, const acts *A, int64_t m0, int64_t kb, float *y,
                     int64_t ldy, int64_t n0, int nvalid) {
-    const int cb = NIB ? 256 : 512, bb = cb + 64 * H + 64 * BIAS;
+    const int cb = NIB ? 256 : 512, sb = F16 ? 32 : 64, bb = cb + sb * (H + BIAS);
     for (int p = 0; p < NP; p++) {
         float32x4_t facc[2][4]; /* fixed sizes (MR <= 2) */
         for (int m = 0; m < MR; m++)
@@ -1702,7 +1730,7 @@ INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, c
                 PK_GROUP(0) PK_GROUP(1) PK_GROUP(2) PK_GROUP(3) PK_GROUP(4) PK_GROUP(5) PK_GROUP(6) PK_GROUP(7)
 #undef PK_GROUP
                 for (int r = 0; r < 4; r++) {
-                    const float32x4_t dw = vld1q_f32((const float *)(pb + cb + 64 * h) + 4 * r);
+                    const float32x4_t dw = pk_scales4(F16, pb + cb + sb * h, r);
                     for (int m = 0; m < MR; m++)
                         facc[m][r] = vfmaq_f32(facc[m][r], vcvtq_f32_s32(iacc[m][r]),
                                                vmulq_n_f32(dw, A->d[(m0 + m) * kb + b]));
@@ -1710,7 +1738,7 @@ INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, c
             }
             if (BIAS)
                 for (int r = 0; r < 4; r++) {
-                    const float32x4_t bw = vld1q_f32((const float *)(pb + cb + 64 * H) + 4 * r);
+                    const float32x4_t bw = pk_scales4(F16, pb + cb + sb * H, r);
                     for (int m = 0; m < MR; m++) facc[m][r] = vfmaq_n_f32(facc[m][r], bw, A->s[(m0 + m) * kb + b]);
                 }
         }
@@ -1726,32 +1754,34 @@ INLINE void pk_tile(const int NIB, const int OFF, const int BIAS, const int H, c
 #endif
 
 /* Panels p0 .. p1 against all m activation rows: pairs of panels, PK_MR rows of x at a time, then the rest.      */
-#define PK_TILES(NIB, OFF, BIAS, H, NP)                                                                         \
+#define PK_TILES(NIB, F16, OFF, BIAS, H, NP)                                                                         \
     {                                                                                                           \
         int64_t m0 = 0;                                                                                         \
         for (; m0 + PK_MR <= m; m0 += PK_MR)                                                                    \
-            pk_tile(NIB, OFF, BIAS, H, PK_MR, NP, pp, ps, A, m0, kb, y, ldy, n0, nv);                           \
+            pk_tile(NIB, F16, OFF, BIAS, H, PK_MR, NP, pp, ps, A, m0, kb, y, ldy, n0, nv);                           \
         switch (m - m0) {                                                                                       \
-        case 3: pk_tile(NIB, OFF, BIAS, H, PK_MR > 3 ? 3 : 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;    \
-        case 2: pk_tile(NIB, OFF, BIAS, H, PK_MR > 2 ? 2 : 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;    \
-        case 1: pk_tile(NIB, OFF, BIAS, H, 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;                    \
+        case 3: pk_tile(NIB, F16, OFF, BIAS, H, PK_MR > 3 ? 3 : 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;    \
+        case 2: pk_tile(NIB, F16, OFF, BIAS, H, PK_MR > 2 ? 2 : 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;    \
+        case 1: pk_tile(NIB, F16, OFF, BIAS, H, 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;                    \
         }                                                                                                       \
     }
-#define PK_VARIANT(NAME, NIB, OFF, BIAS, H)                                                                     \
+#define PK_VARIANT(NAME, NIB, F16, OFF, BIAS, H)                                                                     \
     static void NAME(const nl_mat *w, const acts *A, int64_t m, int64_t p0, int64_t p1, float *y) {           \
         const int64_t kb = w->k / 32, ps = kb * pk_block_bytes(w->type), ldy = w->n;                          \
         for (int64_t p = p0; p < p1; p += 2) {                                                                  \
             const uint8_t *pp = w->packed + p * ps;                                                             \
             const int64_t n0 = 16 * p;                                                                          \
             const int nv = (int)(w->n - n0 < 32 ? w->n - n0 : 32);                                              \
-            if (p + 1 < p1) PK_TILES(NIB, OFF, BIAS, H, 2) else PK_TILES(NIB, OFF, BIAS, H, 1)                  \
+            if (p + 1 < p1) PK_TILES(NIB, F16, OFF, BIAS, H, 2) else PK_TILES(NIB, F16, OFF, BIAS, H, 1)                  \
         }                                                                                                       \
     }
-PK_VARIANT(pk_nib_off, 1, 1, 0, 1)  /* Q4_0 */
-PK_VARIANT(pk_nib_bias, 1, 0, 1, 1) /* Q4_1, Q4_K */
-PK_VARIANT(pk_off, 0, 1, 0, 1)      /* Q5_0, Q8_0 */
-PK_VARIANT(pk_bias, 0, 0, 1, 1)     /* Q5_1, Q5_K */
-PK_VARIANT(pk_off_h2, 0, 1, 0, 2)   /* Q6_K */
+PK_VARIANT(pk_nib_off, 1, 1, 1, 0, 1)    /* Q4_0 */
+PK_VARIANT(pk_nib_bias, 1, 1, 0, 1, 1)   /* Q4_1 */
+PK_VARIANT(pk_nib_bias_k, 1, 0, 0, 1, 1) /* Q4_K */
+PK_VARIANT(pk_off, 0, 1, 1, 0, 1)        /* Q5_0, Q8_0 */
+PK_VARIANT(pk_bias, 0, 1, 0, 1, 1)       /* Q5_1 */
+PK_VARIANT(pk_bias_k, 0, 0, 0, 1, 1)     /* Q5_K */
+PK_VARIANT(pk_off_h2, 0, 0, 1, 0, 2)     /* Q6_K */
 
 typedef struct {
     const nl_mat *w;
@@ -1769,9 +1799,11 @@ static void pk_task(void *ctx, int64_t t, int tid) {
     const int64_t np = (w->n + 15) / 16, p0 = t * c->panels_per_task;
     const int64_t p1 = p0 + c->panels_per_task < np ? p0 + c->panels_per_task : np;
     const type_info *ti = tinfo(w->type);
+    const int f16 = PK_F16(w->type);
     void (*f)(const nl_mat *, const acts *, int64_t, int64_t, int64_t, float *) =
-        ti->halves == 2 ? pk_off_h2 : PK_NIB(w->type) ? (ti->bias ? pk_nib_bias : pk_nib_off)
-                                                      : (ti->bias ? pk_bias : pk_off);
+        ti->halves == 2 ? pk_off_h2
+        : PK_NIB(w->type) ? (!ti->bias ? pk_nib_off : f16 ? pk_nib_bias : pk_nib_bias_k)
+                          : (!ti->bias ? pk_off : f16 ? pk_bias : pk_bias_k);
     f(w, c->a, c->m, p0, p1, c->y);
     if (c->yout) fold_residual(c->y, c->yout, c->m_out, w->n, 16 * p0, 16 * p1 < w->n ? 16 * p1 : w->n);
 }
@@ -1780,6 +1812,17 @@ static void pk_task(void *ctx, int64_t t, int tid) {
 int nl_pack_available(int type) {
 #ifdef HAVE_PACKED
     return tinfo(type) != NULL && type != NL_F16;
+#else
+    (void)type;
+    return 0;
+#endif
+}
+
+int nl_pack_default(int type) {
+#if defined(NL_X86_GEMM)
+    return nl_pack_available(type);
+#elif defined(HAVE_PACKED)
+    return nl_pack_available(type) && pk_block_bytes(type) <= 512 / tinfo(type)->block * tinfo(type)->bytes;
 #else
     (void)type;
     return 0;

@@ -51,6 +51,10 @@ int nl_gemm_available(int type);
 
 /* 1 if this build has the packed small-M kernel for the type; bytes nl_pack writes for an n x k weight, or -1 */
 int nl_pack_available(int type);
+/* 1 if QuantLinear repacks the type unless told: every type on x86 (compute-bound there: the packed kernel measured
+ * faster at every M); on NEON only types whose repacked rows are no larger than the GGUF's (Q4_0, Q4_1, Q8_0), as the
+ * boards' decode is bound by memory bandwidth (not yet measured on a board) */
+int nl_pack_default(int type);
 int64_t nl_packed_bytes(int type, int64_t n, int64_t k);
 /* Repack W's rows into out (nl_packed_bytes, 64-byte aligned); 0, or -1. Set w->packed = out to use it. */
 int nl_pack(const nl_mat *w, uint8_t *out);

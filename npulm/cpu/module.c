@@ -227,6 +227,13 @@ static PyObject *py_pack_available(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(nl_pack_available((int)t));
 }
 
+static PyObject *py_pack_default(PyObject *self, PyObject *arg) {
+    (void)self;
+    long t = PyLong_AsLong(arg);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(nl_pack_default((int)t));
+}
+
 static PyObject *py_packed(PyObject *self, PyObject *arg) {
     (void)self;
     weight_handle *h = PyCapsule_GetPointer(arg, CAPSULE);
@@ -263,6 +270,7 @@ static PyMethodDef methods[] = {
     {"supported", py_supported, METH_O, "whether matmul handles a GGML type id"},
     {"gemm_available", py_gemm_available, METH_O, "whether the packed int8 gemm exists for a type on this build"},
     {"pack_available", py_pack_available, METH_O, "whether weight(..., pack=True) repacks a type on this build"},
+    {"pack_default", py_pack_default, METH_O, "whether QuantLinear repacks a type unless told"},
     {"packed_bytes", py_packed, METH_O, "bytes of a handle's repacked rows (0: not repacked)"},
     {"row_bytes", py_row_bytes, METH_VARARGS, "row_bytes(type, k): bytes per row, -1 if unsupported"},
     {"isa", py_isa, METH_NOARGS, "instruction set the kernels were built for"},

@@ -61,8 +61,8 @@ class QuantLinear(Linear):
             raise ValueError(f"{weight.name}: weight data must be C-contiguous")
         self.act16 = act16
         self.runs_on = "cpu:a16" if act16 else "cpu:a8"
-        if pack is None:  # a module built before the packed kernel has no pack_available
-            pack = getattr(_kernels, "pack_available", lambda _: False)(int(weight.type))
+        if pack is None:  # a module built before the packed kernel has no pack_default
+            pack = getattr(_kernels, "pack_default", lambda _: False)(int(weight.type))
         self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in, act16, pack)
         self.packed = self.row_exact = bool(pack) and _kernels.packed_bytes(self._h) > 0
         if self.packed:

@@ -131,7 +131,7 @@ def test_packed_rows_do_not_depend_on_the_batch(t: T) -> None:
     quantization bound."""
     n, k = 45, 512
     data = random_weight(t, n, k)
-    lin = cpu.QuantLinear(as_weight(data, t, n, k))
+    lin = cpu.QuantLinear(as_weight(data, t, n, k), pack=True)
     assert lin.packed and cpu.quant._kernels.packed_bytes(lin._h) > 0
     x = RNG.standard_normal((37, k)).astype(np.float32)
     batch = lin(x)
