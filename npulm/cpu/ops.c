@@ -49,6 +49,23 @@ static PyObject *rms_norm(PyObject *self, PyObject *args) {
     return ret;
 }
 
+/* noinline: the fused attention_seqs and rope() run the same code, so the same roundings */
+__attribute__((noinline)) static void rope_rows(float *xp, const float *cos, const float *sin, Py_ssize_t rows, Py_ssize_t heads, Py_ssize_t hd,
+                      Py_ssize_t half, Py_ssize_t pos, int neox) {
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *cr = cos + (pos + r) * half, *sr = sin + (pos + r) * half;
+        for (Py_ssize_t h = 0; h < heads; h++) {
+            float *v = xp + (r * heads + h) * hd;
+            for (Py_ssize_t i = 0; i < half; i++) {
+                float *a = neox ? v + i : v + 2 * i, *b = neox ? v + i + half : v + 2 * i + 1;
+                const float a0 = *a, b0 = *b;
+                *a = a0 * cr[i] - b0 * sr[i];
+                *b = a0 * sr[i] + b0 * cr[i];
+            }
+        }
+    }
+}
+
 /* rope(x, cos, sin, rows, heads, head_dim, n_rot, pos, neox): rotate x (rows, heads, head_dim) in place;
  * cos/sin are (n_ctx, n_rot/2) tables, row r has position pos + r. neox: pairs (i, i + n_rot/2), else (2i, 2i+1). */
 static PyObject *rope(PyObject *self, PyObject *args) {
@@ -62,19 +79,7 @@ static PyObject *rope(PyObject *self, PyObject *args) {
         if (n_rot > hd || pos < 0 || pos + rows > n_pos) {
             PyErr_SetString(PyExc_ValueError, "rope: n_rot or positions out of range");
         } else {
-            float *xp = x.buf;
-            for (Py_ssize_t r = 0; r < rows; r++) {
-                const float *cr = (const float *)c.buf + (pos + r) * half, *sr = (const float *)s.buf + (pos + r) * half;
-                for (Py_ssize_t h = 0; h < heads; h++) {
-                    float *v = xp + (r * heads + h) * hd;
-                    for (Py_ssize_t i = 0; i < half; i++) {
-                        float *a = neox ? v + i : v + 2 * i, *b = neox ? v + i + half : v + 2 * i + 1;
-                        const float a0 = *a, b0 = *b;
-                        *a = a0 * cr[i] - b0 * sr[i];
-                        *b = a0 * sr[i] + b0 * cr[i];
-                    }
-                }
-            }
+            rope_rows(x.buf, c.buf, s.buf, rows, heads, hd, half, pos, neox);
             ret = Py_NewRef(Py_None);
         }
     }
@@ -198,6 +203,44 @@ static void attention_task(void *ctx, int64_t task, int tid) {
 
 #define ATTN_MIN_SLICE 256 /* keys per slice below which splitting costs more than it saves */
 
+/* The slices of a job of `rows` queries (as many as threads while each keeps ATTN_MIN_SLICE keys), its span and
+ * per-thread scratch; returns its task count. A row's slices depend on its own key count only where rows agree on
+ * nsplit (short contexts: one slice), so a row batched with others is computed as alone. */
+static Py_ssize_t attention_plan(attention_job *c, Py_ssize_t rows, int threads) {
+    const Py_ssize_t pos = c->pos, longest = pos + rows - first_key(c, pos + rows - 1); /* keys of the last row */
+    c->nsplit = longest / ATTN_MIN_SLICE < threads ? longest / ATTN_MIN_SLICE : threads;
+    if (c->nsplit < 1) c->nsplit = 1;
+    Py_ssize_t most = 0; /* the most keys one row sees (windows can make earlier rows see more) */
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const Py_ssize_t n = pos + r + 1 - first_key(c, pos + r);
+        most = n > most ? n : most;
+    }
+    c->span = (most + c->nsplit - 1) / c->nsplit;
+    c->stride = c->group * c->span + c->dk + c->dv;
+    return rows * c->nkv * c->nsplit;
+}
+
+/* out (rows, n_head * dv) from the slices' (m, l, o) of each query head */
+__attribute__((noinline)) static void attention_merge(const attention_job *c, Py_ssize_t rows, float *out) {
+    const Py_ssize_t nh = c->nh, nkv = c->nkv, dv = c->dv;
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t h = 0; h < nh; h++) {
+            const Py_ssize_t j = h / c->group, g = h % c->group;
+            const float *p0 = c->part + ((r * nkv + j) * c->nsplit * c->group + g) * (2 + dv);
+            const Py_ssize_t step = c->group * (2 + dv); /* next slice, same head */
+            float mx = -INFINITY, sum = 0.0f;
+            for (Py_ssize_t s = 0; s < c->nsplit; s++) mx = p0[s * step] > mx ? p0[s * step] : mx;
+            float *o = out + (r * nh + h) * dv;
+            memset(o, 0, sizeof(float) * (size_t)dv);
+            for (Py_ssize_t s = 0; s < c->nsplit; s++) {
+                const float *ps = p0 + s * step, w = ps[1] > 0 ? expf(ps[0] - mx) : 0.0f;
+                sum += w * ps[1];
+                for (Py_ssize_t i = 0; i < dv; i++) o[i] += w * ps[2 + i];
+            }
+            for (Py_ssize_t i = 0; i < dv; i++) o[i] /= sum;
+        }
+}
+
 /* attention(q, k_cache, v_cache, out, rows, n_head, n_kv, dk, dv, n_ctx, pos, scale, window):
  * causal grouped-query attention of `rows` float32 queries at positions pos.. against float16 caches
  * (n_kv, n_ctx, d) already holding their keys; query head h reads kv head h / (n_head / n_kv); window > 0 hides
@@ -219,39 +262,14 @@ static PyObject *attention(PyObject *self, PyObject *args) {
             const int threads = nl_get_threads();
             attention_job c = {q.buf, kc.buf, vc.buf, NULL, NULL, nh, nkv, nh / nkv, dk, dv, n_ctx, pos, window,
                                1, 0, 0, scale};
-            const Py_ssize_t longest = pos + rows - first_key(&c, pos + rows - 1); /* keys of the last row */
-            c.nsplit = longest / ATTN_MIN_SLICE < threads ? longest / ATTN_MIN_SLICE : threads;
-            if (c.nsplit < 1) c.nsplit = 1;
-            Py_ssize_t most = 0; /* the most keys one row sees (windows can make earlier rows see more) */
-            for (Py_ssize_t r = 0; r < rows; r++) {
-                const Py_ssize_t n = pos + r + 1 - first_key(&c, pos + r);
-                most = n > most ? n : most;
-            }
-            c.span = (most + c.nsplit - 1) / c.nsplit;
-            c.stride = c.group * c.span + dk + dv;
-            const Py_ssize_t ntasks = rows * nkv * c.nsplit, part = ntasks * c.group * (2 + dv);
+            const Py_ssize_t ntasks = attention_plan(&c, rows, threads), part = ntasks * c.group * (2 + dv);
             if (!(buf = PyMem_Malloc(sizeof(float) * (size_t)(part + threads * c.stride)))) {
                 PyErr_NoMemory();
             } else {
                 c.part = buf;
                 c.scratch = buf + part;
                 nl_parallel(attention_task, &c, ntasks);
-                for (Py_ssize_t r = 0; r < rows; r++)  /* merge the slices of each query head */
-                    for (Py_ssize_t h = 0; h < nh; h++) {
-                        const Py_ssize_t j = h / c.group, g = h % c.group;
-                        const float *p0 = c.part + ((r * nkv + j) * c.nsplit * c.group + g) * (2 + dv);
-                        const Py_ssize_t step = c.group * (2 + dv); /* next slice, same head */
-                        float mx = -INFINITY, sum = 0.0f;
-                        for (Py_ssize_t s = 0; s < c.nsplit; s++) mx = p0[s * step] > mx ? p0[s * step] : mx;
-                        float *o = (float *)out.buf + (r * nh + h) * dv;
-                        memset(o, 0, sizeof(float) * (size_t)dv);
-                        for (Py_ssize_t s = 0; s < c.nsplit; s++) {
-                            const float *ps = p0 + s * step, w = ps[1] > 0 ? expf(ps[0] - mx) : 0.0f;
-                            sum += w * ps[1];
-                            for (Py_ssize_t i = 0; i < dv; i++) o[i] += w * ps[2 + i];
-                        }
-                        for (Py_ssize_t i = 0; i < dv; i++) o[i] /= sum;
-                    }
+                attention_merge(&c, rows, out.buf);
                 ret = Py_NewRef(Py_None);
             }
         }
@@ -311,9 +329,137 @@ static PyObject *gated(PyObject *self, PyObject *args) {
     return ret;
 }
 
+#if defined(__F16C__) || defined(__aarch64__)
+/* float32 -> float16, rounded to nearest even as numpy's cast (the cache's append) */
+static void f2h_row(const float *x, uint16_t *h, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) h[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+#else
+    for (; i < n; i++) {
+        const __fp16 v = (__fp16)x[i];
+        memcpy(h + i, &v, 2);
+    }
+#endif
+}
+
+typedef struct {
+    attention_job *jobs;
+    Py_ssize_t *first; /* first task of each job, and the total at [n] */
+    Py_ssize_t n;
+} seqs_job;
+
+static void seqs_task(void *ctx, int64_t task, int tid) {
+    const seqs_job *c = ctx;
+    Py_ssize_t j = 0;
+    while (c->first[j + 1] <= task) j++;
+    attention_task(&c->jobs[j], task - c->first[j], tid);
+}
+
+/* attention_seqs(q, k, v, out, k_caches, v_caches, positions, counts, cos, sin, n_rot, neox, n_head, n_kv, dk, dv,
+ * scale, window): a batched decode step's attention in one call. Rows counts[j] of q (M, n_head, dk), k (M, n_kv, dk)
+ * and v (M, n_kv, dv) belong to sequence j, whose float16 caches (n_kv, n_ctx, d) hold positions[j] tokens: RoPE at
+ * its positions (q and k in place, as rope()), k and v written after its tokens, then attention() of its rows; the
+ * tasks of all sequences in one parallel run. The caller advances the caches' offsets. Per sequence the same code
+ * and roundings as rope(), the cache's append and attention(): the same bits as one call per sequence. */
+static PyObject *attention_seqs(PyObject *self, PyObject *args) {
+    Py_buffer q, k, v, out, cb, sb;
+    PyObject *kcs, *vcs, *poss, *cnts;
+    Py_ssize_t n_rot, nh, nkv, dk, dv, window;
+    int neox;
+    float scale;
+    if (!PyArg_ParseTuple(args, "w*w*y*w*OOOOy*y*npnnnnfn", &q, &k, &v, &out, &kcs, &vcs, &poss, &cnts, &cb, &sb,
+                          &n_rot, &neox, &nh, &nkv, &dk, &dv, &scale, &window)) return NULL;
+    PyObject *ret = NULL, *kl = PySequence_Fast(kcs, "k_caches"), *vl = PySequence_Fast(vcs, "v_caches");
+    PyObject *pl = PySequence_Fast(poss, "positions"), *cl = PySequence_Fast(cnts, "counts");
+    Py_ssize_t n = kl && vl && pl && cl ? PySequence_Fast_GET_SIZE(kl) : -1, got = 0;
+    Py_buffer *bufs = n > 0 ? PyMem_Calloc((size_t)(2 * n), sizeof(Py_buffer)) : NULL;
+    attention_job *jobs = n > 0 ? PyMem_Calloc((size_t)n, sizeof(attention_job)) : NULL;
+    Py_ssize_t *first = n > 0 ? PyMem_Calloc((size_t)(n + 1), sizeof(Py_ssize_t)) : NULL;
+    Py_ssize_t *pos = n > 0 ? PyMem_Calloc((size_t)(2 * n), sizeof(Py_ssize_t)) : NULL, *cnt = pos ? pos + n : NULL;
+    float *buf = NULL;
+    const Py_ssize_t half = n_rot / 2, n_pos = cb.len / (Py_ssize_t)sizeof(float) / (half ? half : 1);
+    if (n <= 0 || !bufs || !jobs || !first || !pos) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "attention_seqs: no sequences");
+        goto done;
+    }
+    if (PySequence_Fast_GET_SIZE(vl) != n || PySequence_Fast_GET_SIZE(pl) != n || PySequence_Fast_GET_SIZE(cl) != n) {
+        PyErr_SetString(PyExc_ValueError, "attention_seqs: one cache pair, position and count per sequence");
+        goto done;
+    }
+    Py_ssize_t m = 0;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        pos[j] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(pl, j));
+        cnt[j] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(cl, j));
+        if (PyErr_Occurred()) goto done;
+        for (int w = 0; w < 2; w++, got++)
+            if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(w ? vl : kl, j), &bufs[2 * j + w],
+                                   PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) goto done;
+        const Py_ssize_t n_ctx = bufs[2 * j].len / (nkv * dk * 2);
+        if (nkv <= 0 || nh % nkv || n_rot > dk || cnt[j] <= 0 || pos[j] < 0 || pos[j] + cnt[j] > n_ctx
+            || pos[j] + cnt[j] > n_pos || bufs[2 * j].len != nkv * n_ctx * dk * 2 || bufs[2 * j + 1].len != nkv * n_ctx * dv * 2) {
+            PyErr_SetString(PyExc_ValueError, "attention_seqs: bad heads, positions or float16 caches");
+            goto done;
+        }
+        m += cnt[j];
+    }
+    if (!check(&q, m * nh * dk, "q") || !check(&k, m * nkv * dk, "k") || !check(&v, m * nkv * dv, "v")
+        || !check(&out, m * nh * dv, "out") || !check(&sb, n_pos * half, "sin")) goto done;
+    const int threads = nl_get_threads();
+    Py_ssize_t parts = 0, stride = 0;
+    for (Py_ssize_t j = 0, a = 0; j < n; a += cnt[j], j++) {
+        float *qj = (float *)q.buf + a * nh * dk, *kj = (float *)k.buf + a * nkv * dk;
+        const float *vj = (const float *)v.buf + a * nkv * dv;
+        uint16_t *kc = bufs[2 * j].buf, *vc = bufs[2 * j + 1].buf;
+        const Py_ssize_t n_ctx = bufs[2 * j].len / (nkv * dk * 2);
+        rope_rows(qj, cb.buf, sb.buf, cnt[j], nh, dk, half, pos[j], neox);
+        rope_rows(kj, cb.buf, sb.buf, cnt[j], nkv, dk, half, pos[j], neox);
+        for (Py_ssize_t r = 0; r < cnt[j]; r++)
+            for (Py_ssize_t h = 0; h < nkv; h++) {
+                f2h_row(kj + (r * nkv + h) * dk, kc + (h * n_ctx + pos[j] + r) * dk, dk);
+                f2h_row(vj + (r * nkv + h) * dv, vc + (h * n_ctx + pos[j] + r) * dv, dv);
+            }
+        jobs[j] = (attention_job){qj, kc, vc, NULL, NULL, nh, nkv, nh / nkv, dk, dv, n_ctx, pos[j], window, 1, 0, 0,
+                                  scale};
+        first[j + 1] = first[j] + attention_plan(&jobs[j], cnt[j], threads);
+        parts += (first[j + 1] - first[j]) * jobs[j].group * (2 + dv);
+        stride = jobs[j].stride > stride ? jobs[j].stride : stride;
+    }
+    if (!(buf = PyMem_Malloc(sizeof(float) * (size_t)(parts + threads * stride)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t j = 0, off = 0; j < n; j++) { /* the threads' scratch is shared: a thread runs one task at once */
+        jobs[j].part = buf + off;
+        jobs[j].scratch = buf + parts;
+        jobs[j].stride = stride;
+        off += (first[j + 1] - first[j]) * jobs[j].group * (2 + dv);
+    }
+    seqs_job sj = {jobs, first, n};
+    nl_parallel(seqs_task, &sj, first[n]);
+    for (Py_ssize_t j = 0, a = 0; j < n; a += cnt[j], j++) attention_merge(&jobs[j], cnt[j], (float *)out.buf + a * nh * dv);
+    ret = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&bufs[i]);
+    PyMem_Free(bufs); PyMem_Free(jobs); PyMem_Free(first); PyMem_Free(pos); PyMem_Free(buf);
+    Py_XDECREF(kl); Py_XDECREF(vl); Py_XDECREF(pl); Py_XDECREF(cl);
+    PyBuffer_Release(&q); PyBuffer_Release(&k); PyBuffer_Release(&v); PyBuffer_Release(&out);
+    PyBuffer_Release(&cb); PyBuffer_Release(&sb);
+    return ret;
+}
+#define HAVE_ATTENTION_SEQS 1
+#endif
+
 PyMethodDef nl_ops_methods[] = { /* added to npulm.cpu._kernels by module.c */
     {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(x, w, out, rows, dim, eps)"},
     {"rope", rope, METH_VARARGS, "rope(x, cos, sin, rows, heads, head_dim, n_rot, pos, neox)"},
+#ifdef HAVE_ATTENTION_SEQS
+    {"attention_seqs", attention_seqs, METH_VARARGS,
+     "attention_seqs(q, k, v, out, k_caches, v_caches, positions, counts, cos, sin, n_rot, neox, n_head, n_kv, dk, "
+     "dv, scale, window): RoPE, cache append and decode attention of a batch of sequences in one call"},
+#endif
     {"attention", attention, METH_VARARGS,
      "attention(q, k_cache, v_cache, out, rows, n_head, n_kv, dk, dv, n_ctx, pos, scale, window)"},
     {"gated", gated, METH_VARARGS, "gated(gate, up, n, kind): kind 0 SiLU, 1 GELU-tanh"},

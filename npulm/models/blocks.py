@@ -120,6 +120,20 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: Sequence[KVCache
         pos = caches[0].offset
         return attention(rope(q, pos), rope(k, pos), v, caches[0], s)
     out = np.empty((q.shape[0], s.n_head * s.head_dim_v), np.float32)
+    counts = [b - a for a, b in spans]
+    seqs = getattr(_ops, "attention_seqs", None)  # None: not built, or a build without float16 conversion
+    if (seqs is not None and max(counts) <= DECODE_ROWS and q.dtype == k.dtype == v.dtype == np.float32
+            and q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous
+            and all(c.k.dtype == np.float16 for c in caches)):
+        # a batched decode step: one call for every sequence (Python's per-sequence calls cost as much as the math)
+        positions = [c.offset for c in caches]
+        if any(p + n > c.n_ctx for p, n, c in zip(positions, counts, caches)):
+            raise ValueError("context overflow in a batched step")
+        seqs(q, k, v, out, [c.k for c in caches], [c.v for c in caches], positions, counts, rope.cos, rope.sin,
+              rope.n_rot, rope.neox, s.n_head, s.n_head_kv, s.head_dim_k, s.head_dim_v, s.scale, s.window)
+        for c, n in zip(caches, counts):
+            c.offset += n
+        return out
     for (a, b), cache in zip(spans, caches):
         pos = cache.offset
         out[a:b] = attention(rope(q[a:b], pos), rope(k[a:b], pos), v[a:b], cache, s)

@@ -103,6 +103,44 @@ def test_attention_row_is_the_same_alone_or_batched(window, n_head_kv):
         np.testing.assert_array_equal(alone[0], batched[i])
 
 
+@pytest.mark.parametrize("window,neox,head_dim", [(0, False, 64), (6, True, 32)])
+def test_batched_sequences_in_one_call_match_one_call_each(window, neox, head_dim):
+    """A batched decode step's attention (RoPE, cache append and attention of every sequence in one C call) gives
+    the bits that one call per sequence gives, outputs and caches alike."""
+    if getattr(blocks._ops, "attention_seqs", None) is None:
+        pytest.skip("this build has no attention_seqs")
+    shape = blocks.AttentionShape(n_head=6, n_head_kv=2, head_dim_k=head_dim, head_dim_v=head_dim, scale=0.2,
+                                  window=window)
+    rope = blocks.Rope(n_rot=head_dim // 2, base=10000.0, n_ctx=64, neox=neox)
+    counts, held = [1, 2, 1, 3], [5, 0, 17, 9]
+    m = sum(counts)
+    q = rng.standard_normal((m, 6, head_dim)).astype(np.float32)
+    k = rng.standard_normal((m, 2, head_dim)).astype(np.float32)
+    v = rng.standard_normal((m, 2, head_dim)).astype(np.float32)
+
+    def caches() -> list[KVCache]:
+        out = []
+        for n in held:
+            cache = KVCache(2, 64, head_dim, head_dim)
+            cache.set_state(rng.standard_normal((2, n, head_dim)), rng.standard_normal((2, n, head_dim)))
+            out.append(cache)
+        return out
+
+    state = rng.bit_generator.state
+    fused_caches = caches()
+    rng.bit_generator.state = state
+    alone_caches = caches()
+    spans = [(sum(counts[:i]), sum(counts[:i + 1])) for i in range(len(counts))]
+    fused = blocks.attend(q.copy(), k.copy(), v.copy(), fused_caches, spans, rope, shape)
+    for (a, b), cache in zip(spans, alone_caches):
+        alone = blocks.attend(q[a:b].copy(), k[a:b].copy(), v[a:b].copy(), [cache], [(0, b - a)], rope, shape)
+        np.testing.assert_array_equal(alone, fused[a:b])
+    for f, a in zip(fused_caches, alone_caches):
+        assert f.offset == a.offset
+        np.testing.assert_array_equal(f.k, a.k)
+        np.testing.assert_array_equal(f.v, a.v)
+
+
 def test_attention_reads_float16_edge_values(monkeypatch):
     """Head sizes off the 8-lane conversion (so the scalar float16 decoder runs too) and cached values that are
     subnormal, zero, negative zero or near float16's largest: the C path decodes them as numpy does."""
