@@ -120,20 +120,25 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: Sequence[KVCache
         pos = caches[0].offset
         return attention(rope(q, pos), rope(k, pos), v, caches[0], s)
     out = np.empty((q.shape[0], s.n_head * s.head_dim_v), np.float32)
-    counts = [b - a for a, b in spans]
+    # the leading sequences of decode size (a batched step's; a prompt chunk rides last) go through one C call:
+    # Python's per-sequence calls would cost as much as their math
+    n_short = 0
+    while n_short < len(spans) and spans[n_short][1] - spans[n_short][0] <= DECODE_ROWS:
+        n_short += 1
     seqs = getattr(_ops, "attention_seqs", None)  # None: not built, or a build without float16 conversion
-    if (seqs is not None and max(counts) <= DECODE_ROWS and q.dtype == k.dtype == v.dtype == np.float32
+    if (seqs is not None and n_short > 1 and q.dtype == k.dtype == v.dtype == np.float32
             and q.flags.c_contiguous and k.flags.c_contiguous and v.flags.c_contiguous
-            and all(c.k.dtype == np.float16 for c in caches)):
-        # a batched decode step: one call for every sequence (Python's per-sequence calls cost as much as the math)
-        positions = [c.offset for c in caches]
-        if any(p + n > c.n_ctx for p, n, c in zip(positions, counts, caches)):
+            and all(c.k.dtype == np.float16 for c in caches[:n_short])):
+        short, e = caches[:n_short], spans[n_short - 1][1]
+        counts = [b - a for a, b in spans[:n_short]]
+        positions = [c.offset for c in short]
+        if any(p + n > c.n_ctx for p, n, c in zip(positions, counts, short)):
             raise ValueError("context overflow in a batched step")
-        seqs(q, k, v, out, [c.k for c in caches], [c.v for c in caches], positions, counts, rope.cos, rope.sin,
-              rope.n_rot, rope.neox, s.n_head, s.n_head_kv, s.head_dim_k, s.head_dim_v, s.scale, s.window)
-        for c, n in zip(caches, counts):
+        seqs(q[:e], k[:e], v[:e], out[:e], [c.k for c in short], [c.v for c in short], positions, counts, rope.cos,
+             rope.sin, rope.n_rot, rope.neox, s.n_head, s.n_head_kv, s.head_dim_k, s.head_dim_v, s.scale, s.window)
+        for c, n in zip(short, counts):
             c.offset += n
-        return out
+        spans, caches = spans[n_short:], caches[n_short:]
     for (a, b), cache in zip(spans, caches):
         pos = cache.offset
         out[a:b] = attention(rope(q[a:b], pos), rope(k[a:b], pos), v[a:b], cache, s)

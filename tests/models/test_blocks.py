@@ -112,7 +112,7 @@ def test_batched_sequences_in_one_call_match_one_call_each(window, neox, head_di
     shape = blocks.AttentionShape(n_head=6, n_head_kv=2, head_dim_k=head_dim, head_dim_v=head_dim, scale=0.2,
                                   window=window)
     rope = blocks.Rope(n_rot=head_dim // 2, base=10000.0, n_ctx=64, neox=neox)
-    counts, held = [1, 2, 1, 3], [5, 0, 17, 9]
+    counts, held = [1, 2, 1, 3, 11], [5, 0, 17, 9, 4]  # the last: a prompt chunk riding in the step
     m = sum(counts)
     q = rng.standard_normal((m, 6, head_dim)).astype(np.float32)
     k = rng.standard_normal((m, 2, head_dim)).astype(np.float32)
