@@ -11,7 +11,8 @@ Prints (markdown):
      with --llama-cpp, llama-cpp-python's own plain and LlamaPromptLookupDecoding rows on the same prompts;
   3. the predicted speed-up on the board: the lookup run repeated with the draft length chosen from the modeled
      RK3588 pass cost of the planner's best placement, its passes priced with that cost against plain decode's.
-Ratios come from one run with plain and lookup interleaved per task; on a shared machine only they mean much.
+Ratios come from the fastest of --rounds alternating plain and lookup runs per task (one slow moment of a shared
+machine would otherwise decide a ratio); only ratios mean much there.
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--draft-max", type=int, default=16)
     ap.add_argument("--reps", type=int, default=15, help="passes per M for the pass-cost table (min taken)")
+    ap.add_argument("--rounds", type=int, default=3, help="plain / lookup runs per task, alternating (fastest kept)")
     ap.add_argument("--llama-cpp", action="store_true", help="llama-cpp-python plain vs its prompt lookup too")
     ap.add_argument("--no-board", action="store_true", help="skip the board-tuned lookup rerun")
     args = ap.parse_args(argv)
@@ -200,9 +202,15 @@ def main(argv: list[str] | None = None) -> int:
             group, tname, _ = task
             prompt = prompt_tokens(llm, task)
             prompts[tname] = prompt
-            spec = Speculator(PromptLookup(), draft_max=args.draft_max)
-            plain, t_plain = decode(llm, prompt, args.n, None)
-            fast, t_fast = decode(llm, prompt, args.n, spec)
+            # plain and lookup alternate, the fastest of each kept: on a shared machine one slow moment would
+            # otherwise decide a task's ratio
+            t_plain = t_fast = float("inf")
+            for _ in range(args.rounds):
+                plain, t = decode(llm, prompt, args.n, None)
+                t_plain = min(t_plain, t)
+                spec = Speculator(PromptLookup(), draft_max=args.draft_max)
+                fast, t = decode(llm, prompt, args.n, spec)
+                t_fast = min(t_fast, t)
             s = spec.stats
             r = (len(fast) / t_fast) / (len(plain) / t_plain)
             ratios[group].append(r)
