@@ -44,6 +44,7 @@
 #else
 #include <pthread.h>
 #include <sched.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #endif
 
@@ -1563,8 +1564,20 @@ typedef struct {
     const nl_mat *w;
     uint8_t *out;
     int64_t panels_per_task;
+    int drop; /* the source rows are a read-only file mapping: drop their pages once packed */
     atomic_int failed;
 } pk_pack_ctx;
+
+/* Let the kernel drop the whole pages inside [p, p + n) of a file mapping (read back from the file if touched) */
+static void drop_pages(const uint8_t *p, int64_t n) {
+#if defined(MADV_DONTNEED) && !defined(NL_NO_THREADS)
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t a = ((uintptr_t)p + page - 1) & ~(page - 1), b = ((uintptr_t)p + (uintptr_t)n) & ~(page - 1);
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+#else
+    (void)p, (void)n;
+#endif
+}
 
 static void pk_pack_task(void *ctx, int64_t t, int tid) {
     (void)tid;
@@ -1614,6 +1627,9 @@ static void pk_pack_task(void *ctx, int64_t t, int tid) {
     free(codes);
     free(d16);
     free(bias);
+    const int64_t r0 = 16 * t * c->panels_per_task, r1 = 16 * (t + 1) * c->panels_per_task;
+    if (c->drop && r0 < w->n) /* now, not after the whole weight: the file's pages and the copy never all coexist */
+        drop_pages(w->data + r0 * w->row_bytes, ((r1 < w->n ? r1 : w->n) - r0) * w->row_bytes);
 }
 
 /* MR activation rows x NP panels (2, or 1 at the tail) of the packed weight, from panel address `panel` on. */
@@ -1839,18 +1855,18 @@ int64_t nl_packed_bytes(int type, int64_t n, int64_t k) {
 #endif
 }
 
-int nl_pack(const nl_mat *w, uint8_t *out) {
+int nl_pack(const nl_mat *w, uint8_t *out, int drop_source) {
 #ifdef HAVE_PACKED
     if (nl_packed_bytes(w->type, w->n, w->k) < 0 || ((uintptr_t)out & 63)) return -1;
     CALL_LOCK();
     ensure_pool();
     const int64_t np = (w->n + 15) / 16;
-    pk_pack_ctx c = {w, out, 16, 0};
+    pk_pack_ctx c = {w, out, 16, drop_source, 0};
     parallel(pk_pack_task, &c, (np + c.panels_per_task - 1) / c.panels_per_task);
     CALL_UNLOCK();
     return atomic_load(&c.failed) ? -1 : 0;
 #else
-    (void)w, (void)out;
+    (void)w, (void)out, (void)drop_source;
     return -1;
 #endif
 }

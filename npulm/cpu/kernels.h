@@ -56,8 +56,10 @@ int nl_pack_available(int type);
  * boards' decode is bound by memory bandwidth (not yet measured on a board) */
 int nl_pack_default(int type);
 int64_t nl_packed_bytes(int type, int64_t n, int64_t k);
-/* Repack W's rows into out (nl_packed_bytes, 64-byte aligned); 0, or -1. Set w->packed = out to use it. */
-int nl_pack(const nl_mat *w, uint8_t *out);
+/* Repack W's rows into out (nl_packed_bytes, 64-byte aligned); 0, or -1. Set w->packed = out to use it.
+ * drop_source: W's rows are a read-only file mapping whose pages may be dropped as they are packed (not for
+ * anonymous memory: dropping would zero it). */
+int nl_pack(const nl_mat *w, uint8_t *out, int drop_source);
 
 /* y (m, n) = x (m, k) @ W.T; x and y C-contiguous float32. Returns 0, or -1 on a bad argument / no memory. */
 int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path);

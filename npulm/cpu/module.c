@@ -28,15 +28,16 @@ static void handle_free(PyObject *cap) {
     }
 }
 
-/* weight(buffer, type, n, k, act16=0, pack=0) -> handle; pack: also keep the rows repacked for the packed kernel
- * (where this build has it for the type) */
+/* weight(buffer, type, n, k, act16=0, pack=0, drop=0) -> handle; pack: also keep the rows repacked for the packed
+ * kernel (where this build has it for the type); drop: the buffer is a read-only file mapping whose pages may be
+ * dropped once packed */
 static PyObject *py_weight(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *obj;
     int type;
     long long n, k;
-    int act16 = 0, pack = 0;
-    if (!PyArg_ParseTuple(args, "OiLL|pp", &obj, &type, &n, &k, &act16, &pack)) return NULL;
+    int act16 = 0, pack = 0, drop = 0;
+    if (!PyArg_ParseTuple(args, "OiLL|ppp", &obj, &type, &n, &k, &act16, &pack, &drop)) return NULL;
     const int64_t rb = nl_row_bytes(type, k);
     if (rb < 0 || n <= 0) {
         PyErr_Format(PyExc_ValueError, "unsupported weight: type %d with %lld x %lld values", type, n, k);
@@ -66,7 +67,7 @@ static PyObject *py_weight(PyObject *self, PyObject *args) {
         int rc = -1;
         Py_BEGIN_ALLOW_THREADS
         if (posix_memalign(&h->packed, 64, (size_t)pbytes)) h->packed = NULL;
-        rc = h->packed ? nl_pack(&h->mat, h->packed) : -1;
+        rc = h->packed ? nl_pack(&h->mat, h->packed, drop) : -1;
         Py_END_ALLOW_THREADS
         if (rc) {
             free(h->packed);

@@ -63,10 +63,9 @@ class QuantLinear(Linear):
         self.runs_on = "cpu:a16" if act16 else "cpu:a8"
         if pack is None:  # a module built before the packed kernel has no pack_default
             pack = getattr(_kernels, "pack_default", lambda _: False)(int(weight.type))
-        self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in, act16, pack)
+        self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in, act16, pack,
+                                  bool(pack) and file_mapped(weight.data))
         self.packed = self.row_exact = bool(pack) and _kernels.packed_bytes(self._h) > 0
-        if self.packed:
-            drop_file_pages(weight.data)
         # F16 has no integer kernel: large M goes through dequantized tiles + BLAS
         self._tiled = weight.type == GGMLQuantizationType.F16
         self._tile_rows = max(16, TILE_BYTES // (4 * weight.n_in))
@@ -107,20 +106,14 @@ class QuantLinear(Linear):
             out[:, r0:r1] = x @ tile.T
 
 
-def drop_file_pages(data: np.ndarray) -> None:
-    """Let the kernel drop the resident pages of an array mapped from a file (the GGUF rows of a repacked weight: only
-    the other paths read them again, and a read brings them back from the file), so the repacked copy does not add
-    to the file's pages in RSS. Arrays not backed by a read-only file mapping are left alone."""
+def file_mapped(data: np.ndarray) -> bool:
+    """Whether an array lies in a read-only file mapping (a GGUF's tensors): the kernels may then drop its pages
+    once a weight is repacked (a later read brings them back from the file), so the repacked copy does not add to
+    the file's pages in RSS. Anonymous memory must not be dropped (it would read back as zeros)."""
     base = data
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
-    if base is None or not hasattr(base, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    start = data.ctypes.data - np.frombuffer(base, np.uint8, 1).ctypes.data
-    page = mmap.PAGESIZE
-    lo, hi = -(-start // page) * page, (start + data.nbytes) // page * page
-    if hi > lo:
-        base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    return base is not None and not data.flags.writeable
 
 
 class RowReader:

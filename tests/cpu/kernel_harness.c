@@ -26,7 +26,7 @@ int main(int argc, char **argv) {
         void *packed = NULL; /* path 3: the weight repacked first, where this build has the packed kernel */
         const int64_t pbytes = h[4] == 3 ? nl_packed_bytes((int)h[0], h[1], h[2]) : -1;
         if (pbytes > 0) {
-            if (posix_memalign(&packed, 64, (size_t)pbytes) || nl_pack(&mat, packed)) return 5;
+            if (posix_memalign(&packed, 64, (size_t)pbytes) || nl_pack(&mat, packed, 0)) return 5;
             mat.packed = packed;
         }
         if (nl_matmul(&mat, x, h[3], y, (int)h[4])) return 4;

@@ -142,7 +142,7 @@ def test_packed_rows_do_not_depend_on_the_batch(t: T) -> None:
 
 
 def test_packed_weight_from_a_file_mapping_reads_the_same_after_its_pages_are_dropped(tmp_path) -> None:
-    """A repacked weight's GGUF pages are dropped from RSS (drop_file_pages); the rows kernel and the dequantizer
+    """A repacked weight's GGUF pages are dropped from RSS (as they are packed); the rows kernel and the dequantizer
     still read the same bytes, brought back from the file."""
     import mmap
 
