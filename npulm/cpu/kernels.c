@@ -7,15 +7,15 @@
  * with code an unsigned byte, d16 a float scale per 16 values, bias32 per 32 values and off a per-type constant
  * (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q8_0: 128 with code = q + 128, others 0).
  *
- * Three algorithms:
+ * Three algorithms, two kernels:
  *   rows  (decode, small M): stream each weight row once, unpack a block into SIMD registers, dot it with the M
  *         quantized activation rows. Memory-bound at M = 1; threads split the output rows.
- *   gemm  (prefill, M >= gemm_min_m): each thread unpacks a panel of 16 (x86) / 8 (NEON) weight rows into a small
- *         scratch with rows interleaved per 4 codes, then a register-tiled kernel multiplies every activation row
- *         with it: one int8 dot instruction covers 16 (or 4) output columns, so per-block scaling costs little.
- *
- *   packed (AVX512-VNNI builds, every M): the weight repacked once at load into the gemm's panel layout, 4-bit codes
- *         kept as nibbles; no per-call packing, so it serves decode too, and M = 8 costs far less than 8 x M = 1.
+ *   packed (AVX512-VNNI and NEON dotprod builds, every M): the weight repacked once at load into panels of 16 rows,
+ *         codes interleaved per 4 (4-bit codes kept as nibbles); a register-tiled kernel multiplies every activation
+ *         row with them: one int8 dot instruction covers 16 (or 4) output columns, so per-block scaling costs little,
+ *         it serves decode too, and M = 8 costs far less than 8 x M = 1.
+ *   gemm  (prefill of a weight not repacked, M >= gemm_min_m): each task packs two panels into its thread's scratch
+ *         and runs the packed kernel on them.
  *
  * ISA paths are chosen at compile time: x86 AVX2+FMA+F16C (VNNI dot if AVX512-VNNI+VL or AVX-VNNI), x86
  * AVX512BW+VNNI for the gemm, aarch64 NEON (dotprod if __ARM_FEATURE_DOTPROD) for both, and a scalar fallback.
@@ -1298,235 +1298,12 @@ static void unpack_row_fast(int type, const uint8_t *row, int64_t k, uint8_t *co
 #endif
 
 /* ------------------------------------------------------------------------------------------------------------ */
-/* gemm: pack a panel of PR weight rows, codes interleaved per 4 (layout [block][group of 4][row][4]), scales    */
-/* [block][half][row], bias [block][row]; then an MR x PR register tile per step.                              */
+/* NEON's sdot multiplies signed bytes: there the panels hold codes minus their offset                          */
 
 #if defined(NL_X86_GEMM)
-#define PR 16       /* rows per panel = int32 lanes of a zmm */
 #define SIGNED_CODES 0
 #elif defined(NL_NEON_GEMM)
-#define PR 8        /* two int32x4 vectors */
 #define SIGNED_CODES 1
-#endif
-
-#ifdef PR
-#define PANEL_BLOCK (32 * PR + 3 * PR * 4) /* bytes per 32-block: codes, 2 scales, bias */
-#define PANELS_PER_TASK 2
-
-typedef struct {
-    const nl_mat *w;
-    const acts *a;
-    float *y;
-    int64_t m;
-    float *yout; /* as in rows_ctx */
-    int64_t m_out;
-} gemm_ctx;
-
-/* Pack rows n0 .. n0+nr of W (nr <= PR; missing rows are zero) into the panel layout. Chunks of 8 blocks (one
- * K-quant superblock) are unpacked for all PR rows in turn, so each chunk of the panel is written while in L1. */
-static void pack_panel(const nl_mat *w, int64_t n0, int nr, uint8_t *panel) {
-    const int64_t kb = w->k / 32;
-    const type_info *ti = tinfo(w->type);
-    const int off = ti->off;
-    uint8_t codes[256] __attribute__((aligned(32)));
-    float d16[16], bias[8];
-    for (int64_t b0 = 0; b0 < kb; b0 += 8) {
-        const int nbk = kb - b0 < 8 ? (int)(kb - b0) : 8;
-        const int64_t src = b0 * 32 / ti->block * ti->bytes;
-        for (int r = 0; r < PR; r++) {
-            if (r < nr) unpack_row_fast(w->type, w->data + (n0 + r) * w->row_bytes + src, 32 * nbk, codes, d16, bias);
-            else {
-                memset(codes, SIGNED_CODES ? off : 0, sizeof codes);
-                memset(d16, 0, sizeof d16);
-                memset(bias, 0, sizeof bias);
-            }
-#if SIGNED_CODES
-            if (off)
-                for (int i = 0; i < 32 * nbk; i++) codes[i] = (uint8_t)(codes[i] - off);
-#endif
-            for (int j = 0; j < nbk; j++) {
-                uint8_t *pb = panel + (b0 + j) * PANEL_BLOCK;
-                uint32_t *pc = (uint32_t *)pb;
-                uint32_t src4[8];
-                memcpy(src4, codes + 32 * j, 32);
-                for (int g = 0; g < 8; g++) pc[g * PR + r] = src4[g];
-                float *ps = (float *)(pb + 32 * PR);
-                ps[r] = d16[2 * j];
-                ps[PR + r] = d16[2 * j + 1];
-                ps[2 * PR + r] = bias[j];
-            }
-        }
-    }
-}
-
-#if defined(NL_X86_GEMM)
-/* MR activation rows x NP panels of 16 rows. H: 2 if the 16-halves have their own scales (Q6_K). */
-INLINE void gemm_tile(const int OFF, const int BIAS, const int H, const int MR, const int NP, const uint8_t *panel,
-                      int64_t pstride, const acts *A, int64_t m0, int64_t kb, float *y, int64_t ldy, int64_t n0,
-                      int nvalid) {
-    /* fixed array sizes (MR <= 4, NP <= 2) so that the accumulators stay in registers */
-    __m512 facc[4][2];
-    const int8_t *aq[4];
-    const float *ad[4], *as[4];
-    const int32_t *ac[4];
-    for (int m = 0; m < MR; m++) {
-        aq[m] = A->q + (m0 + m) * A->k;
-        ad[m] = A->d + (m0 + m) * kb;
-        as[m] = A->s + (m0 + m) * kb;
-        ac[m] = H == 2 ? A->c16 + (m0 + m) * 2 * kb : A->c32 + (m0 + m) * kb;
-        for (int p = 0; p < NP; p++) facc[m][p] = _mm512_setzero_ps();
-    }
-    for (int64_t b = 0; b < kb; b++) {
-        const uint8_t *pb = panel + b * PANEL_BLOCK;
-        for (int h = 0; h < H; h++) {
-            __m512i iacc[4][2];
-            for (int m = 0; m < MR; m++) {
-                const __m512i start = OFF ? _mm512_set1_epi32(ac[m][H * b + h]) : _mm512_setzero_si512();
-                for (int p = 0; p < NP; p++) iacc[m][p] = start;
-            }
-            for (int g = h * (8 / H); g < (h + 1) * (8 / H); g++) {
-                __m512i wv[2];
-                for (int p = 0; p < NP; p++) wv[p] = _mm512_load_si512((const void *)(pb + p * pstride + 64 * g));
-                for (int m = 0; m < MR; m++) {
-                    int32_t a4;
-                    memcpy(&a4, aq[m] + 32 * b + 4 * g, 4);
-                    const __m512i av = _mm512_set1_epi32(a4);
-                    for (int p = 0; p < NP; p++) iacc[m][p] = _mm512_dpbusd_epi32(iacc[m][p], wv[p], av);
-                }
-            }
-            __m512 dw[2];
-            for (int p = 0; p < NP; p++) dw[p] = _mm512_load_ps((const float *)(pb + p * pstride + 32 * PR + 64 * h));
-            for (int m = 0; m < MR; m++) {
-                const __m512 dx = _mm512_set1_ps(ad[m][b]);
-                for (int p = 0; p < NP; p++)
-                    facc[m][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m][p]), _mm512_mul_ps(dw[p], dx), facc[m][p]);
-            }
-        }
-        if (BIAS) {
-            __m512 bw[2];
-            for (int p = 0; p < NP; p++) bw[p] = _mm512_load_ps((const float *)(pb + p * pstride + 32 * PR + 128));
-            for (int m = 0; m < MR; m++) {
-                const __m512 sx = _mm512_set1_ps(as[m][b]);
-                for (int p = 0; p < NP; p++) facc[m][p] = _mm512_fmadd_ps(bw[p], sx, facc[m][p]);
-            }
-        }
-    }
-    for (int p = 0; p < NP; p++) {
-        const int v = nvalid - 16 * p;
-        const __mmask16 mask = v >= 16 ? 0xffff : (__mmask16)((1u << (v > 0 ? v : 0)) - 1);
-        for (int m = 0; m < MR; m++) _mm512_mask_storeu_ps(y + (m0 + m) * ldy + n0 + 16 * p, mask, facc[m][p]);
-    }
-}
-#define GEMM_MR 4
-#else /* NEON dotprod: PR = 8 rows as two int32x4 lanes sets; NP fixed to 1 panel per tile */
-INLINE void gemm_tile(const int OFF, const int BIAS, const int H, const int MR, const int NP, const uint8_t *panel,
-                      int64_t pstride, const acts *A, int64_t m0, int64_t kb, float *y, int64_t ldy, int64_t n0,
-                      int nvalid) {
-    (void)OFF; /* signed codes: no offset term */
-    (void)NP;
-    (void)pstride;
-    float32x4_t facc[4][2]; /* fixed sizes (MR <= 4) so that the accumulators stay in registers */
-    const int8_t *aq[4];
-    for (int m = 0; m < MR; m++) {
-        aq[m] = A->q + (m0 + m) * A->k;
-        facc[m][0] = facc[m][1] = vdupq_n_f32(0);
-    }
-    for (int64_t b = 0; b < kb; b++) {
-        const uint8_t *pb = panel + b * PANEL_BLOCK;
-        for (int h = 0; h < H; h++) {
-            int32x4_t iacc[4][2];
-            for (int m = 0; m < MR; m++) iacc[m][0] = iacc[m][1] = vdupq_n_s32(0);
-            for (int q = h * (2 / H); q < (h + 1) * (2 / H); q++) { /* quads of 4 groups = 16 activation bytes */
-                int8x16_t av[4];
-                for (int m = 0; m < MR; m++) av[m] = vld1q_s8(aq[m] + 32 * b + 16 * q);
-#define NL_LANE(L)                                                                                              \
-    {                                                                                                           \
-        const int8x16_t w0 = vld1q_s8((const int8_t *)pb + (4 * q + L) * 32),                                  \
-                        w1 = vld1q_s8((const int8_t *)pb + (4 * q + L) * 32 + 16);                             \
-        for (int m = 0; m < MR; m++) {                                                                          \
-            iacc[m][0] = vdotq_laneq_s32(iacc[m][0], w0, av[m], L);                                             \
-            iacc[m][1] = vdotq_laneq_s32(iacc[m][1], w1, av[m], L);                                             \
-        }                                                                                                       \
-    }
-                NL_LANE(0) NL_LANE(1) NL_LANE(2) NL_LANE(3)
-#undef NL_LANE
-            }
-            const float *ps = (const float *)(pb + 32 * PR + 32 * h);
-            const float32x4_t dw0 = vld1q_f32(ps), dw1 = vld1q_f32(ps + 4);
-            for (int m = 0; m < MR; m++) {
-                const float dx = A->d[(m0 + m) * kb + b];
-                facc[m][0] = vfmaq_f32(facc[m][0], vcvtq_f32_s32(iacc[m][0]), vmulq_n_f32(dw0, dx));
-                facc[m][1] = vfmaq_f32(facc[m][1], vcvtq_f32_s32(iacc[m][1]), vmulq_n_f32(dw1, dx));
-            }
-        }
-        if (BIAS) {
-            const float *pbias = (const float *)(pb + 32 * PR + 64);
-            const float32x4_t b0 = vld1q_f32(pbias), b1 = vld1q_f32(pbias + 4);
-            for (int m = 0; m < MR; m++) {
-                const float sx = A->s[(m0 + m) * kb + b];
-                facc[m][0] = vfmaq_n_f32(facc[m][0], b0, sx);
-                facc[m][1] = vfmaq_n_f32(facc[m][1], b1, sx);
-            }
-        }
-    }
-    for (int m = 0; m < MR; m++) {
-        float out[8];
-        vst1q_f32(out, facc[m][0]);
-        vst1q_f32(out + 4, facc[m][1]);
-        for (int i = 0; i < nvalid && i < 8; i++) y[(m0 + m) * ldy + n0 + i] = out[i];
-    }
-}
-#define GEMM_MR 4
-#endif
-
-/* One instance per (offset, bias, halves) combination; NP = panels in this tile (2, or 1 at the tail). */
-#define GEMM_VARIANT(NAME, OFF, BIAS, H)                                                                        \
-    static void NAME(const uint8_t *panel, int64_t pstride, int np, const acts *A, int64_t m, int64_t kb,     \
-                     float *y, int64_t ldy, int64_t n0, int nvalid) {                                          \
-        int64_t m0 = 0;                                                                                         \
-        if (np == 2) {                                                                                          \
-            for (; m0 + GEMM_MR <= m; m0 += GEMM_MR)                                                           \
-                gemm_tile(OFF, BIAS, H, GEMM_MR, 2, panel, pstride, A, m0, kb, y, ldy, n0, nvalid);             \
-            for (; m0 < m; m0++) gemm_tile(OFF, BIAS, H, 1, 2, panel, pstride, A, m0, kb, y, ldy, n0, nvalid);  \
-        } else {                                                                                                \
-            for (; m0 + GEMM_MR <= m; m0 += GEMM_MR)                                                           \
-                gemm_tile(OFF, BIAS, H, GEMM_MR, 1, panel, pstride, A, m0, kb, y, ldy, n0, nvalid);             \
-            for (; m0 < m; m0++) gemm_tile(OFF, BIAS, H, 1, 1, panel, pstride, A, m0, kb, y, ldy, n0, nvalid);  \
-        }                                                                                                       \
-    }
-GEMM_VARIANT(gemm_off, 1, 0, 1)
-GEMM_VARIANT(gemm_bias, 0, 1, 1)
-GEMM_VARIANT(gemm_off_h2, 1, 0, 2)
-
-static void gemm_task(void *ctx, int64_t t, int tid) {
-    gemm_ctx *c = ctx;
-    const nl_mat *w = c->w;
-    const int64_t k = w->k, kb = k / 32, pbytes = kb * PANEL_BLOCK;
-    const int64_t n0 = t * PANELS_PER_TASK * PR;
-    const int64_t rows = w->n - n0 < PANELS_PER_TASK * PR ? w->n - n0 : PANELS_PER_TASK * PR;
-    const int np = (int)((rows + PR - 1) / PR);
-    uint8_t *panel = scratch(tid, SCR_PANEL, (size_t)(pbytes * np));
-    if (!panel) return; /* allocated up front in nl_matmul */
-    for (int p = 0; p < np; p++) {
-        const int nr = (int)(rows - p * PR < PR ? rows - p * PR : PR);
-        pack_panel(w, n0 + p * PR, nr, panel + p * pbytes);
-    }
-    const type_info *ti = tinfo(w->type);
-#if defined(NL_X86_GEMM)
-    void (*f)(const uint8_t *, int64_t, int, const acts *, int64_t, int64_t, float *, int64_t, int64_t, int) =
-        ti->halves == 2 ? gemm_off_h2 : ti->bias ? gemm_bias : gemm_off;
-    f(panel, pbytes, np, c->a, c->m, kb, c->y, w->n, n0, (int)rows);
-#else
-    for (int p = 0; p < np; p++) {
-        const int nr = (int)(rows - p * PR < PR ? rows - p * PR : PR);
-        void (*f)(const uint8_t *, int64_t, int, const acts *, int64_t, int64_t, float *, int64_t, int64_t, int) =
-            ti->halves == 2 ? gemm_off_h2 : ti->bias ? gemm_bias : gemm_off;
-        f(panel + p * pbytes, pbytes, 1, c->a, c->m, kb, c->y, w->n, n0 + p * PR, nr);
-    }
-#endif
-    if (c->yout) fold_residual(c->y, c->yout, c->m_out, w->n, n0, n0 + rows);
-}
-#define HAVE_GEMM 1
 #endif
 
 /* ------------------------------------------------------------------------------------------------------------ */
@@ -1565,7 +1342,6 @@ typedef struct {
     uint8_t *out;
     int64_t panels_per_task;
     int drop; /* the source rows are a read-only file mapping: drop their pages once packed */
-    atomic_int failed;
 } pk_pack_ctx;
 
 /* Let the kernel drop the whole pages inside [p, p + n) of a file mapping (read back from the file if touched) */
@@ -1579,17 +1355,16 @@ static void drop_pages(const uint8_t *p, int64_t n) {
 #endif
 }
 
-static void pk_pack_task(void *ctx, int64_t t, int tid) {
-    (void)tid;
-    pk_pack_ctx *c = ctx;
-    const nl_mat *w = c->w;
-    const int64_t k = w->k, kb = k / 32, bb = pk_block_bytes(w->type), np = (w->n + 15) / 16;
+#define PK_TMP_BYTES(k) ((size_t)(16 * (k) + 64) + (size_t)(16 * 3 * ((k) / 32)) * 4) /* pk_pack_panels' tmp */
+
+/* Panels p0 .. p1 of W into out (panel p at out + (p - p0) * its bytes); tmp: PK_TMP_BYTES(k), 64-byte aligned */
+static void pk_pack_panels(const nl_mat *w, int64_t p0, int64_t p1, uint8_t *out, void *tmp) {
+    const int64_t k = w->k, kb = k / 32, bb = pk_block_bytes(w->type);
     const type_info *ti = tinfo(w->type);
-    const int nib = PK_NIB(w->type), cb = nib ? 256 : 512, H = ti->halves;
-    uint8_t *codes = malloc((size_t)(16 * k + 64));
-    float *d16 = malloc((size_t)(16 * 2 * kb) * 4), *bias = malloc((size_t)(16 * kb) * 4);
-    if (!codes || !d16 || !bias) atomic_store(&c->failed, 1);
-    for (int64_t p = t * c->panels_per_task; codes && d16 && bias && p < np && p < (t + 1) * c->panels_per_task; p++) {
+    const int nib = PK_NIB(w->type), cb = nib ? 256 : 512, H = ti->halves, f16 = PK_F16(w->type);
+    uint8_t *codes = tmp;
+    float *d16 = (float *)(codes + 16 * k + 64), *bias = d16 + 16 * 2 * kb;
+    for (int64_t p = p0; p < p1; p++) {
         for (int r = 0; r < 16; r++) {
             const int64_t n = 16 * p + r;
             if (n < w->n) unpack_row_fast(w->type, w->data + n * w->row_bytes, k, codes + r * k, d16 + r * 2 * kb,
@@ -1601,15 +1376,13 @@ static void pk_pack_task(void *ctx, int64_t t, int tid) {
             }
         }
         for (int64_t b = 0; b < kb; b++) {
-            uint8_t *pb = c->out + (p * kb + b) * bb;
+            uint8_t *pb = out + ((p - p0) * kb + b) * bb;
             float *ps = (float *)(pb + cb);
             uint16_t *ph = (uint16_t *)(pb + cb);
-            const int f16 = PK_F16(w->type);
             for (int r = 0; r < 16; r++) {
                 const uint8_t *src = codes + r * k + 32 * b;
                 for (int g = 0; g < 8; g++)
                     for (int i = 0; i < 4; i++) {
-                        /* NEON's sdot multiplies signed bytes: codes minus their offset (4-bit two's complement) */
                         const uint8_t v = (uint8_t)(src[4 * g + i] - (SIGNED_CODES ? ti->off : 0)) & (nib ? 15 : 255);
                         if (!nib) pb[64 * g + 4 * r + i] = v;
                         else if (g % 2 == 0) pb[64 * (g / 2) + 4 * r + i] = v;
@@ -1624,12 +1397,17 @@ static void pk_pack_task(void *ctx, int64_t t, int tid) {
             }
         }
     }
-    free(codes);
-    free(d16);
-    free(bias);
-    const int64_t r0 = 16 * t * c->panels_per_task, r1 = 16 * (t + 1) * c->panels_per_task;
-    if (c->drop && r0 < w->n) /* now, not after the whole weight: the file's pages and the copy never all coexist */
-        drop_pages(w->data + r0 * w->row_bytes, ((r1 < w->n ? r1 : w->n) - r0) * w->row_bytes);
+}
+
+static void pk_pack_task(void *ctx, int64_t t, int tid) {
+    (void)tid;
+    pk_pack_ctx *c = ctx;
+    const nl_mat *w = c->w;
+    const int64_t np = (w->n + 15) / 16, p0 = t * c->panels_per_task;
+    const int64_t p1 = p0 + c->panels_per_task < np ? p0 + c->panels_per_task : np;
+    pk_pack_panels(w, p0, p1, c->out + p0 * (w->k / 32) * pk_block_bytes(w->type), g_scr[tid][SCR_ROW]);
+    if (c->drop) /* now, not after the whole weight: the file's pages and the copy never all coexist */
+        drop_pages(w->data + 16 * p0 * w->row_bytes, ((16 * p1 < w->n ? 16 * p1 : w->n) - 16 * p0) * w->row_bytes);
 }
 
 /* MR activation rows x NP panels (2, or 1 at the tail) of the packed weight, from panel address `panel` on. */
@@ -1782,10 +1560,11 @@ INLINE void pk_tile(const int NIB, const int F16, const int OFF, const int BIAS,
         }                                                                                                       \
     }
 #define PK_VARIANT(NAME, NIB, F16, OFF, BIAS, H)                                                                     \
-    static void NAME(const nl_mat *w, const acts *A, int64_t m, int64_t p0, int64_t p1, float *y) {           \
+    static void NAME(const nl_mat *w, const uint8_t *base, int64_t pbase, const acts *A, int64_t m, int64_t p0,  \
+                     int64_t p1, float *y) {                                                                     \
         const int64_t kb = w->k / 32, ps = kb * pk_block_bytes(w->type), ldy = w->n;                          \
         for (int64_t p = p0; p < p1; p += 2) {                                                                  \
-            const uint8_t *pp = w->packed + p * ps;                                                             \
+            const uint8_t *pp = base + (p - pbase) * ps;                                                        \
             const int64_t n0 = 16 * p;                                                                          \
             const int nv = (int)(w->n - n0 < 32 ? w->n - n0 : 32);                                              \
             if (p + 1 < p1) PK_TILES(NIB, F16, OFF, BIAS, H, 2) else PK_TILES(NIB, F16, OFF, BIAS, H, 1)                  \
@@ -1808,19 +1587,41 @@ typedef struct {
     int64_t m_out;
 } pk_ctx;
 
+/* Panels p0 .. p1 (held from panel pbase on at base) against the m activation rows */
+static void pk_run(const nl_mat *w, const uint8_t *base, int64_t pbase, const acts *A, int64_t m, int64_t p0,
+                   int64_t p1, float *y) {
+    const type_info *ti = tinfo(w->type);
+    const int f16 = PK_F16(w->type);
+    void (*f)(const nl_mat *, const uint8_t *, int64_t, const acts *, int64_t, int64_t, int64_t, float *) =
+        ti->halves == 2 ? pk_off_h2
+        : PK_NIB(w->type) ? (!ti->bias ? pk_nib_off : f16 ? pk_nib_bias : pk_nib_bias_k)
+                          : (!ti->bias ? pk_off : f16 ? pk_bias : pk_bias_k);
+    f(w, base, pbase, A, m, p0, p1, y);
+}
+
 static void pk_task(void *ctx, int64_t t, int tid) {
     (void)tid;
     const pk_ctx *c = ctx;
     const nl_mat *w = c->w;
     const int64_t np = (w->n + 15) / 16, p0 = t * c->panels_per_task;
     const int64_t p1 = p0 + c->panels_per_task < np ? p0 + c->panels_per_task : np;
-    const type_info *ti = tinfo(w->type);
-    const int f16 = PK_F16(w->type);
-    void (*f)(const nl_mat *, const acts *, int64_t, int64_t, int64_t, float *) =
-        ti->halves == 2 ? pk_off_h2
-        : PK_NIB(w->type) ? (!ti->bias ? pk_nib_off : f16 ? pk_nib_bias : pk_nib_bias_k)
-                          : (!ti->bias ? pk_off : f16 ? pk_bias : pk_bias_k);
-    f(w, c->a, c->m, p0, p1, c->y);
+    pk_run(w, w->packed, 0, c->a, c->m, p0, p1, c->y);
+    if (c->yout) fold_residual(c->y, c->yout, c->m_out, w->n, 16 * p0, 16 * p1 < w->n ? 16 * p1 : w->n);
+}
+
+/* gemm (a weight not repacked, M >= gemm_min_m): each task packs its two panels into its thread's scratch */
+#define PANELS_PER_TASK 2
+#define HAVE_GEMM 1
+
+static void gemm_task(void *ctx, int64_t t, int tid) {
+    const pk_ctx *c = ctx;
+    const nl_mat *w = c->w;
+    const int64_t np = (w->n + 15) / 16, p0 = t * PANELS_PER_TASK;
+    const int64_t p1 = p0 + PANELS_PER_TASK < np ? p0 + PANELS_PER_TASK : np;
+    uint8_t *panels = scratch(tid, SCR_PANEL, (size_t)(PANELS_PER_TASK * (w->k / 32) * pk_block_bytes(w->type)));
+    if (!panels) return; /* allocated up front in nl_matmul, as the rows scratch */
+    pk_pack_panels(w, p0, p1, panels, g_scr[tid][SCR_ROW]);
+    pk_run(w, panels, p0, c->a, c->m, p0, p1, c->y);
     if (c->yout) fold_residual(c->y, c->yout, c->m_out, w->n, 16 * p0, 16 * p1 < w->n ? 16 * p1 : w->n);
 }
 #endif
@@ -1860,11 +1661,16 @@ int nl_pack(const nl_mat *w, uint8_t *out, int drop_source) {
     if (nl_packed_bytes(w->type, w->n, w->k) < 0 || ((uintptr_t)out & 63)) return -1;
     CALL_LOCK();
     ensure_pool();
-    const int64_t np = (w->n + 15) / 16;
-    pk_pack_ctx c = {w, out, 16, drop_source, 0};
-    parallel(pk_pack_task, &c, (np + c.panels_per_task - 1) / c.panels_per_task);
+    int rc = 0;
+    for (int t = 0; t < g_threads; t++) /* every thread's unpacking scratch, here: tasks cannot fail */
+        if (!scratch(t, SCR_ROW, PK_TMP_BYTES(w->k))) rc = -1;
+    if (!rc) {
+        const int64_t np = (w->n + 15) / 16;
+        pk_pack_ctx c = {w, out, 16, drop_source};
+        parallel(pk_pack_task, &c, (np + c.panels_per_task - 1) / c.panels_per_task);
+    }
     CALL_UNLOCK();
-    return atomic_load(&c.failed) ? -1 : 0;
+    return rc;
 #else
     (void)w, (void)out, (void)drop_source;
     return -1;
@@ -1942,14 +1748,15 @@ int nl_matmul(const nl_mat *w, const float *x, int64_t m, float *y, int path) {
 #ifdef HAVE_GEMM
     /* the algorithm depends on M, the type and the path argument only, never on the thread count */
     if (w->type != NL_F16 && (path == NL_PATH_GEMM || (path == NL_PATH_AUTO && m >= g_gemm_min_m))) {
-        const int64_t kb = k / 32, ntasks = (w->n + PANELS_PER_TASK * PR - 1) / (PANELS_PER_TASK * PR);
+        const int64_t np = (w->n + 15) / 16;
         for (int t = 0; t < g_threads; t++) /* allocate every thread's scratch here: tasks cannot fail */
-            if (!scratch(t, SCR_PANEL, (size_t)(kb * PANEL_BLOCK * PANELS_PER_TASK))) {
+            if (!scratch(t, SCR_PANEL, (size_t)(PANELS_PER_TASK * (k / 32) * pk_block_bytes(w->type)))
+                || !scratch(t, SCR_ROW, PK_TMP_BYTES(k))) {
                 rc = -1;
                 goto out;
             }
-        gemm_ctx c = {w, &A, yk, mk, yout, m};
-        parallel(gemm_task, &c, ntasks);
+        pk_ctx c = {w, &A, yk, mk, PANELS_PER_TASK, yout, m};
+        parallel(gemm_task, &c, (np + PANELS_PER_TASK - 1) / PANELS_PER_TASK);
         goto out;
     }
 #else
