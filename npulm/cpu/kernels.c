@@ -1677,14 +1677,7 @@ int nl_pack(const nl_mat *w, uint8_t *out, int drop_source) {
 #endif
 }
 
-int nl_gemm_available(int type) {
-#ifdef HAVE_GEMM
-    return tinfo(type) != NULL && type != NL_F16;
-#else
-    (void)type;
-    return 0;
-#endif
-}
+int nl_gemm_available(int type) { return nl_pack_available(type); } /* the gemm runs the packed kernel */
 
 const char *nl_isa(void) {
 #if defined(NL_X86)

@@ -207,32 +207,31 @@ static PyObject *py_get_gemm_min_m(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(nl_get_gemm_min_m());
 }
 
-static PyObject *py_supported(PyObject *self, PyObject *arg) {
-    (void)self;
+/* f(type id) for a GGML type id argument, as a bool */
+static PyObject *type_predicate(PyObject *arg, int (*f)(int)) {
     long t = PyLong_AsLong(arg);
     if (t == -1 && PyErr_Occurred()) return NULL;
-    return PyBool_FromLong(nl_type_supported((int)t));
+    return PyBool_FromLong(f((int)t));
+}
+
+static PyObject *py_supported(PyObject *self, PyObject *arg) {
+    (void)self;
+    return type_predicate(arg, nl_type_supported);
 }
 
 static PyObject *py_gemm_available(PyObject *self, PyObject *arg) {
     (void)self;
-    long t = PyLong_AsLong(arg);
-    if (t == -1 && PyErr_Occurred()) return NULL;
-    return PyBool_FromLong(nl_gemm_available((int)t));
+    return type_predicate(arg, nl_gemm_available);
 }
 
 static PyObject *py_pack_available(PyObject *self, PyObject *arg) {
     (void)self;
-    long t = PyLong_AsLong(arg);
-    if (t == -1 && PyErr_Occurred()) return NULL;
-    return PyBool_FromLong(nl_pack_available((int)t));
+    return type_predicate(arg, nl_pack_available);
 }
 
 static PyObject *py_pack_default(PyObject *self, PyObject *arg) {
     (void)self;
-    long t = PyLong_AsLong(arg);
-    if (t == -1 && PyErr_Occurred()) return NULL;
-    return PyBool_FromLong(nl_pack_default((int)t));
+    return type_predicate(arg, nl_pack_default);
 }
 
 static PyObject *py_packed(PyObject *self, PyObject *arg) {
