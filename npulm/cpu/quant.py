@@ -63,8 +63,10 @@ class QuantLinear(Linear):
         self.runs_on = "cpu:a16" if act16 else "cpu:a8"
         if pack is None:  # a module built before the packed kernel has no pack_default
             pack = getattr(_kernels, "pack_default", lambda _: False)(int(weight.type))
-        self._h = _kernels.weight(weight.data, int(weight.type), weight.n_out, weight.n_in, act16, pack,
-                                  bool(pack) and file_mapped(weight.data))
+        args = (weight.data, int(weight.type), weight.n_out, weight.n_in, act16)
+        if pack:  # only then the packing arguments: a module built before them takes five
+            args += (True, file_mapped(weight.data))
+        self._h = _kernels.weight(*args)
         self.packed = self.row_exact = bool(pack) and _kernels.packed_bytes(self._h) > 0
         # F16 has no integer kernel: large M goes through dequantized tiles + BLAS
         self._tiled = weight.type == GGMLQuantizationType.F16
