@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+import warnings
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType
@@ -64,9 +65,12 @@ class QuantLinear(Linear):
         if pack is None:  # a module built before the packed kernel has no pack_default
             pack = getattr(_kernels, "pack_default", lambda _: False)(int(weight.type))
         args = (weight.data, int(weight.type), weight.n_out, weight.n_in, act16)
-        if pack:  # only then the packing arguments: a module built before them takes five
-            args += (True, file_mapped(weight.data))
-        self._h = _kernels.weight(*args)
+        try:  # the packing arguments only when packing: a module built before them takes five
+            self._h = _kernels.weight(*args, True, file_mapped(weight.data)) if pack else _kernels.weight(*args)
+        except MemoryError:  # no room for the repacked copy: the GGUF rows as they are, with the rows kernel
+            warnings.warn(f"npulm: no memory to repack {weight.name} for the packed CPU kernel; it runs unpacked",
+                          RuntimeWarning, stacklevel=2)
+            pack, self._h = False, _kernels.weight(*args)
         self.packed = self.row_exact = bool(pack) and _kernels.packed_bytes(self._h) > 0
         # F16 has no integer kernel: large M goes through dequantized tiles + BLAS
         self._tiled = weight.type == GGMLQuantizationType.F16

@@ -141,6 +141,30 @@ def test_packed_rows_do_not_depend_on_the_batch(t: T) -> None:
     assert not cpu.QuantLinear(as_weight(data, t, n, k), pack=False).packed
 
 
+def test_no_memory_to_repack_runs_unpacked_with_one_warning(monkeypatch) -> None:
+    from npulm.cpu import quant
+
+    real = quant._kernels
+
+    class NoRoom:  # the binding, refusing the repacked copy as a failed allocation does
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def weight(self, *args):
+            if len(args) > 5 and args[5]:
+                raise MemoryError
+            return real.weight(*args)
+
+    t, n, k = T.Q4_1, 20, 256
+    data = random_weight(t, n, k)
+    monkeypatch.setattr(quant, "_kernels", NoRoom())
+    with pytest.warns(RuntimeWarning, match="no memory to repack"):
+        lin = cpu.QuantLinear(as_weight(data, t, n, k), pack=True)
+    assert not lin.packed and not lin.row_exact
+    x = RNG.standard_normal((3, k)).astype(np.float32)
+    check(lin(x), x, quants.dequantize(data, t))
+
+
 def test_packed_weight_from_a_file_mapping_reads_the_same_after_its_pages_are_dropped(tmp_path) -> None:
     """A repacked weight's GGUF pages are dropped from RSS (as they are packed); the rows kernel and the dequantizer
     still read the same bytes, brought back from the file."""
