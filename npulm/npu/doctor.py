@@ -148,6 +148,38 @@ def _cpu(rep: Report) -> None:
     rep.line("CPU instruction sets", " ".join(f for f in CPU_ISA if f in flags) or "none of the known ones")
     rep.line("C kernels", f"built, using {isa()}" if available() else
              "NOT built: CPU matmuls take the slow numpy path (reinstall with a C compiler)", available())
+    if available():
+        _packed_kernel(rep)
+
+
+def _packed_kernel(rep: Report, n: int = 4096, k: int = 4096, reps: int = 5) -> None:
+    """The packed CPU kernel against the rows kernel on a Q4_0 weight larger than a board's L3 (as decode streams
+    one): which types a build repacks by default was chosen without a board (NEON: only those that keep their
+    size); this times it here."""
+    import time
+
+    from ..cpu import QuantLinear
+    from ..cpu.quant import _kernels
+
+    if not _kernels.pack_available(int(Q.Q4_0)):
+        rep.line("packed CPU kernel", f"not in this build ({_kernels.isa()}): the rows kernel serves decode")
+        return
+    blocks = np.random.default_rng(0).integers(0, 256, (n, k // 32, 18), dtype=np.uint8)
+    blocks[:, :, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # every block's scale
+    w = Weight("doctor.q4_0", Q.Q4_0, n, k, blocks.reshape(n, -1))
+    ratios = []
+    for m in (1, 8):
+        x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+        best = {}
+        for pack in (False, True):
+            lin = QuantLinear(w, pack=pack)
+            lin(x)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                lin(x)
+            best[pack] = (time.perf_counter() - t0) / reps
+        ratios.append(f"M = {m}: {best[False] / best[True]:.2f}x")
+    rep.line("packed/rows kernel, Q4_0 4k x 4k", ", ".join(ratios) + " (rows time / packed time)")
 
 
 def _lim(v: int) -> str:
