@@ -214,25 +214,15 @@ static PyObject *type_predicate(PyObject *arg, int (*f)(int)) {
     return PyBool_FromLong(f((int)t));
 }
 
-static PyObject *py_supported(PyObject *self, PyObject *arg) {
-    (void)self;
-    return type_predicate(arg, nl_type_supported);
-}
-
-static PyObject *py_gemm_available(PyObject *self, PyObject *arg) {
-    (void)self;
-    return type_predicate(arg, nl_gemm_available);
-}
-
-static PyObject *py_pack_available(PyObject *self, PyObject *arg) {
-    (void)self;
-    return type_predicate(arg, nl_pack_available);
-}
-
-static PyObject *py_pack_default(PyObject *self, PyObject *arg) {
-    (void)self;
-    return type_predicate(arg, nl_pack_default);
-}
+#define TYPE_PREDICATE(NAME, F)                                                                                 \
+    static PyObject *NAME(PyObject *self, PyObject *arg) {                                                      \
+        (void)self;                                                                                             \
+        return type_predicate(arg, F);                                                                          \
+    }
+TYPE_PREDICATE(py_supported, nl_type_supported)
+TYPE_PREDICATE(py_gemm_available, nl_gemm_available)
+TYPE_PREDICATE(py_pack_available, nl_pack_available)
+TYPE_PREDICATE(py_pack_default, nl_pack_default)
 
 static PyObject *py_packed(PyObject *self, PyObject *arg) {
     (void)self;

@@ -1,10 +1,11 @@
 """QuantLinear: y = x @ W.T computed straight from the GGUF blocks (the zero-copy mmap view), no float32 copy.
 
-Where this build has the packed kernel (AVX512-VNNI), the weight is also repacked once at load into 16-row panels
-and every M multiplies those: one int8 dot instruction covers 16 outputs, so a pass of M = 8 rows (a batched decode
-step, a speculative verify) costs little more than M = 1, and an output row does not depend on the other rows.
-Otherwise small M (decode) streams the blocks once against int8-quantized activations (the "rows" kernel); M >= the
-gemm threshold uses a packed int8 GEMM where this build has one (NEON dotprod). Builds without it keep the
+Where this build has the packed kernel (AVX512-VNNI: every type; NEON dotprod: the types that keep their size, see
+nl_pack_default), the weight is also repacked once at load into 16-row panels and every M multiplies those: one int8
+dot instruction covers 16 outputs, so a pass of M = 8 rows (a batched decode step, a speculative verify) costs
+little more than M = 1, and an output row does not depend on the other rows. A weight not repacked streams its blocks
+against int8-quantized activations (the "rows" kernel) at small M; from the gemm threshold on, each call packs
+panels on the fly for the same kernel where the build has it. Builds without it keep the
 rows kernel for every M: each task re-reads its rows from L2 for every 4 activation rows, and on an AVX2 build it
 measured as fast as dequantizing tiles for OpenBLAS at M = 512 (and far steadier when other threads share the
 cores). F16 weights, with no integer kernel, go through dequantized tiles + BLAS at large M. Quantizing x per

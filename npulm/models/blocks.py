@@ -131,9 +131,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, caches: Sequence[KVCache
             and all(c.k.dtype == np.float16 for c in caches[:n_short])):
         short, e = caches[:n_short], spans[n_short - 1][1]
         counts = [b - a for a, b in spans[:n_short]]
-        positions = [c.offset for c in short]
-        if any(p + n > c.n_ctx for p, n, c in zip(positions, counts, short)):
-            raise ValueError("context overflow in a batched step")
+        positions = [c.offset for c in short]  # the call checks them against the caches before writing any
         seqs(q[:e], k[:e], v[:e], out[:e], [c.k for c in short], [c.v for c in short], positions, counts, rope.cos,
              rope.sin, rope.n_rot, rope.neox, s.n_head, s.n_head_kv, s.head_dim_k, s.head_dim_v, s.scale, s.window)
         for c, n in zip(short, counts):
