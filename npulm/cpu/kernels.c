@@ -1412,6 +1412,20 @@ static void pk_pack_task(void *ctx, int64_t t, int tid) {
 
 /* MR activation rows x NP panels (2, or 1 at the tail) of the packed weight, from panel address `panel` on. */
 #if defined(NL_X86_GEMM)
+/* The next pair of panels is fetched while this pair computes: in a memory-bound pass (the weights stream from
+   DRAM once per token) the hardware prefetcher alone leaves the multiply waiting on the first row tile of each
+   pair and the memory idle during the others. The ntiles tiles of a pair share the fetch, one block of the next
+   pair every ntiles iterations each. */
+INLINE void pk_prefetch(const uint8_t *pf, int64_t pstride, int64_t kb, int bb, int ntiles, int tile, int64_t b) {
+    const int64_t t = tile * kb + b;
+    if (t % ntiles) return;
+    const uint8_t *q = pf + t / ntiles * bb;
+    for (int o = 0; o < bb; o += 64) {
+        __builtin_prefetch(q + o, 0, 2); /* into L2 (prefetcht1): into L1 it slowed single-row passes */
+        __builtin_prefetch(q + pstride + o, 0, 2);
+    }
+}
+
 #define PK_MR 4
 INLINE __m512 pk_scales(const int F16, const uint8_t *p) { /* 16 scales of a panel */
     return F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
@@ -1419,7 +1433,7 @@ INLINE __m512 pk_scales(const int F16, const uint8_t *p) { /* 16 scales of a pan
 
 INLINE void pk_tile(const int NIB, const int F16, const int OFF, const int BIAS, const int H, const int MR, const int NP,
                     const uint8_t *panel, int64_t pstride, const acts *A, int64_t m0, int64_t kb, float *y,
-                    int64_t ldy, int64_t n0, int nvalid) {
+                    int64_t ldy, int64_t n0, int nvalid, const uint8_t *pf, int ntiles, int tile) {
     const int cb = NIB ? 256 : 512, sb = F16 ? 32 : 64, bb = cb + sb * (H + BIAS);
     const __m512i m4 = _mm512_set1_epi8(15);
     __m512 facc[4][2]; /* fixed sizes (MR <= 4, NP <= 2): the accumulators stay in registers */
@@ -1435,6 +1449,7 @@ INLINE void pk_tile(const int NIB, const int F16, const int OFF, const int BIAS,
     }
     for (int64_t b = 0; b < kb; b++) {
         const uint8_t *pb = panel + b * bb;
+        if (pf) pk_prefetch(pf, pstride, kb, bb, ntiles, tile, b);
         for (int h = 0; h < H; h++) {
             __m512i iacc[4][2];
             for (int m = 0; m < MR; m++) {
@@ -1490,8 +1505,9 @@ INLINE float32x4_t pk_scales4(const int F16, const uint8_t *p, int r) { /* scale
 }
 INLINE void pk_tile(const int NIB, const int F16, const int OFF, const int BIAS, const int H, const int MR, const int NP,
                     const uint8_t *panel, int64_t pstride, const acts *A, int64_t m0, int64_t kb, float *y,
-                    int64_t ldy, int64_t n0, int nvalid) {
+                    int64_t ldy, int64_t n0, int nvalid, const uint8_t *pf, int ntiles, int tile) {
     const int cb = NIB ? 256 : 512, sb = F16 ? 32 : 64, bb = cb + sb * (H + BIAS);
+    (void)pf, (void)ntiles, (void)tile; /* the A76's prefetchers: not measured here */
     for (int p = 0; p < NP; p++) {
         float32x4_t facc[2][4]; /* fixed sizes (MR <= 2) */
         for (int m = 0; m < MR; m++)
@@ -1548,23 +1564,25 @@ INLINE void pk_tile(const int NIB, const int F16, const int OFF, const int BIAS,
 #endif
 
 /* Panels p0 .. p1 against all m activation rows: pairs of panels, PK_MR rows of x at a time, then the rest.      */
-#define PK_TILES(NIB, F16, OFF, BIAS, H, NP)                                                                         \
+#define PK_TILES(NIB, F16, OFF, BIAS, H, NP)                                                                    \
     {                                                                                                           \
+        const int nt = (int)((m + PK_MR - 1) / PK_MR); /* row tiles per pair of panels */                       \
         int64_t m0 = 0;                                                                                         \
         for (; m0 + PK_MR <= m; m0 += PK_MR)                                                                    \
-            pk_tile(NIB, F16, OFF, BIAS, H, PK_MR, NP, pp, ps, A, m0, kb, y, ldy, n0, nv);                           \
-        switch (m - m0) {                                                                                       \
-        case 3: pk_tile(NIB, F16, OFF, BIAS, H, PK_MR > 3 ? 3 : 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;    \
-        case 2: pk_tile(NIB, F16, OFF, BIAS, H, PK_MR > 2 ? 2 : 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;    \
-        case 1: pk_tile(NIB, F16, OFF, BIAS, H, 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv); break;                    \
-        }                                                                                                       \
+            pk_tile(NIB, F16, OFF, BIAS, H, PK_MR, NP, pp, ps, A, m0, kb, y, ldy, n0, nv, pf, nt, m0 / PK_MR);  \
+        const int mr = (int)(m - m0);                                                                           \
+        if (mr == 3) pk_tile(NIB, F16, OFF, BIAS, H, PK_MR > 3 ? 3 : 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv,  \
+                             pf, nt, nt - 1);                                                                   \
+        if (mr == 2) pk_tile(NIB, F16, OFF, BIAS, H, PK_MR > 2 ? 2 : 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv,  \
+                             pf, nt, nt - 1);                                                                   \
+        if (mr == 1) pk_tile(NIB, F16, OFF, BIAS, H, 1, NP, pp, ps, A, m0, kb, y, ldy, n0, nv, pf, nt, nt - 1); \
     }
 #define PK_VARIANT(NAME, NIB, F16, OFF, BIAS, H)                                                                     \
-    static void NAME(const nl_mat *w, const uint8_t *base, int64_t pbase, const acts *A, int64_t m, int64_t p0,  \
-                     int64_t p1, float *y) {                                                                     \
+    static void NAME(const nl_mat *w, const uint8_t *base, int64_t pbase, int64_t pend, const acts *A, int64_t m, \
+                     int64_t p0, int64_t p1, float *y) {                                                         \
         const int64_t kb = w->k / 32, ps = kb * pk_block_bytes(w->type), ldy = w->n;                          \
         for (int64_t p = p0; p < p1; p += 2) {                                                                  \
-            const uint8_t *pp = base + (p - pbase) * ps;                                                        \
+            const uint8_t *pp = base + (p - pbase) * ps, *pf = p + 3 < pend ? pp + 2 * ps : NULL;               \
             const int64_t n0 = 16 * p;                                                                          \
             const int nv = (int)(w->n - n0 < 32 ? w->n - n0 : 32);                                              \
             if (p + 1 < p1) PK_TILES(NIB, F16, OFF, BIAS, H, 2) else PK_TILES(NIB, F16, OFF, BIAS, H, 1)                  \
@@ -1587,16 +1605,16 @@ typedef struct {
     int64_t m_out;
 } pk_ctx;
 
-/* Panels p0 .. p1 (held from panel pbase on at base) against the m activation rows */
-static void pk_run(const nl_mat *w, const uint8_t *base, int64_t pbase, const acts *A, int64_t m, int64_t p0,
-                   int64_t p1, float *y) {
+/* Panels p0 .. p1 (held from panel pbase to pend at base) against the m activation rows */
+static void pk_run(const nl_mat *w, const uint8_t *base, int64_t pbase, int64_t pend, const acts *A, int64_t m,
+                   int64_t p0, int64_t p1, float *y) {
     const type_info *ti = tinfo(w->type);
     const int f16 = PK_F16(w->type);
-    void (*f)(const nl_mat *, const uint8_t *, int64_t, const acts *, int64_t, int64_t, int64_t, float *) =
+    void (*f)(const nl_mat *, const uint8_t *, int64_t, int64_t, const acts *, int64_t, int64_t, int64_t, float *) =
         ti->halves == 2 ? pk_off_h2
         : PK_NIB(w->type) ? (!ti->bias ? pk_nib_off : f16 ? pk_nib_bias : pk_nib_bias_k)
                           : (!ti->bias ? pk_off : f16 ? pk_bias : pk_bias_k);
-    f(w, base, pbase, A, m, p0, p1, y);
+    f(w, base, pbase, pend, A, m, p0, p1, y);
 }
 
 static void pk_task(void *ctx, int64_t t, int tid) {
@@ -1605,7 +1623,7 @@ static void pk_task(void *ctx, int64_t t, int tid) {
     const nl_mat *w = c->w;
     const int64_t np = (w->n + 15) / 16, p0 = t * c->panels_per_task;
     const int64_t p1 = p0 + c->panels_per_task < np ? p0 + c->panels_per_task : np;
-    pk_run(w, w->packed, 0, c->a, c->m, p0, p1, c->y);
+    pk_run(w, w->packed, 0, np, c->a, c->m, p0, p1, c->y); /* prefetches into the next task's panels */
     if (c->yout) fold_residual(c->y, c->yout, c->m_out, w->n, 16 * p0, 16 * p1 < w->n ? 16 * p1 : w->n);
 }
 
@@ -1621,7 +1639,7 @@ static void gemm_task(void *ctx, int64_t t, int tid) {
     uint8_t *panels = scratch(tid, SCR_PANEL, (size_t)(PANELS_PER_TASK * (w->k / 32) * pk_block_bytes(w->type)));
     if (!panels) return; /* allocated up front in nl_matmul, as the rows scratch */
     pk_pack_panels(w, p0, p1, panels, g_scr[tid][SCR_ROW]);
-    pk_run(w, panels, p0, c->a, c->m, p0, p1, c->y);
+    pk_run(w, panels, p0, p1, c->a, c->m, p0, p1, c->y);
     if (c->yout) fold_residual(c->y, c->yout, c->m_out, w->n, 16 * p0, 16 * p1 < w->n ? 16 * p1 : w->n);
 }
 #endif
