@@ -4,10 +4,12 @@ without the prefix cache.
 
 Every reply is greedy and checked against its own prompt's greedy output computed alone from an empty cache (in this
 process, through the Python API): a reply that differs is counted as a mismatch (cross-talk or a batching error).
-The load servers run without the prefix cache unless --prefix-cache: a prompt evaluated after a cached prefix goes
-through smaller passes than a cold one, and float rounding then flips near-ties in a few replies (the Python API's
-own prefix reuse does the same), which would hide cross-talk in the count. Prints Markdown tables: a batched decode
-step's time, then errors, mismatches, p50 / p99 time to first token, aggregate generated tokens/s.
+The load runs twice per --parallel: with the prefix cache (the server's default: a request reuses the longest prefix
+a free slot holds; these prompts share their first 6 tokens) and without it (every prompt evaluated whole). A prompt
+of up to DECODE_ROWS (16) tokens gives the same bits whether a prefix of it came from the cache or not (its rows go
+through the fused attention, each row as alone); a longer one goes through BLAS when evaluated whole, and float
+rounding may then flip a near-tie: mismatches with the cache on count those too. Prints Markdown tables: a batched
+decode step's time, then errors, mismatches, p50 / p99 time to first token, aggregate generated tokens/s.
 
     python benchmarks/serve_load.py                    # 32 clients x 20 requests, SmolLM2, max_tokens 16
     python benchmarks/serve_load.py --clients 8 --requests 4 --parallel 1 8
@@ -181,7 +183,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--parallel", type=int, nargs="+", default=[1, 8])
     ap.add_argument("-c", "--ctx-size", type=int, default=1024, help="context of each slot")
-    ap.add_argument("--prefix-cache", action="store_true", help="keep the prefix cache on in the load runs")
+    ap.add_argument("--prefix-cache", choices=["both", "on", "off"], default="both",
+                    help="load runs with the prefix cache on (the server's default), off, or both")
     ap.add_argument("--skip-steps", action="store_true", help="skip the decode-step table")
     ap.add_argument("--turns", type=int, default=10, help="turns of the prefix-cache chat (0: skip)")
     args = ap.parse_args()
@@ -202,23 +205,28 @@ def main() -> int:
         llm.reset()  # alone: from an empty cache
         expected[p] = llm.create_completion(p, max_tokens=args.max_tokens, temperature=0)["choices"][0]["text"]
     del llm
-    print(f"load runs {'with' if args.prefix_cache else 'without'} the prefix cache\n")
-    print("| --parallel | requests | errors | mismatches | TTFT p50 (s) | TTFT p99 (s) | tokens | wall (s) "
-          "| aggregate tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    caches = {"both": [True, False], "on": [True], "off": [False]}[args.prefix_cache]
+    print("| --parallel | prefix cache | requests | errors | mismatches | TTFT p50 (s) | TTFT p99 (s) | tokens "
+          "| wall (s) | aggregate tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rates = {}
-    for p in args.parallel:
-        server = Server(args.model, p, args.ctx_size, [] if args.prefix_cache else ["--no-prefix-cache"])
-        try:
-            r = asyncio.run(load(server.url, args.clients, args.requests, args.max_tokens, expected))
-        finally:
-            server.stop()
-        rates[p] = r["tokens"] / r["wall"]
-        print(f"| {p} | {r['n']} | {r['errors']} | {r['mismatches']} | {r['p50']:.2f} | {r['p99']:.2f} | "
-              f"{r['tokens']} | {r['wall']:.1f} | {rates[p]:.1f} |", flush=True)
-    if len(rates) > 1:
-        lo, hi = min(rates), max(rates)
-        print(f"\naggregate tok/s, --parallel {hi} / --parallel {lo}: {rates[hi] / rates[lo]:.2f}x")
+    for cached in caches:
+        for p in args.parallel:
+            server = Server(args.model, p, args.ctx_size, [] if cached else ["--no-prefix-cache"])
+            try:
+                r = asyncio.run(load(server.url, args.clients, args.requests, args.max_tokens, expected))
+            finally:
+                server.stop()
+            rates[cached, p] = r["tokens"] / r["wall"]
+            print(f"| {p} | {'on' if cached else 'off'} | {r['n']} | {r['errors']} | {r['mismatches']} | "
+                  f"{r['p50']:.2f} | {r['p99']:.2f} | {r['tokens']} | {r['wall']:.1f} | {rates[cached, p]:.1f} |",
+                  flush=True)
+    if len(args.parallel) > 1:
+        lo, hi = min(args.parallel), max(args.parallel)
+        print()
+        for cached in caches:
+            print(f"aggregate tok/s, --parallel {hi} / --parallel {lo}, prefix cache {'on' if cached else 'off'}: "
+                  f"{rates[cached, hi] / rates[cached, lo]:.2f}x")
     if args.turns:
         print(f"\n{args.turns}-turn chat, time to first token per turn (s), --parallel 1:\n")
         rows = {}

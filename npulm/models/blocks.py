@@ -22,7 +22,9 @@ try:
 except ImportError:  # not built: numpy only
     _ops = None
 
-DECODE_ROWS = 8  # up to this many new tokens, attention runs in the fused loop; beyond, batched BLAS wins
+# up to this many new tokens, attention runs in the fused loop (each row computed as it is alone, so a prompt gives
+# the same bits whether a prefix of it was cached or not); beyond, batched BLAS wins (benchmarks/attention_rows.py)
+DECODE_ROWS = 16
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
