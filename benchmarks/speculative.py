@@ -171,12 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="plain / lookup runs per task, alternating (fastest kept)")
     ap.add_argument("--llama-cpp", action="store_true", help="llama-cpp-python plain vs its prompt lookup too")
     ap.add_argument("--no-board", action="store_true", help="skip the board-tuned lookup rerun")
+    ap.add_argument("-ot", "--override-tensor", action="append", default=[], metavar="GLOB=TARGET",
+                    help="per-tensor placement as `npulm run -ot` (e.g. '*=cpu:a8': int8 activations everywhere)")
     args = ap.parse_args(argv)
     ms = [1, 2, 4, 8]
     print("Speculative decoding (greedy), one run; the machine may be shared: read the ratios.\n")
     for name in args.models.split(","):
         path = str(assets.resolve_model(name))
-        llm = Llama(path, n_ctx=2048, n_threads=args.threads, verbose=False)
+        llm = Llama(path, n_ctx=2048, n_threads=args.threads, verbose=False, tensor_overrides=args.override_tensor)
         print(f"## {name} ({args.threads} threads)\n")
         here = measured_pass_cost(llm, ms, args.reps)
         board = board_pass_cost(path)

@@ -167,9 +167,10 @@ typedef struct {
     const uint16_t *kc, *vc;
     float *part;    /* per task: group x (2 + dv): m, l, o */
     float *scratch; /* per thread: group x span scores, then one converted cache row (dk + dv) */
-    Py_ssize_t nh, nkv, group, dk, dv, n_ctx, pos, window, nsplit, span, stride;
+    Py_ssize_t nh, nkv, group, dk, dv, n_ctx, pos, window, nsplit, span, stride, rows, rblock;
     float scale;
 } attention_job;
+#define ATTN_MAX_RBLOCK 16 /* query rows a task may take */
 
 static Py_ssize_t first_key(const attention_job *c, Py_ssize_t qp) {
     return c->window > 0 && qp - c->window + 1 > 0 ? qp - c->window + 1 : 0;
@@ -180,6 +181,20 @@ typedef float v8f __attribute__((vector_size(32))); /* GCC vectors: AVX / NEON r
 typedef float v16f __attribute__((vector_size(64)));
 static inline v8f load8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
 static inline v16f load16(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
+
+/* sum_partials(acc[u], 8) for the 8 keys u of a block at once, lane u of the result: the same tree of additions
+ * ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)) per key, done by shuffles across keys instead of lane by lane */
+static inline v8f sum_partials8x8(const v8f acc[ATTN_KEYS]) {
+    v8f b[4], c[2];
+    for (int u = 0; u < 4; u++) /* b: a_j + a_(j+4) of keys 2u, 2u+1 */
+        b[u] = __builtin_shufflevector(acc[2 * u], acc[2 * u + 1], 0, 1, 2, 3, 8, 9, 10, 11)
+             + __builtin_shufflevector(acc[2 * u], acc[2 * u + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int u = 0; u < 2; u++) /* c: (b0 + b1), (b2 + b3) of keys 4u .. 4u+3 */
+        c[u] = __builtin_shufflevector(b[2 * u], b[2 * u + 1], 0, 2, 4, 6, 8, 10, 12, 14)
+             + __builtin_shufflevector(b[2 * u], b[2 * u + 1], 1, 3, 5, 7, 9, 11, 13, 15);
+    return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14)
+         + __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
 
 /* sc[u] = q . rows[u] * scale for the n <= ATTN_KEYS rows (stride d) of a block, each summed as dot() sums it */
 static inline void dot_keys(const float *q, const float *rows, Py_ssize_t d, int n, float *sc, float scale) {
@@ -193,11 +208,8 @@ static inline void dot_keys(const float *q, const float *rows, Py_ssize_t d, int
             const v8f qv = load8(q + i);
             for (int u = 0; u < ATTN_KEYS; u++) acc[u] += qv * load8(rows + u * d + i);
         }
-        for (int u = 0; u < ATTN_KEYS; u++) {
-            float a[8];
-            memcpy(a, &acc[u], sizeof a);
-            sc[u] = sum_partials(a, 8) * scale;
-        }
+        const v8f s = sum_partials8x8(acc) * scale;
+        memcpy(sc, &s, sizeof s);
     } else {
         v16f acc[ATTN_KEYS] = {0};
         for (Py_ssize_t i = 0; i < d; i += 16) {
@@ -215,6 +227,15 @@ static inline void dot_keys(const float *q, const float *rows, Py_ssize_t d, int
 /* o += p[0] rows[0] + ... + p[n-1] rows[n-1] (stride d), added in that order as one row at a time */
 static inline void axpy_keys(float *o, const float *p, const float *rows, Py_ssize_t d, int n) {
     Py_ssize_t i = 0;
+    for (; i + 64 <= d; i += 64) { /* 8 independent sums over the keys (one sum's chain is add-latency bound) */
+        v8f acc[8];
+        for (int c = 0; c < 8; c++) acc[c] = load8(o + i + 8 * c);
+        for (int u = 0; u < n; u++) {
+            const float pu = p[u];
+            for (int c = 0; c < 8; c++) acc[c] += pu * load8(rows + u * d + i + 8 * c);
+        }
+        memcpy(o + i, acc, sizeof acc);
+    }
     for (; i + 8 <= d; i += 8) {
         v8f acc = load8(o + i);
         for (int u = 0; u < n; u++) acc += p[u] * load8(rows + u * d + i);
@@ -224,34 +245,64 @@ static inline void axpy_keys(float *o, const float *p, const float *rows, Py_ssi
         for (int u = 0; u < n; u++) o[i] += p[u] * rows[u * d + i];
 }
 
+/* max of x[0..n), 8 running maxima (one chain is latency bound; a max does not depend on the order) */
+static inline float max_of(const float *x, Py_ssize_t n) {
+    float m8[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    Py_ssize_t t = 0;
+    for (; t + 8 <= n; t += 8)
+        for (int u = 0; u < 8; u++) m8[u] = x[t + u] > m8[u] ? x[t + u] : m8[u];
+    float mx = -INFINITY;
+    for (int u = 0; u < 8; u++) mx = m8[u] > mx ? m8[u] : mx;
+    for (; t < n; t++) mx = x[t] > mx ? x[t] : mx;
+    return mx;
+}
+
+/* A task: kv head j, slice s of the keys, query rows r0 .. r1 (several rows only where they share their first key
+ * and have one slice, so their key blocks line up: each cached block is converted once for all of them, and each
+ * row runs the blocks it sees exactly as alone). */
 static void attention_task(void *ctx, int64_t task, int tid) {
     const attention_job *c = ctx;
-    const Py_ssize_t s = task % c->nsplit, j = task / c->nsplit % c->nkv, r = task / (c->nsplit * c->nkv);
-    const Py_ssize_t dk = c->dk, dv = c->dv, group = c->group, span = c->span, qp = c->pos + r;
-    const Py_ssize_t lo = first_key(c, qp), per = (qp + 1 - lo + c->nsplit - 1) / c->nsplit;
-    const Py_ssize_t a = lo + s * per, b = a + per < qp + 1 ? a + per : qp + 1; /* keys [a, b), maybe none */
-    float *sc = c->scratch + tid * c->stride, *rows = sc + group * span; /* rows: ATTN_KEYS converted cache rows */
+    const Py_ssize_t s = task % c->nsplit, j = task / c->nsplit % c->nkv, rb = task / (c->nsplit * c->nkv);
+    const Py_ssize_t dk = c->dk, dv = c->dv, group = c->group, span = c->span;
+    const Py_ssize_t r0 = rb * c->rblock, r1 = r0 + c->rblock < c->rows ? r0 + c->rblock : c->rows, nr = r1 - r0;
+    Py_ssize_t a[ATTN_MAX_RBLOCK], b[ATTN_MAX_RBLOCK], bmax = 0; /* keys [a, b) of each row, maybe none */
+    for (Py_ssize_t i = 0; i < nr; i++) {
+        const Py_ssize_t qp = c->pos + r0 + i, lo = first_key(c, qp), per = (qp + 1 - lo + c->nsplit - 1) / c->nsplit;
+        a[i] = lo + s * per;
+        b[i] = a[i] + per < qp + 1 ? a[i] + per : qp + 1;
+        bmax = b[i] > bmax ? b[i] : bmax;
+    }
+    const Py_ssize_t a0 = a[0]; /* the rows' common first key */
+    float *sc = c->scratch + tid * c->stride, *rows = sc + nr * group * span; /* rows: ATTN_KEYS converted rows */
     const uint16_t *kb = c->kc + j * c->n_ctx * dk, *vb = c->vc + j * c->n_ctx * dv;
-    const float *qj = c->q + (r * c->nh + j * group) * dk;
-    for (Py_ssize_t t = a; t < b; t += ATTN_KEYS) {
-        const int n = b - t < ATTN_KEYS ? (int)(b - t) : ATTN_KEYS;
-        half_row(kb + t * dk, rows, n * dk);
-        for (Py_ssize_t g = 0; g < group; g++) dot_keys(qj + g * dk, rows, dk, n, sc + g * span + t - a, c->scale);
+    for (Py_ssize_t t = a0; t < bmax; t += ATTN_KEYS) {
+        half_row(kb + t * dk, rows, (bmax - t < ATTN_KEYS ? bmax - t : ATTN_KEYS) * dk);
+        for (Py_ssize_t i = 0; i < nr; i++) {
+            const Py_ssize_t n = b[i] - t < ATTN_KEYS ? b[i] - t : ATTN_KEYS;
+            const float *qi = c->q + ((r0 + i) * c->nh + j * group) * dk;
+            for (Py_ssize_t g = 0; n > 0 && g < group; g++)
+                dot_keys(qi + g * dk, rows, dk, (int)n, sc + (i * group + g) * span + t - a0, c->scale);
+        }
     }
-    float *part = c->part + task * group * (2 + dv);
-    for (Py_ssize_t g = 0; g < group; g++) {
-        float *sg = sc + g * span, *pg = part + g * (2 + dv), mx = -INFINITY, sum = 0.0f;
-        for (Py_ssize_t t = 0; t < b - a; t++) mx = sg[t] > mx ? sg[t] : mx;
-        for (Py_ssize_t t = 0; t < b - a; t++) sg[t] = exp_neg(sg[t] - mx);
-        sum = sum16(sg, b - a);
-        pg[0] = mx;
-        pg[1] = sum;
-        memset(pg + 2, 0, sizeof(float) * (size_t)dv);
+    for (Py_ssize_t i = 0; i < nr; i++) {
+        float *part = c->part + (((r0 + i) * c->nkv + j) * c->nsplit + s) * group * (2 + dv);
+        for (Py_ssize_t g = 0; g < group; g++) {
+            float *sg = sc + (i * group + g) * span, *pg = part + g * (2 + dv);
+            const Py_ssize_t n = b[i] - a0;
+            pg[0] = max_of(sg, n);
+            for (Py_ssize_t t = 0; t < n; t++) sg[t] = exp_neg(sg[t] - pg[0]);
+            pg[1] = sum16(sg, n);
+            memset(pg + 2, 0, sizeof(float) * (size_t)dv);
+        }
     }
-    for (Py_ssize_t t = a; t < b; t += ATTN_KEYS) { /* o += p v over a block of keys, in key order as one by one */
-        const int n = b - t < ATTN_KEYS ? (int)(b - t) : ATTN_KEYS;
-        half_row(vb + t * dv, rows, n * dv);
-        for (Py_ssize_t g = 0; g < group; g++) axpy_keys(part + g * (2 + dv) + 2, sc + g * span + t - a, rows, dv, n);
+    for (Py_ssize_t t = a0; t < bmax; t += ATTN_KEYS) { /* o += p v over a block of keys, in key order as one by one */
+        half_row(vb + t * dv, rows, (bmax - t < ATTN_KEYS ? bmax - t : ATTN_KEYS) * dv);
+        for (Py_ssize_t i = 0; i < nr; i++) {
+            const Py_ssize_t n = b[i] - t < ATTN_KEYS ? b[i] - t : ATTN_KEYS;
+            float *part = c->part + (((r0 + i) * c->nkv + j) * c->nsplit + s) * group * (2 + dv);
+            for (Py_ssize_t g = 0; n > 0 && g < group; g++)
+                axpy_keys(part + g * (2 + dv) + 2, sc + (i * group + g) * span + t - a0, rows, dv, (int)n);
+        }
     }
 }
 
@@ -270,9 +321,30 @@ static Py_ssize_t attention_plan(attention_job *c, Py_ssize_t rows, int threads)
         most = n > most ? n : most;
     }
     c->span = (most + c->nsplit - 1) / c->nsplit;
-    c->stride = c->group * c->span + ATTN_KEYS * (c->dk > c->dv ? c->dk : c->dv);
-    return rows * c->nkv * c->nsplit;
+    /* rows in blocks where their key blocks line up (one slice, one first key): about 2 tasks a thread */
+    Py_ssize_t nblocks = rows;
+    if (c->nsplit == 1 && first_key(c, pos + rows - 1) == 0) {
+        nblocks = (2 * threads + c->nkv - 1) / c->nkv;
+        nblocks = nblocks > rows ? rows : nblocks;
+        if ((rows + nblocks - 1) / nblocks > ATTN_MAX_RBLOCK) nblocks = (rows + ATTN_MAX_RBLOCK - 1) / ATTN_MAX_RBLOCK;
+    }
+    c->rows = rows;
+    c->rblock = (rows + nblocks - 1) / nblocks;
+    nblocks = (rows + c->rblock - 1) / c->rblock;
+    c->stride = c->rblock * c->group * c->span + ATTN_KEYS * (c->dk > c->dv ? c->dk : c->dv);
+    return nblocks * c->nkv * c->nsplit;
 }
+
+static attention_job new_job(const float *q, const uint16_t *kc, const uint16_t *vc, Py_ssize_t nh, Py_ssize_t nkv,
+                             Py_ssize_t dk, Py_ssize_t dv, Py_ssize_t n_ctx, Py_ssize_t pos, Py_ssize_t window,
+                             float scale) {
+    return (attention_job){.q = q, .kc = kc, .vc = vc, .nh = nh, .nkv = nkv, .group = nh / nkv, .dk = dk, .dv = dv,
+                           .n_ctx = n_ctx, .pos = pos, .window = window, .nsplit = 1, .rows = 1, .rblock = 1,
+                           .scale = scale};
+}
+
+/* floats of a planned job's slice results: (m, l, o) per row, query head and slice */
+static Py_ssize_t part_floats(const attention_job *c) { return c->rows * c->nh * c->nsplit * (2 + c->dv); }
 
 /* out (rows, n_head * dv) from the slices' (m, l, o) of each query head */
 __attribute__((noinline)) static void attention_merge(const attention_job *c, Py_ssize_t rows, float *out) {
@@ -314,9 +386,8 @@ static PyObject *attention(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "attention: bad head counts or positions");
         } else {
             const int threads = nl_get_threads();
-            attention_job c = {q.buf, kc.buf, vc.buf, NULL, NULL, nh, nkv, nh / nkv, dk, dv, n_ctx, pos, window,
-                               1, 0, 0, scale};
-            const Py_ssize_t ntasks = attention_plan(&c, rows, threads), part = ntasks * c.group * (2 + dv);
+            attention_job c = new_job(q.buf, kc.buf, vc.buf, nh, nkv, dk, dv, n_ctx, pos, window, scale);
+            const Py_ssize_t ntasks = attention_plan(&c, rows, threads), part = part_floats(&c);
             if (!(buf = PyMem_Malloc(sizeof(float) * (size_t)(part + threads * c.stride)))) {
                 PyErr_NoMemory();
             } else {
@@ -475,10 +546,9 @@ static PyObject *attention_seqs(PyObject *self, PyObject *args) {
                 f2h_row(kj + (r * nkv + h) * dk, kc + (h * n_ctx + pos[j] + r) * dk, dk);
                 f2h_row(vj + (r * nkv + h) * dv, vc + (h * n_ctx + pos[j] + r) * dv, dv);
             }
-        jobs[j] = (attention_job){qj, kc, vc, NULL, NULL, nh, nkv, nh / nkv, dk, dv, n_ctx, pos[j], window, 1, 0, 0,
-                                  scale};
+        jobs[j] = new_job(qj, kc, vc, nh, nkv, dk, dv, n_ctx, pos[j], window, scale);
         first[j + 1] = first[j] + attention_plan(&jobs[j], cnt[j], threads);
-        parts += (first[j + 1] - first[j]) * jobs[j].group * (2 + dv);
+        parts += part_floats(&jobs[j]);
         stride = jobs[j].stride > stride ? jobs[j].stride : stride;
     }
     if (!(buf = PyMem_Malloc(sizeof(float) * (size_t)(parts + threads * stride)))) {
@@ -489,7 +559,7 @@ static PyObject *attention_seqs(PyObject *self, PyObject *args) {
         jobs[j].part = buf + off;
         jobs[j].scratch = buf + parts;
         jobs[j].stride = stride;
-        off += (first[j + 1] - first[j]) * jobs[j].group * (2 + dv);
+        off += part_floats(&jobs[j]);
     }
     seqs_job sj = {jobs, first, n};
     nl_parallel(seqs_task, &sj, first[n]);
