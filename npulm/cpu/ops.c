@@ -289,8 +289,9 @@ static void attention_task(void *ctx, int64_t task, int tid) {
         for (Py_ssize_t g = 0; g < group; g++) {
             float *sg = sc + (i * group + g) * span, *pg = part + g * (2 + dv);
             const Py_ssize_t n = b[i] - a0;
-            pg[0] = max_of(sg, n);
-            for (Py_ssize_t t = 0; t < n; t++) sg[t] = exp_neg(sg[t] - pg[0]);
+            const float mx = max_of(sg, n); /* a local: pg might alias sg for all the compiler knows (no SIMD) */
+            for (Py_ssize_t t = 0; t < n; t++) sg[t] = exp_neg(sg[t] - mx);
+            pg[0] = mx;
             pg[1] = sum16(sg, n);
             memset(pg + 2, 0, sizeof(float) * (size_t)dv);
         }
