@@ -158,16 +158,16 @@ static inline float dot(const float *a, const float *b, Py_ssize_t n) {
     return s;
 }
 
-/* Decode attention, split like flash-decoding: a task is (query row r, kv head j, slice s of the visible keys).
- * It converts each cached row once for the kv head's `group` query heads and leaves, per query head, the slice's
- * score max m, its sum l of exp(score - m) and o = sum exp(score - m) v; the caller merges the slices. Slices
- * keep both cores busy on long contexts, where attention is most of a token. */
+/* Decode attention, split like flash-decoding: a task is (a block of query rows, kv head j, slice s of the visible
+ * keys). It converts each cached row once for the kv head's `group` query heads (and the block's rows) and leaves,
+ * per row and query head, the slice's score max m, its sum l of exp(score - m) and o = sum exp(score - m) v; the
+ * caller merges the slices. Slices keep the cores busy on long contexts, where attention is most of a token. */
 typedef struct {
     const float *q;
     const uint16_t *kc, *vc;
-    float *part;    /* per task: group x (2 + dv): m, l, o */
-    float *scratch; /* per thread: group x span scores, then one converted cache row (dk + dv) */
-    Py_ssize_t nh, nkv, group, dk, dv, n_ctx, pos, window, nsplit, span, stride, rows, rblock;
+    float *part;    /* per row, kv head, slice: group x (2 + dv): m, l, o */
+    float *scratch; /* per thread: rblock x group x span scores, then ATTN_KEYS converted cache rows */
+    Py_ssize_t nh, nkv, group, dk, dv, n_ctx, pos, window, nsplit, span, stride, rows, rblock, threads;
     float scale;
 } attention_job;
 #define ATTN_MAX_RBLOCK 16 /* query rows a task may take */
@@ -257,79 +257,86 @@ static inline float max_of(const float *x, Py_ssize_t n) {
     return mx;
 }
 
-/* A task: kv head j, slice s of the keys, query rows r0 .. r1 (several rows only where they share their first key
- * and have one slice, so their key blocks line up: each cached block is converted once for all of them, and each
- * row runs the blocks it sees exactly as alone). */
+#define ATTN_MIN_SLICE 256 /* keys per slice below which splitting costs more than it saves */
+#define ATTN_SLICE_ROUND 64 /* slice lengths rounded up to this: neighbouring rows get the same slice boundaries */
+
+/* Keys [a, b) of slice s of the row at position qp (empty when a >= b). A function of the row alone: its slices
+ * are as many as threads while each keeps ATTN_MIN_SLICE keys, so a row gives the same bits alone or batched. */
+static void row_slice(const attention_job *c, Py_ssize_t qp, Py_ssize_t s, Py_ssize_t *a, Py_ssize_t *b) {
+    const Py_ssize_t lo = first_key(c, qp), keys = qp + 1 - lo;
+    Py_ssize_t n = keys / ATTN_MIN_SLICE < c->threads ? keys / ATTN_MIN_SLICE : c->threads;
+    n = n < 1 ? 1 : n;
+    const Py_ssize_t per = ((keys + n - 1) / n + ATTN_SLICE_ROUND - 1) / ATTN_SLICE_ROUND * ATTN_SLICE_ROUND;
+    *a = s < n ? lo + s * per : qp + 1;
+    *b = *a + per < qp + 1 ? *a + per : qp + 1;
+    if (*a > *b) *a = *b;
+}
+
+/* A task: kv head j, slice s, query rows r0 .. r1. Rows whose slice starts at the same key share its key blocks:
+ * each cached block is converted once for all of them, and each row runs the blocks it sees exactly as alone. */
 static void attention_task(void *ctx, int64_t task, int tid) {
     const attention_job *c = ctx;
     const Py_ssize_t s = task % c->nsplit, j = task / c->nsplit % c->nkv, rb = task / (c->nsplit * c->nkv);
     const Py_ssize_t dk = c->dk, dv = c->dv, group = c->group, span = c->span;
     const Py_ssize_t r0 = rb * c->rblock, r1 = r0 + c->rblock < c->rows ? r0 + c->rblock : c->rows, nr = r1 - r0;
-    Py_ssize_t a[ATTN_MAX_RBLOCK], b[ATTN_MAX_RBLOCK], bmax = 0; /* keys [a, b) of each row, maybe none */
-    for (Py_ssize_t i = 0; i < nr; i++) {
-        const Py_ssize_t qp = c->pos + r0 + i, lo = first_key(c, qp), per = (qp + 1 - lo + c->nsplit - 1) / c->nsplit;
-        a[i] = lo + s * per;
-        b[i] = a[i] + per < qp + 1 ? a[i] + per : qp + 1;
-        bmax = b[i] > bmax ? b[i] : bmax;
-    }
-    const Py_ssize_t a0 = a[0]; /* the rows' common first key */
+    Py_ssize_t a[ATTN_MAX_RBLOCK], b[ATTN_MAX_RBLOCK];
+    for (Py_ssize_t i = 0; i < nr; i++) row_slice(c, c->pos + r0 + i, s, &a[i], &b[i]);
     float *sc = c->scratch + tid * c->stride, *rows = sc + nr * group * span; /* rows: ATTN_KEYS converted rows */
     const uint16_t *kb = c->kc + j * c->n_ctx * dk, *vb = c->vc + j * c->n_ctx * dv;
-    for (Py_ssize_t t = a0; t < bmax; t += ATTN_KEYS) {
-        half_row(kb + t * dk, rows, (bmax - t < ATTN_KEYS ? bmax - t : ATTN_KEYS) * dk);
-        for (Py_ssize_t i = 0; i < nr; i++) {
-            const Py_ssize_t n = b[i] - t < ATTN_KEYS ? b[i] - t : ATTN_KEYS;
-            const float *qi = c->q + ((r0 + i) * c->nh + j * group) * dk;
-            for (Py_ssize_t g = 0; n > 0 && g < group; g++)
-                dot_keys(qi + g * dk, rows, dk, (int)n, sc + (i * group + g) * span + t - a0, c->scale);
+    for (Py_ssize_t i0 = 0, i1; i0 < nr; i0 = i1) { /* runs of rows i0 .. i1 with one first key a0 */
+        const Py_ssize_t a0 = a[i0];
+        Py_ssize_t bmax = b[i0];
+        for (i1 = i0 + 1; i1 < nr && a[i1] == a0; i1++) bmax = b[i1] > bmax ? b[i1] : bmax;
+        for (Py_ssize_t t = a0; t < bmax; t += ATTN_KEYS) {
+            half_row(kb + t * dk, rows, (bmax - t < ATTN_KEYS ? bmax - t : ATTN_KEYS) * dk);
+            for (Py_ssize_t i = i0; i < i1; i++) {
+                const Py_ssize_t n = b[i] - t < ATTN_KEYS ? b[i] - t : ATTN_KEYS;
+                const float *qi = c->q + ((r0 + i) * c->nh + j * group) * dk;
+                for (Py_ssize_t g = 0; n > 0 && g < group; g++)
+                    dot_keys(qi + g * dk, rows, dk, (int)n, sc + (i * group + g) * span + t - a0, c->scale);
+            }
         }
-    }
-    for (Py_ssize_t i = 0; i < nr; i++) {
-        float *part = c->part + (((r0 + i) * c->nkv + j) * c->nsplit + s) * group * (2 + dv);
-        for (Py_ssize_t g = 0; g < group; g++) {
-            float *sg = sc + (i * group + g) * span, *pg = part + g * (2 + dv);
-            const Py_ssize_t n = b[i] - a0;
-            const float mx = max_of(sg, n); /* a local: pg might alias sg for all the compiler knows (no SIMD) */
-            for (Py_ssize_t t = 0; t < n; t++) sg[t] = exp_neg(sg[t] - mx);
-            pg[0] = mx;
-            pg[1] = sum16(sg, n);
-            memset(pg + 2, 0, sizeof(float) * (size_t)dv);
-        }
-    }
-    for (Py_ssize_t t = a0; t < bmax; t += ATTN_KEYS) { /* o += p v over a block of keys, in key order as one by one */
-        half_row(vb + t * dv, rows, (bmax - t < ATTN_KEYS ? bmax - t : ATTN_KEYS) * dv);
-        for (Py_ssize_t i = 0; i < nr; i++) {
-            const Py_ssize_t n = b[i] - t < ATTN_KEYS ? b[i] - t : ATTN_KEYS;
+        for (Py_ssize_t i = i0; i < i1; i++) {
             float *part = c->part + (((r0 + i) * c->nkv + j) * c->nsplit + s) * group * (2 + dv);
-            for (Py_ssize_t g = 0; n > 0 && g < group; g++)
-                axpy_keys(part + g * (2 + dv) + 2, sc + (i * group + g) * span + t - a0, rows, dv, (int)n);
+            for (Py_ssize_t g = 0; g < group; g++) {
+                float *sg = sc + (i * group + g) * span, *pg = part + g * (2 + dv);
+                const Py_ssize_t n = b[i] - a0;
+                const float mx = max_of(sg, n); /* a local: pg might alias sg for all the compiler knows (no SIMD) */
+                for (Py_ssize_t t = 0; t < n; t++) sg[t] = exp_neg(sg[t] - mx);
+                pg[0] = mx; /* an empty slice: -inf, 0 and zeros, which the merge weighs 0 */
+                pg[1] = sum16(sg, n);
+                memset(pg + 2, 0, sizeof(float) * (size_t)dv);
+            }
+        }
+        for (Py_ssize_t t = a0; t < bmax; t += ATTN_KEYS) { /* o += p v over a block of keys, in key order */
+            half_row(vb + t * dv, rows, (bmax - t < ATTN_KEYS ? bmax - t : ATTN_KEYS) * dv);
+            for (Py_ssize_t i = i0; i < i1; i++) {
+                const Py_ssize_t n = b[i] - t < ATTN_KEYS ? b[i] - t : ATTN_KEYS;
+                float *part = c->part + (((r0 + i) * c->nkv + j) * c->nsplit + s) * group * (2 + dv);
+                for (Py_ssize_t g = 0; n > 0 && g < group; g++)
+                    axpy_keys(part + g * (2 + dv) + 2, sc + (i * group + g) * span + t - a0, rows, dv, (int)n);
+            }
         }
     }
 }
 
-#define ATTN_MIN_SLICE 256 /* keys per slice below which splitting costs more than it saves */
-
-/* The slices of a job of `rows` queries (as many as threads while each keeps ATTN_MIN_SLICE keys), its span and
- * per-thread scratch; returns its task count. A row's slices depend on its own key count only where rows agree on
- * nsplit (short contexts: one slice), so a row batched with others is computed as alone. */
+/* A job's task grid (row blocks x kv heads x slices: as many slices as its rows need at most, a row's unused ones
+ * empty), its span and per-thread scratch; returns its task count. Rows go in blocks (sharing key conversions)
+ * sized for about two tasks a thread. */
 static Py_ssize_t attention_plan(attention_job *c, Py_ssize_t rows, int threads) {
-    const Py_ssize_t pos = c->pos, longest = pos + rows - first_key(c, pos + rows - 1); /* keys of the last row */
-    c->nsplit = longest / ATTN_MIN_SLICE < threads ? longest / ATTN_MIN_SLICE : threads;
-    if (c->nsplit < 1) c->nsplit = 1;
-    Py_ssize_t most = 0; /* the most keys one row sees (windows can make earlier rows see more) */
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        const Py_ssize_t n = pos + r + 1 - first_key(c, pos + r);
-        most = n > most ? n : most;
-    }
-    c->span = (most + c->nsplit - 1) / c->nsplit;
-    /* rows in blocks where their key blocks line up (one slice, one first key): about 2 tasks a thread */
-    Py_ssize_t nblocks = rows;
-    if (c->nsplit == 1 && first_key(c, pos + rows - 1) == 0) {
-        nblocks = (2 * threads + c->nkv - 1) / c->nkv;
-        nblocks = nblocks > rows ? rows : nblocks;
-        if ((rows + nblocks - 1) / nblocks > ATTN_MAX_RBLOCK) nblocks = (rows + ATTN_MAX_RBLOCK - 1) / ATTN_MAX_RBLOCK;
-    }
+    c->threads = threads;
     c->rows = rows;
+    c->nsplit = 1;
+    c->span = 1;
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t s = 0, a, b; s < threads; s++) {
+            row_slice(c, c->pos + r, s, &a, &b);
+            if (b > a && s + 1 > c->nsplit) c->nsplit = s + 1;
+            c->span = b - a > c->span ? b - a : c->span;
+        }
+    Py_ssize_t nblocks = (2 * threads + c->nkv * c->nsplit - 1) / (c->nkv * c->nsplit);
+    nblocks = nblocks > rows ? rows : nblocks < 1 ? 1 : nblocks;
+    if ((rows + nblocks - 1) / nblocks > ATTN_MAX_RBLOCK) nblocks = (rows + ATTN_MAX_RBLOCK - 1) / ATTN_MAX_RBLOCK;
     c->rblock = (rows + nblocks - 1) / nblocks;
     nblocks = (rows + c->rblock - 1) / c->rblock;
     c->stride = c->rblock * c->group * c->span + ATTN_KEYS * (c->dk > c->dv ? c->dk : c->dv);

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from npulm import cpu
 from npulm.models import blocks
 from npulm.models.cache import KVCache
 
@@ -63,8 +64,6 @@ def test_attention(monkeypatch, window, m):
 @pytest.mark.parametrize("m", [1, 3])
 def test_attention_long_context_slices(monkeypatch, window, m):
     """Past ATTN_MIN_SLICE keys per thread the C path splits the keys into slices and merges their softmaxes."""
-    from npulm import cpu
-
     shape = blocks.AttentionShape(n_head=4, n_head_kv=2, head_dim_k=32, head_dim_v=40, scale=0.2, window=window)
     cached = rng.standard_normal((2, 1100, 32)) * 2, rng.standard_normal((2, 1100, 40))
     before = cpu.get_num_threads()
@@ -101,6 +100,36 @@ def test_attention_row_is_the_same_alone_or_batched(window, n_head_kv):
     for i in range(m):
         alone = blocks.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], cache_after(i), shape)
         np.testing.assert_array_equal(alone[0], batched[i])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_attention_row_is_the_same_alone_or_batched_across_slice_counts(threads):
+    """At long contexts the keys are split into slices per thread; a row's slices are its own (not the batch's), so a
+    verify pass whose rows straddle a change in the slice count (2 x 256 keys here) still gives each row its bits
+    alone, and rows in one task share their key blocks where their slices line up."""
+    before = cpu.get_num_threads()
+    cpu.set_num_threads(threads)
+    try:
+        shape = blocks.AttentionShape(n_head=6, n_head_kv=2, head_dim_k=64, head_dim_v=64, scale=0.125)
+        n0, m = 500, 16
+        cached = rng.standard_normal((2, n0, 64)), rng.standard_normal((2, n0, 64))
+        q = rng.standard_normal((m, 6, 64)).astype(np.float32)
+        k = rng.standard_normal((m, 2, 64)).astype(np.float32)
+        v = rng.standard_normal((m, 2, 64)).astype(np.float32)
+
+        def cache_after(n: int) -> KVCache:
+            cache = KVCache(2, n0 + m, 64, 64)
+            cache.set_state(*cached)
+            if n:
+                blocks.attention(q[:n], k[:n], v[:n], cache, shape)
+            return cache
+
+        batched = blocks.attention(q, k, v, cache_after(0), shape)
+        for i in range(m):
+            alone = blocks.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], cache_after(i), shape)
+            np.testing.assert_array_equal(alone[0], batched[i])
+    finally:
+        cpu.set_num_threads(before)
 
 
 @pytest.mark.parametrize("window,neox,head_dim", [(0, False, 64), (6, True, 32)])
