@@ -27,6 +27,7 @@ its parts `propose` -> one forward pass (possibly batched with other sequences) 
 
 from __future__ import annotations
 
+import bisect
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -316,25 +317,28 @@ class DraftLength:
         hits, tries = self.counts[key] if key in self.counts else self.prior(key)
         return hits / tries
 
-    def pass_seconds(self, m: int) -> float:
+    def pass_seconds(self, m: int, measured: list[int] | None = None) -> float:
+        """Seconds of an m-row pass; `measured`: sorted(self.seconds), when the caller asks for several m."""
         if self.pass_cost is not None:
             return self.pass_cost(m)
         if m in self.seconds:
             return self.seconds[m]
         if not self.seconds:
             return float(m)  # nothing measured yet: any proportional guess, k = 0 wins
-        lo = max((k for k in self.seconds if k < m), default=None)
-        hi = min((k for k in self.seconds if k > m), default=None)
-        if lo is not None and hi is not None:
+        ms = sorted(self.seconds) if measured is None else measured
+        i = bisect.bisect(ms, m)  # ms[i - 1] < m < ms[i]
+        if 0 < i < len(ms):
+            lo, hi = ms[i - 1], ms[i]
             w = (m - lo) / (hi - lo)
             return (1 - w) * self.seconds[lo] + w * self.seconds[hi]
-        if lo is None:
-            return self.seconds[hi]
+        if i == 0:
+            return self.seconds[ms[0]]
         # beyond the largest M measured: the slope of the last two measured, or (one point) as dear as M single
         # passes: unexplored sizes are reached by probes, not by guessing them cheap
-        below = max((k for k in self.seconds if k < lo), default=None)
-        if below is None:
+        lo = ms[-1]
+        if len(ms) == 1:
             return self.seconds[lo] * m / lo
+        below = ms[-2]
         slope = (self.seconds[lo] - self.seconds[below]) / (lo - below)
         return self.seconds[lo] + max(slope, 0.0) * (m - lo)
 
@@ -348,9 +352,11 @@ class DraftLength:
 
     def choose(self, k_max: int | None = None, key: Any = None) -> int:
         top = self.k_max if k_max is None else min(self.k_max, k_max)
-        best, best_rate = 0, self.rate(0, key)
+        # rate(k) for every k, with the acceptance and the measured sizes looked up once (this runs every step)
+        a, measured = min(self.acceptance(key), 0.999), sorted(self.seconds)
+        best, best_rate = 0, 1.0 / self.pass_seconds(1, measured)
         for k in range(max(self.k_min, 1), top + 1):
-            r = self.rate(k, key)
+            r = (1 - a ** (k + 1)) / (1 - a) / (self.pass_seconds(k + 1, measured) + k * self.draft_token_s)
             if r > best_rate:
                 best, best_rate = k, r
         if 0 < best < top:  # now and then the longest draft: a pass cost need not grow in step with M (on the CPU
