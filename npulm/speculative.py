@@ -107,7 +107,7 @@ class PromptLookup:
     """Prompt lookup decoding: find the last n-gram of the text (longest first, max_ngram_size down to 1) earlier in
     the text and propose the tokens that followed it. The most recent earlier occurrence wins: in a rewrite it is
     where the copy is, in a repetition the latest variant. Same arguments as llama-cpp-python's
-    LlamaPromptLookupDecoding."""
+    LlamaPromptLookupDecoding. It indexes the text it last saw: one per sequence (each server slot has its own)."""
 
     cheap = True  # drafting costs next to nothing: draft first, then size the draft by what matched
 

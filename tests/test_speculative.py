@@ -73,6 +73,32 @@ def test_prompt_lookup():
     assert list(lookup(np.array([5, 6, 5]))) == [6, 5]  # llama-cpp-python's call
 
 
+def test_prompt_lookup_index_follows_the_text():
+    """The lookup's n-gram index grows with the text, and is rebuilt when the text is rolled back or replaced: it
+    proposes what a search of the whole text proposes, step after step."""
+
+    def search(ids: list[int], n: int, max_size: int) -> list[int]:
+        for size in range(min(max_size, len(ids) - 1), 0, -1):
+            starts = [i for i in range(len(ids) - size) if ids[i:i + size] == ids[-size:]]
+            if starts:
+                return ids[starts[-1] + size:starts[-1] + size + n]
+        return []
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        size, n = int(rng.integers(1, 5)), int(rng.integers(1, 8))
+        lookup, ids = PromptLookup(max_ngram_size=size, num_pred_tokens=n), rng.integers(0, 6, 5).tolist()
+        for _ in range(30):
+            assert lookup.draft(ids, 16).tokens == search(ids, n, size)
+            r = rng.random()
+            if r < 0.2:
+                ids = ids[:int(rng.integers(0, len(ids) + 1))]  # rolled back
+            elif r < 0.25:
+                ids = rng.integers(0, 6, 8).tolist()  # another text
+            else:
+                ids = ids + rng.integers(0, 6, int(rng.integers(1, 4))).tolist()
+
+
 @pytest.mark.parametrize("draft_max", [1, 3, 6])
 def test_greedy_identical_lookup(pair, draft_max):
     target, *_ = pair
