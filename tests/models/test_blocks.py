@@ -76,21 +76,17 @@ def test_attention_long_context_slices(monkeypatch, window, m):
         cpu.set_num_threads(before)
 
 
-@pytest.mark.parametrize("window", [0, 4])
-@pytest.mark.parametrize("n_head_kv", [1, 3])
-def test_attention_row_is_the_same_alone_or_batched(window, n_head_kv):
-    """Rows sharing a cache (a verify pass, a batched step) are chunked to share key conversions; each row's output
-    is still bit for bit what that row gets alone, so batching and speculation cannot flip a greedy token."""
-    shape = blocks.AttentionShape(n_head=3 * n_head_kv, n_head_kv=n_head_kv, head_dim_k=64, head_dim_v=64,
-                                  scale=0.125, window=window)
-    cached = rng.standard_normal((n_head_kv, 40, 64)), rng.standard_normal((n_head_kv, 40, 64))
-    m = 7
-    q = rng.standard_normal((m, shape.n_head, 64)).astype(np.float32)
-    k = rng.standard_normal((m, n_head_kv, 64)).astype(np.float32)
-    v = rng.standard_normal((m, n_head_kv, 64)).astype(np.float32)
+def assert_rows_alone_as_batched(shape: blocks.AttentionShape, n_cached: int, m: int) -> None:
+    """m new rows after n_cached random cached tokens: each row's output in one call of all m is bit for bit its
+    output alone (after the rows before it)."""
+    nkv, d = shape.n_head_kv, shape.head_dim_k
+    cached = rng.standard_normal((nkv, n_cached, d)), rng.standard_normal((nkv, n_cached, d))
+    q = rng.standard_normal((m, shape.n_head, d)).astype(np.float32)
+    k = rng.standard_normal((m, nkv, d)).astype(np.float32)
+    v = rng.standard_normal((m, nkv, d)).astype(np.float32)
 
     def cache_after(n: int) -> KVCache:
-        cache = KVCache(n_head_kv, 64, 64, 64)
+        cache = KVCache(nkv, n_cached + m, d, d)
         cache.set_state(*cached)
         if n:
             blocks.attention(q[:n], k[:n], v[:n], cache, shape)
@@ -102,6 +98,16 @@ def test_attention_row_is_the_same_alone_or_batched(window, n_head_kv):
         np.testing.assert_array_equal(alone[0], batched[i])
 
 
+@pytest.mark.parametrize("window", [0, 4])
+@pytest.mark.parametrize("n_head_kv", [1, 3])
+def test_attention_row_is_the_same_alone_or_batched(window, n_head_kv):
+    """Rows sharing a cache (a verify pass, a batched step) are chunked to share key conversions; each row's output
+    is still bit for bit what that row gets alone, so batching and speculation cannot flip a greedy token."""
+    shape = blocks.AttentionShape(n_head=3 * n_head_kv, n_head_kv=n_head_kv, head_dim_k=64, head_dim_v=64,
+                                  scale=0.125, window=window)
+    assert_rows_alone_as_batched(shape, 40, 7)
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_attention_row_is_the_same_alone_or_batched_across_slice_counts(threads):
     """At long contexts the keys are split into slices per thread; a row's slices are its own (not the batch's), so a
@@ -111,23 +117,7 @@ def test_attention_row_is_the_same_alone_or_batched_across_slice_counts(threads)
     cpu.set_num_threads(threads)
     try:
         shape = blocks.AttentionShape(n_head=6, n_head_kv=2, head_dim_k=64, head_dim_v=64, scale=0.125)
-        n0, m = 500, 16
-        cached = rng.standard_normal((2, n0, 64)), rng.standard_normal((2, n0, 64))
-        q = rng.standard_normal((m, 6, 64)).astype(np.float32)
-        k = rng.standard_normal((m, 2, 64)).astype(np.float32)
-        v = rng.standard_normal((m, 2, 64)).astype(np.float32)
-
-        def cache_after(n: int) -> KVCache:
-            cache = KVCache(2, n0 + m, 64, 64)
-            cache.set_state(*cached)
-            if n:
-                blocks.attention(q[:n], k[:n], v[:n], cache, shape)
-            return cache
-
-        batched = blocks.attention(q, k, v, cache_after(0), shape)
-        for i in range(m):
-            alone = blocks.attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], cache_after(i), shape)
-            np.testing.assert_array_equal(alone[0], batched[i])
+        assert_rows_alone_as_batched(shape, 500, 16)
     finally:
         cpu.set_num_threads(before)
 
