@@ -309,12 +309,10 @@ class DraftLength:
         self.seconds: dict[int, float] = {}
         self.draft_token_s = 0.0
 
-    def prior(self, key: Any = None) -> list[float]:
-        """[hits, tries] a kind starts from: 1/3, as strong as three tries (a kind must show it pays)."""
-        return [1.0, 3.0]
+    PRIOR = (1.0, 3.0)  # (hits, tries) a kind starts from: 1/3, as strong as three tries (it must show it pays)
 
     def acceptance(self, key: Any = None) -> float:
-        hits, tries = self.counts[key] if key in self.counts else self.prior(key)
+        hits, tries = self.counts.get(key, self.PRIOR)
         return hits / tries
 
     def pass_seconds(self, m: int, measured: list[int] | None = None) -> float:
@@ -342,17 +340,9 @@ class DraftLength:
         slope = (self.seconds[lo] - self.seconds[below]) / (lo - below)
         return self.seconds[lo] + max(slope, 0.0) * (m - lo)
 
-    def expected_tokens(self, k: int, key: Any = None) -> float:
-        a = min(self.acceptance(key), 0.999)
-        return (1 - a ** (k + 1)) / (1 - a)
-
-    def rate(self, k: int, key: Any = None) -> float:
-        """Expected tokens per second with k drafts."""
-        return self.expected_tokens(k, key) / (self.pass_seconds(k + 1) + k * self.draft_token_s)
-
     def choose(self, k_max: int | None = None, key: Any = None) -> int:
         top = self.k_max if k_max is None else min(self.k_max, k_max)
-        # rate(k) for every k, with the acceptance and the measured sizes looked up once (this runs every step)
+        # E(k) / cost(k) for every k (the class's formula), the acceptance and measured sizes looked up once a step
         a, measured = min(self.acceptance(key), 0.999), sorted(self.seconds)
         best, best_rate = 0, 1.0 / self.pass_seconds(1, measured)
         for k in range(max(self.k_min, 1), top + 1):
@@ -388,7 +378,7 @@ class DraftLength:
         if proposed:
             per = draft_seconds / proposed
             self.draft_token_s = per if not self.draft_token_s else 0.8 * self.draft_token_s + 0.2 * per
-            c = self.counts[key] if key in self.counts else self.counts.setdefault(key, self.prior(key))
+            c = self.counts.setdefault(key, list(self.PRIOR))
             c[0] = self.decay * c[0] + accepted
             c[1] = self.decay * c[1] + accepted + (accepted < proposed)  # tries: up to and including a rejection
 
