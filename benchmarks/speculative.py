@@ -109,6 +109,61 @@ def measured_pass_cost(llm: Llama, ms: list[int], reps: int) -> dict[int, float]
     return best
 
 
+class _Timed:
+    """A Linear that adds its wall time to seconds[its runs_on] (for pass_parts)."""
+
+    def __init__(self, linear, seconds: dict[str, float]):
+        self.linear, self.seconds = linear, seconds
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        y = self.linear(x)
+        self.seconds[self.linear.runs_on] = self.seconds.get(self.linear.runs_on, 0.0) + time.perf_counter() - t0
+        return y
+
+
+def pass_parts(llm: Llama, ms: list[int], reps: int) -> dict[int, dict[str, float]]:
+    """Where an M-row pass after 200 context tokens goes: seconds in the matmuls per placement ("cpu:a16",
+    "cpu:a8", ...), in attention (RoPE'd queries against the cache) and in the rest (norms, RoPE, activations, Python),
+    from the fastest of `reps` passes timed part by part (the timing adds a little to each part)."""
+    from npulm.linear import Linear
+    from npulm.models import blocks as B
+    from npulm.models.cache import trim_cache
+
+    model, rng, seconds = llm.model, np.random.default_rng(0), {}
+    owners = [*model.blocks, model]
+    saved = [(o, k, v) for o in owners for k, v in vars(o).items() if isinstance(v, Linear)]
+    attention = B.attention
+
+    def timed_attention(*a):
+        t0 = time.perf_counter()
+        out = attention(*a)
+        seconds["attention"] = seconds.get("attention", 0.0) + time.perf_counter() - t0
+        return out
+
+    try:
+        for o, k, v in saved:
+            setattr(o, k, _Timed(v, seconds))
+        B.attention = timed_attention
+        cache = model.make_cache()
+        model.forward(rng.integers(0, model.n_vocab, 200).tolist(), cache)
+        best: dict[int, dict[str, float]] = {}
+        for _ in range(reps):
+            for m in ms:
+                seconds.clear()
+                t0 = time.perf_counter()
+                model.forward(rng.integers(0, model.n_vocab, m).tolist(), cache, logits_from=0)
+                total = time.perf_counter() - t0
+                trim_cache(cache, m)
+                if m not in best or total < best[m]["total"]:
+                    best[m] = {**seconds, "rest": total - sum(seconds.values()), "total": total}
+        return best
+    finally:
+        B.attention = attention
+        for o, k, v in saved:
+            setattr(o, k, v)
+
+
 def board_pass_cost(path: str):
     """Seconds of an M-row verify pass on the RK3588, modeled (npulm.npu.cost): {"plan": f(M), "W16A16": f(M)} for
     the planner's best placement and for every block linear on the NPU at W16A16, or None without the cost model.
@@ -193,6 +248,16 @@ def main(argv: list[str] | None = None) -> int:
                 for k in ("plan", "W16A16"):
                     row += f" {1e3 * board[k](m):.2f} | {board[k](m) / board[k](1):.2f} |"
             print(row)
+        print()
+        parts = pass_parts(llm, ms, args.reps)
+        names = sorted({k for p in parts.values() for k in p} - {"attention", "rest", "total"}) + ["attention", "rest"]
+        print("Where a pass goes, ms (and x its M = 1 time):\n")
+        print("| M | " + " | ".join(names) + " | total |")
+        print("|---|" + "---|" * (len(names) + 1))
+        for m in ms:
+            print(f"| {m} | " + " | ".join(f"{1e3 * parts[m].get(k, 0):.2f} ({parts[m].get(k, 0) / parts[1][k]:.1f})"
+                                           if parts[1].get(k) else "-" for k in names)
+                  + f" | {1e3 * parts[m]['total']:.2f} |")
         print()
         print("| set | task | tokens | plain tok/s | lookup tok/s | ratio | acceptance | tokens/pass | identical |"
               + (" board speed-up |" if board and not args.no_board else ""))
