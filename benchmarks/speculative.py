@@ -4,8 +4,9 @@ extract from lee_background passages, a code edit) and on free generation, per m
     python benchmarks/speculative.py [--models smollm2-135m,gemma3-270m] [-n 128] [-t 2] [--llama-cpp]
 
 Prints (markdown):
-  1. the cost of a verify pass of M = 1, 2, 4, 8 rows: measured here (min of --reps passes after 200 context tokens)
-     and modeled on the RK3588 (npulm.npu.cost: the CPU alone, and the planner's best NPU placement);
+  1. the cost of a verify pass of M = 1, 2, 4, 8 rows: measured here (min of --reps passes after --context tokens)
+     and modeled on the RK3588 (npulm.npu.cost: the CPU alone, and the planner's best NPU placement); where a pass
+     goes here, part by part (matmuls per placement, attention, the rest);
   2. per task: tg tok/s plain and with lookup (decode only: the prompt is evaluated before the clock starts), the
      ratio, acceptance (accepted / drafted), tokens per verify pass, whether the text is identical (it must be);
      with --llama-cpp, llama-cpp-python's own plain and LlamaPromptLookupDecoding rows on the same prompts;
@@ -92,12 +93,12 @@ def decode(llm: Llama, prompt: list[int], n: int, spec: Speculator | None) -> tu
 
 # --- pass cost -----------------------------------------------------------------------------------------------------
 
-def measured_pass_cost(llm: Llama, ms: list[int], reps: int) -> dict[int, float]:
+def measured_pass_cost(llm: Llama, ms: list[int], reps: int, context: int = 200) -> dict[int, float]:
     from npulm.models.cache import trim_cache
 
     model, rng = llm.model, np.random.default_rng(0)
     cache = model.make_cache()
-    model.forward(rng.integers(0, model.n_vocab, 200).tolist(), cache)
+    model.forward(rng.integers(0, model.n_vocab, context).tolist(), cache)
     best = {m: float("inf") for m in ms}
     for _ in range(reps):
         for m in ms:
@@ -122,8 +123,8 @@ class _Timed:
         return y
 
 
-def pass_parts(llm: Llama, ms: list[int], reps: int) -> dict[int, dict[str, float]]:
-    """Where an M-row pass after 200 context tokens goes: seconds in the matmuls per placement ("cpu:a16",
+def pass_parts(llm: Llama, ms: list[int], reps: int, context: int = 200) -> dict[int, dict[str, float]]:
+    """Where an M-row pass after `context` tokens goes: seconds in the matmuls per placement ("cpu:a16",
     "cpu:a8", ...), in attention (RoPE'd queries against the cache) and in the rest (norms, RoPE, activations, Python),
     from the fastest of `reps` passes timed part by part (the timing adds a little to each part)."""
     from npulm.linear import Linear
@@ -146,7 +147,7 @@ def pass_parts(llm: Llama, ms: list[int], reps: int) -> dict[int, dict[str, floa
             setattr(o, k, _Timed(v, seconds))
         B.attention = timed_attention
         cache = model.make_cache()
-        model.forward(rng.integers(0, model.n_vocab, 200).tolist(), cache)
+        model.forward(rng.integers(0, model.n_vocab, context).tolist(), cache)
         best: dict[int, dict[str, float]] = {}
         for _ in range(reps):
             for m in ms:
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--draft-max", type=int, default=16)
     ap.add_argument("--reps", type=int, default=15, help="passes per M for the pass-cost table (min taken)")
+    ap.add_argument("--context", type=int, default=200, help="tokens in the cache before a timed pass")
     ap.add_argument("--rounds", type=int, default=3, help="plain / lookup runs per task, alternating (fastest kept)")
     ap.add_argument("--llama-cpp", action="store_true", help="llama-cpp-python plain vs its prompt lookup too")
     ap.add_argument("--no-board", action="store_true", help="skip the board-tuned lookup rerun")
@@ -233,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     print("Speculative decoding (greedy), one run; the machine may be shared: read the ratios.\n")
     for name in args.models.split(","):
         path = str(assets.resolve_model(name))
-        llm = Llama(path, n_ctx=2048, n_threads=args.threads, verbose=False, tensor_overrides=args.override_tensor)
+        llm = Llama(path, n_ctx=max(2048, args.context + 64), n_threads=args.threads, verbose=False,
+                    tensor_overrides=args.override_tensor)
         print(f"## {name} ({args.threads} threads)\n")
-        here = measured_pass_cost(llm, ms, args.reps)
+        here = measured_pass_cost(llm, ms, args.reps, args.context)
         board = board_pass_cost(path)
         head = "| M | here ms | here / M=1 |"
         if board:
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     row += f" {1e3 * board[k](m):.2f} | {board[k](m) / board[k](1):.2f} |"
             print(row)
         print()
-        parts = pass_parts(llm, ms, args.reps)
+        parts = pass_parts(llm, ms, args.reps, args.context)
         names = sorted({k for p in parts.values() for k in p} - {"attention", "rest", "total"}) + ["attention", "rest"]
         print("Where a pass goes, ms (and x its M = 1 time):\n")
         print("| M | " + " | ".join(names) + " | total |")
