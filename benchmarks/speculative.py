@@ -93,20 +93,27 @@ def decode(llm: Llama, prompt: list[int], n: int, spec: Speculator | None) -> tu
 
 # --- pass cost -----------------------------------------------------------------------------------------------------
 
-def measured_pass_cost(llm: Llama, ms: list[int], reps: int, context: int = 200) -> dict[int, float]:
+def timed_passes(llm: Llama, ms: list[int], reps: int, context: int = 200,
+                 parts: dict[str, float] | None = None) -> dict[int, dict[str, float]]:
+    """The fastest of `reps` passes of M random tokens after `context` cached ones, per M: {"total": seconds}, plus
+    what `parts` (cleared before each pass, filled by timed pieces of the model) held after it."""
     from npulm.models.cache import trim_cache
 
     model, rng = llm.model, np.random.default_rng(0)
     cache = model.make_cache()
     model.forward(rng.integers(0, model.n_vocab, context).tolist(), cache)
-    best = {m: float("inf") for m in ms}
+    parts = {} if parts is None else parts
+    best: dict[int, dict[str, float]] = {}
     for _ in range(reps):
         for m in ms:
             toks = rng.integers(0, model.n_vocab, m).tolist()
+            parts.clear()
             t0 = time.perf_counter()
             model.forward(toks, cache, logits_from=0)
-            best[m] = min(best[m], time.perf_counter() - t0)
+            total = time.perf_counter() - t0
             trim_cache(cache, m)
+            if m not in best or total < best[m]["total"]:
+                best[m] = {**parts, "total": total}
     return best
 
 
@@ -124,16 +131,14 @@ class _Timed:
 
 
 def pass_parts(llm: Llama, ms: list[int], reps: int, context: int = 200) -> dict[int, dict[str, float]]:
-    """Where an M-row pass after `context` tokens goes: seconds in the matmuls per placement ("cpu:a16",
-    "cpu:a8", ...), in attention (RoPE'd queries against the cache) and in the rest (norms, RoPE, activations, Python),
-    from the fastest of `reps` passes timed part by part (the timing adds a little to each part)."""
+    """Where an M-row pass goes: seconds in the matmuls per placement ("cpu:a16", "cpu:a8", ...), in attention
+    (queries against the cache) and in the rest (norms, RoPE, activations, Python), from the fastest of timed_passes
+    with each part timed (the timing adds a little to each part)."""
     from npulm.linear import Linear
     from npulm.models import blocks as B
-    from npulm.models.cache import trim_cache
 
-    model, rng, seconds = llm.model, np.random.default_rng(0), {}
-    owners = [*model.blocks, model]
-    saved = [(o, k, v) for o in owners for k, v in vars(o).items() if isinstance(v, Linear)]
+    model, seconds = llm.model, {}
+    saved = [(o, k, v) for o in (*model.blocks, model) for k, v in vars(o).items() if isinstance(v, Linear)]
     attention = B.attention
 
     def timed_attention(*a):
@@ -146,23 +151,14 @@ def pass_parts(llm: Llama, ms: list[int], reps: int, context: int = 200) -> dict
         for o, k, v in saved:
             setattr(o, k, _Timed(v, seconds))
         B.attention = timed_attention
-        cache = model.make_cache()
-        model.forward(rng.integers(0, model.n_vocab, context).tolist(), cache)
-        best: dict[int, dict[str, float]] = {}
-        for _ in range(reps):
-            for m in ms:
-                seconds.clear()
-                t0 = time.perf_counter()
-                model.forward(rng.integers(0, model.n_vocab, m).tolist(), cache, logits_from=0)
-                total = time.perf_counter() - t0
-                trim_cache(cache, m)
-                if m not in best or total < best[m]["total"]:
-                    best[m] = {**seconds, "rest": total - sum(seconds.values()), "total": total}
-        return best
+        best = timed_passes(llm, ms, reps, context, seconds)
     finally:
         B.attention = attention
         for o, k, v in saved:
             setattr(o, k, v)
+    for p in best.values():
+        p["rest"] = p["total"] - sum(v for k, v in p.items() if k != "total")
+    return best
 
 
 def board_pass_cost(path: str):
@@ -238,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         llm = Llama(path, n_ctx=max(2048, args.context + 64), n_threads=args.threads, verbose=False,
                     tensor_overrides=args.override_tensor)
         print(f"## {name} ({args.threads} threads)\n")
-        here = measured_pass_cost(llm, ms, args.reps, args.context)
+        here = {m: p["total"] for m, p in timed_passes(llm, ms, args.reps, args.context).items()}
         board = board_pass_cost(path)
         head = "| M | here ms | here / M=1 |"
         if board:
