@@ -117,40 +117,31 @@ def timed_passes(llm: Llama, ms: list[int], reps: int, context: int = 200,
     return best
 
 
-class _Timed:
-    """A Linear that adds its wall time to seconds[its runs_on] (for pass_parts)."""
-
-    def __init__(self, linear, seconds: dict[str, float]):
-        self.linear, self.seconds = linear, seconds
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+def _timed(fn, seconds: dict[str, float], key: str):
+    """fn, adding its wall time to seconds[key] (for pass_parts)."""
+    def call(*args):
         t0 = time.perf_counter()
-        y = self.linear(x)
-        self.seconds[self.linear.runs_on] = self.seconds.get(self.linear.runs_on, 0.0) + time.perf_counter() - t0
-        return y
+        out = fn(*args)
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+        return out
+    return call
 
 
 def pass_parts(llm: Llama, ms: list[int], reps: int, context: int = 200) -> dict[int, dict[str, float]]:
-    """Where an M-row pass goes: seconds in the matmuls per placement ("cpu:a16", "cpu:a8", ...), in attention
-    (queries against the cache) and in the rest (norms, RoPE, activations, Python), from the fastest of timed_passes
-    with each part timed (the timing adds a little to each part)."""
+    """Where an M-row pass goes: seconds in the matmuls per placement ("cpu:a16", "cpu:a8", ...: the Linears the
+    blocks and the model hold; a mixture's experts count in the rest), in attention (queries against the cache) and
+    in the rest (norms, RoPE, activations, Python), from the fastest of timed_passes with each part timed (the timing
+    adds a little to each part)."""
     from npulm.linear import Linear
     from npulm.models import blocks as B
 
     model, seconds = llm.model, {}
     saved = [(o, k, v) for o in (*model.blocks, model) for k, v in vars(o).items() if isinstance(v, Linear)]
     attention = B.attention
-
-    def timed_attention(*a):
-        t0 = time.perf_counter()
-        out = attention(*a)
-        seconds["attention"] = seconds.get("attention", 0.0) + time.perf_counter() - t0
-        return out
-
     try:
         for o, k, v in saved:
-            setattr(o, k, _Timed(v, seconds))
-        B.attention = timed_attention
+            setattr(o, k, _timed(v, seconds, v.runs_on))
+        B.attention = _timed(attention, seconds, "attention")
         best = timed_passes(llm, ms, reps, context, seconds)
     finally:
         B.attention = attention
